@@ -1,0 +1,236 @@
+"""The one interface every PEFT method implements, and the helpers they share.
+
+A method is built from a validated options dataclass and bound to one model by `apply`:
+
+    method = get_method("lora", r=8)
+    model = method.apply(model)          # injects adapters, freezes the rest
+    method.trainable_parameters(model)   # exactly what the method made trainable
+    with method.disabled(model): ...     # the base model, bit for bit
+    method.merge(model); method.unmerge(model)
+    method.save(model, "adapter.safetensors")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..arch import ArchInfo, describe
+from ..errors import UnsupportedError, UserError
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options shared by all methods. Subclasses add fields and extend `__post_init__`."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(type(self).__name__, f, getattr(self, f.name))
+
+
+def _check_type(owner: str, f: dataclasses.Field, value: object) -> None:
+    kind = f.metadata.get("kind")
+    if kind is None or value is None:
+        return
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{f.name} must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UserError(f"{f.name} must be a number, got {value!r}")
+
+
+def opt(default: object, kind: type | None = None, help: str = "") -> dataclasses.Field:
+    """A dataclass field with a documented type that `MethodOptions` checks on construction."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help})
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+class Method:
+    """Base class: subclasses set `name`, `Options`, `can_merge` and override `_inject`."""
+
+    name: str = ""
+    Options: type[MethodOptions] = MethodOptions
+    can_merge: bool = False
+
+    def __init__(self, options: MethodOptions) -> None:
+        self.options = options
+        self.arch: ArchInfo | None = None
+        self.merged = False
+
+    # -- applying ---------------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Inject the method into `model` and freeze everything it did not create; return the model to train."""
+        if self.arch is not None:
+            raise UserError(f"method {self.name!r} is already applied; build a new one with get_method()")
+        self.arch = describe(model)
+        return self._inject(model)
+
+    def _inject(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters this method trains (adapter weights, plus the task head for classifiers)."""
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def closed_form_trainable(self, model: nn.Module) -> int:
+        """The trainable-parameter count predicted from shapes and options alone (see each method)."""
+        raise NotImplementedError
+
+    # -- merging and disabling ---------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> None:
+        """Fold the adapter into the base weights. Idempotent: merging a merged model does nothing."""
+        self._require_merge()
+        if not self.merged:
+            self._merge(model)
+            self.merged = True
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo `merge`. Idempotent: unmerging an unmerged model does nothing."""
+        self._require_merge()
+        if self.merged:
+            self._unmerge(model)
+            self.merged = False
+
+    def _require_merge(self) -> None:
+        if not self.can_merge:
+            raise UnsupportedError(f"method {self.name!r} cannot merge: it adds no weight delta to fold in")
+        if self.arch is None:
+            raise UserError(f"method {self.name!r} must be applied to a model before merge/unmerge")
+
+    def _merge(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def _unmerge(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def disabled(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run the exact base model inside the block (adapters bypassed, merged weights restored)."""
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge(model)
+        try:
+            with self._disabled(model):
+                yield model
+        finally:
+            if was_merged:
+                self.merge(model)
+
+    def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        raise UnsupportedError(f"method {self.name!r} has no adapter to disable")
+
+    # -- saving ------------------------------------------------------------------------------------
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint of this method holds (the trainable tensors by default)."""
+        return {n: p.detach() for n, p in self.trainable_parameters(model).items()}
+
+    def save(self, model: nn.Module, path: str | Path) -> int:
+        """Write the adapter to a safetensors file; return its size in bytes."""
+        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(model).items()}
+        save_file(state, str(path))
+        return Path(path).stat().st_size
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+def _matches(pattern: str, name: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_targets(model: nn.Module, patterns: tuple[str, ...] | None, arch: ArchInfo) -> list[str]:
+    """Full names of the `nn.Linear` modules the patterns select (default: the architecture's targets).
+
+    A pattern matches a module whose name equals it, ends with `.pattern`, or fully matches it as a regex.
+    Every pattern must match at least one Linear module: a typo is an error, not a silent no-op.
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    heads = set(arch.head_modules)
+    linears = [n for n in linears if n.split(".")[0] not in heads]
+    if patterns is None:
+        patterns = arch.default_targets
+        if not patterns:  # an MLP: every Linear, as in the tutorial
+            return linears
+    chosen: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in linears if _matches(pattern, n)]
+        if not hits:
+            sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
+            raise UserError(f"target pattern {pattern!r} matches no nn.Linear module; Linear module names are: {sample}")
+        chosen += [n for n in hits if n not in chosen]
+    return chosen
+
+
+def set_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> None:
+    """Trainability by structure: freeze every parameter except the ones the method created."""
+    ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+
+
+class HeadCopy(nn.Module):
+    """A classifier head trained as a copy, so the original stays intact for `disabled()`.
+
+    This mirrors peft's `modules_to_save`: a freshly initialised head must train with any PEFT method,
+    yet disabling the adapter must give back the base model exactly.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.trained = copy.deepcopy(original)
+        self.enabled = True
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return (self.trained if self.enabled else self.original)(*args, **kwargs)
+
+
+def copy_heads(model: nn.Module, heads: tuple[str, ...]) -> list[HeadCopy]:
+    """Replace each top-level head module by a `HeadCopy`; return the copies."""
+    copies = []
+    for h in heads:
+        head = HeadCopy(getattr(model, h))
+        setattr(model, h, head)
+        copies.append(head)
+    return copies
+
+
+@contextlib.contextmanager
+def heads_disabled(copies: list[HeadCopy]) -> Iterator[None]:
+    for c in copies:
+        c.enabled = False
+    try:
+        yield
+    finally:
+        for c in copies:
+            c.enabled = True
+
+
+def head_param_count(copies: list[HeadCopy]) -> int:
+    return sum(p.numel() for c in copies for p in c.trained.parameters())
+
+
+def require_prompt_model(method: str, arch: ArchInfo) -> None:
+    """Prompt-family methods need a transformer that consumes token embeddings."""
+    if arch.family == "mlp":
+        raise UnsupportedError(
+            f"{method} needs a transformer with token embeddings and attention; this model is a plain MLP"
+        )

@@ -1,0 +1,240 @@
+"""Methods backed by Hugging Face `peft`: LoRA, prefix tuning and P-tuning.
+
+`hf-lora` is the production LoRA that `lora` is checked against. `prefix` (Li & Liang 2021,
+arXiv:2101.00190) learns key/value prefixes for every layer; `p-tuning` (Liu et al. 2021, arXiv:2103.10385)
+learns virtual input tokens produced by an MLP prompt encoder.
+
+Encoder classifiers and prefix tuning: with peft 0.21 / transformers 5.x, `PrefixTuningConfig(SEQ_CLS)`
+refuses BERT ("Model does not support past key values"). P-tuning v2 (Liu et al. 2022, arXiv:2110.07602)
+is exactly prefix tuning for NLU: deep prefixes on the encoder plus a trained classification head. So for a
+`...ForSequenceClassification` model we prefix-tune its encoder as a FEATURE_EXTRACTION peft model and train
+a copy of the head, which is what P-tuning v2 does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import register
+from .base import (
+    Method,
+    MethodOptions,
+    copy_heads,
+    head_param_count,
+    heads_disabled,
+    opt,
+    require,
+    require_prompt_model,
+    resolve_targets,
+    set_trainable,
+)
+from .lora import LoRAOptions
+
+
+def _peft():
+    import peft  # imported lazily: `import peft_bench` stays light
+
+    return peft
+
+
+@register
+class HFLoRA(Method):
+    name = "hf-lora"
+    Options = LoRAOptions
+    can_merge = True
+
+    def _inject(self, model: nn.Module) -> nn.Module:
+        peft = _peft()
+        o = self.options
+        self.targets = resolve_targets(model, o.targets, self.arch)
+        config = peft.LoraConfig(
+            r=o.r,
+            lora_alpha=o.alpha,
+            lora_dropout=o.dropout,
+            target_modules=list(self.targets),
+            task_type=self.arch.task_type if self.arch.family != "mlp" else None,
+            init_lora_weights=True if o.init == "kaiming" else "gaussian",
+        )
+        self._head_count = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
+        return peft.get_peft_model(model, config)
+
+    def closed_form_trainable(self, model: nn.Module) -> int:
+        r = self.options.r
+        base = model.get_base_model()
+        lora = sum(r * (base.get_submodule(n).in_features + base.get_submodule(n).out_features) for n in self.targets)
+        return lora + self._head_count
+
+    def _merge(self, model: nn.Module) -> None:
+        model.base_model.merge_adapter()
+
+    def _unmerge(self, model: nn.Module) -> None:
+        model.base_model.unmerge_adapter()
+
+    def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.disable_adapter()
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _peft().get_peft_model_state_dict(model)
+
+
+# -- prompt-learning methods ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptOptions(MethodOptions):
+    num_virtual_tokens: int = opt(20, int, "number of virtual tokens (prefix length)")
+    encoder_hidden_size: int | None = opt(None, int, "hidden size of the prompt encoder MLP; default: model width")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.num_virtual_tokens > 0,
+            f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens}",
+        )
+        if self.encoder_hidden_size is not None:
+            require(self.encoder_hidden_size > 0, f"encoder_hidden_size must be > 0, got {self.encoder_hidden_size}")
+
+
+@dataclass(frozen=True)
+class PrefixOptions(PromptOptions):
+    prefix_projection: bool = opt(False, bool, "reparametrize the prefix through an MLP (Li & Liang 2021)")
+
+
+def _dims(model: nn.Module) -> tuple[int, int]:
+    """(number of layers, token width) as peft reads them from the config."""
+    c = model.config
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers", None) or c.n_layer
+    width = getattr(c, "hidden_size", None) or getattr(c, "d_model", None) or c.n_embd
+    return layers, width
+
+
+class _PromptMethod(Method):
+    """Shared plumbing: build a peft prompt-learning config, wrap the model, disable exactly."""
+
+    def _config(self, task_type: str, width: int) -> object:
+        raise NotImplementedError
+
+    def _inject(self, model: nn.Module) -> nn.Module:
+        require_prompt_model(self.name, self.arch)
+        _, width = _dims(model)
+        self.hidden = self.options.encoder_hidden_size or width
+        self.heads = []
+        self._n_head = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
+        return _peft().get_peft_model(model, self._config(self.arch.task_type, width))
+
+    def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return _all_disabled(model)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        peft_model = model if hasattr(model, "peft_config") else self._encoder(model)
+        state = dict(_peft().get_peft_model_state_dict(peft_model))
+        for h in self.heads:
+            name = next(n for n, m in model.named_children() if m is h)
+            state.update({f"{name}.{k}": v for k, v in h.trained.state_dict().items()})
+        return state
+
+    def _encoder(self, model: nn.Module) -> nn.Module:
+        return getattr(model, model.base_model_prefix)
+
+
+@contextlib.contextmanager
+def _all_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model: bypass the prompt and switch off trained head copies (`modules_to_save`).
+
+    peft 0.21's `disable_adapter()` for prompt learning swaps `forward` but also reads
+    `prepare_inputs_for_generation`, which encoders do not have, and leaves head copies active; so we do the
+    forward swap ourselves (`forward` as an instance attribute shadows the class method) and disable the copies.
+    """
+    peft = _peft()
+    wrappers = [m for m in model.modules() if isinstance(m, peft.utils.other.ModulesToSaveWrapper)]
+    for w in wrappers:
+        w.enable_adapters(False)
+    model.forward = model.get_base_model().forward
+    try:
+        yield
+    finally:
+        del model.forward
+        for w in wrappers:
+            w.enable_adapters(True)
+
+
+@register
+class PrefixTuning(_PromptMethod):
+    name = "prefix"
+    Options = PrefixOptions
+
+    def _config(self, task_type: str, width: int) -> object:
+        return _peft().PrefixTuningConfig(
+            task_type=task_type,
+            num_virtual_tokens=self.options.num_virtual_tokens,
+            prefix_projection=self.options.prefix_projection,
+            encoder_hidden_size=self.hidden,
+        )
+
+    def _inject(self, model: nn.Module) -> nn.Module:
+        if self.arch.task_type != "SEQ_CLS":
+            return super()._inject(model)
+        # P-tuning v2: prefix-tune the encoder (FEATURE_EXTRACTION) and train a copy of the head.
+        require_prompt_model(self.name, self.arch)
+        prefix = getattr(model, "base_model_prefix", "")
+        if not prefix or not hasattr(model, prefix):
+            raise _unsupported_prefix(type(model).__name__)
+        layers, width = _dims(model)
+        self.hidden = self.options.encoder_hidden_size or width
+        encoder = _peft().get_peft_model(getattr(model, prefix), self._config("FEATURE_EXTRACTION", width))
+        setattr(model, prefix, encoder)
+        self.heads = copy_heads(model, self.arch.head_modules)
+        self._n_head = head_param_count(self.heads)
+        own = [p for n, p in encoder.named_parameters() if "prompt_encoder" in n]
+        set_trainable(model, own + [p for h in self.heads for p in h.trained.parameters()])
+        return model
+
+    def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        if hasattr(model, "peft_config"):
+            return _all_disabled(model)
+        return _encoder_disabled(self._encoder(model), self.heads)
+
+    def closed_form_trainable(self, model: nn.Module) -> int:
+        """n·L·2·d for the prefix table; with projection: n·d + (d·h + h) + (h·2Ld + 2Ld). Plus the head."""
+        base = model.get_base_model() if hasattr(model, "peft_config") else self._encoder(model).get_base_model()
+        layers, d = _dims(base)
+        n, h, out = self.options.num_virtual_tokens, self.hidden, 2 * layers * d
+        table = n * d + (d * h + h) + (h * out + out) if self.options.prefix_projection else n * out
+        return table + self._n_head
+
+
+@contextlib.contextmanager
+def _encoder_disabled(encoder: nn.Module, heads: list) -> Iterator[None]:
+    with _all_disabled(encoder), heads_disabled(heads):
+        yield
+
+
+def _unsupported_prefix(cls: str) -> Exception:
+    from ..errors import UnsupportedError
+
+    return UnsupportedError(f"prefix tuning needs a model with a base encoder to prefix; {cls} exposes none")
+
+
+@register
+class PTuning(_PromptMethod):
+    name = "p-tuning"
+    Options = PromptOptions
+
+    def _config(self, task_type: str, width: int) -> object:
+        return _peft().PromptEncoderConfig(
+            task_type=task_type,
+            num_virtual_tokens=self.options.num_virtual_tokens,
+            encoder_hidden_size=self.hidden,
+            encoder_reparameterization_type="MLP",
+        )
+
+    def closed_form_trainable(self, model: nn.Module) -> int:
+        """Embedding n·S·d (S = 2 token streams for encoder-decoders) + 3-layer MLP d→h→h→d, plus the head."""
+        _, d = _dims(model.get_base_model())
+        h = self.hidden
+        streams = 2 if self.arch.task_type == "SEQ_2_SEQ_LM" else 1
+        mlp = (d * h + h) + (h * h + h) + (h * d + d)
+        return self.options.num_virtual_tokens * streams * d + mlp + self._n_head

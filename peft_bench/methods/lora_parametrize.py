@@ -1,0 +1,96 @@
+"""LoRA as a weight parametrization: the tutorial's own formulation, with its bugs fixed.
+
+`torch.nn.utils.parametrize` replaces `layer.weight` by f(W) = W + (α/r)·B A, recomputed on every access
+(cf. cccntu/minLoRA). The tutorial's version never applied α/r, named A/B with swapped shapes and never set
+`enabled`; here A is (r × d_in), B is (d_out × r), the scale is applied and `enabled` switches the update off.
+The cost of this formulation — a full d_out × d_in weight materialised per forward and in backward — is
+exactly what the benchmark suite measures against the wrapper in `lora.py`.
+
+Merging removes the parametrization with `leave_parametrized=True` (W ← W + ΔW); unmerging subtracts ΔW
+and registers the same parametrization again, so A and B are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import register
+from .base import Method, copy_heads, head_param_count, heads_disabled, resolve_targets, set_trainable
+from .lora import LoRAOptions, init_lora_A
+
+
+class LoRAParametrization(nn.Module):
+    """f(W) = W + (α/r)·B A while `enabled`, else W unchanged."""
+
+    def __init__(self, d_in: int, d_out: int, options: LoRAOptions, like: torch.Tensor) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(options.r, d_in, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, options.r, dtype=like.dtype, device=like.device))
+        init_lora_A(self.lora_A.data, options.init, options.r)
+        self.scale = options.scale
+        self.dropout = options.dropout
+        self.enabled = True
+
+    def delta_weight(self) -> torch.Tensor:
+        B = nn.functional.dropout(self.lora_B, self.dropout, self.training) if self.dropout else self.lora_B
+        return (B @ self.lora_A) * self.scale
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return W + self.delta_weight() if self.enabled else W
+
+
+@register
+class LoRAParametrize(Method):
+    """Dropout, if asked for, is applied to B's rows (a weight-space dropout): the parametrization sees W, not x."""
+
+    name = "lora-parametrize"
+    Options = LoRAOptions
+    can_merge = True
+
+    def _inject(self, model: nn.Module) -> nn.Module:
+        self.targets = resolve_targets(model, self.options.targets, self.arch)
+        self.params: dict[str, LoRAParametrization] = {}
+        for name in self.targets:
+            layer = model.get_submodule(name)
+            p = LoRAParametrization(layer.in_features, layer.out_features, self.options, layer.weight)
+            parametrize.register_parametrization(layer, "weight", p)
+            self.params[name] = p
+        self.heads = copy_heads(model, self.arch.head_modules)
+        own = [t for p in self.params.values() for t in (p.lora_A, p.lora_B)]
+        set_trainable(model, own + [t for h in self.heads for t in h.trained.parameters()])
+        return model
+
+    def closed_form_trainable(self, model: nn.Module) -> int:
+        r = self.options.r
+        return sum(r * (p.lora_A.shape[1] + p.lora_B.shape[0]) for p in self.params.values()) + head_param_count(
+            self.heads
+        )
+
+    @torch.no_grad()
+    def _merge(self, model: nn.Module) -> None:
+        for name in self.targets:
+            parametrize.remove_parametrizations(model.get_submodule(name), "weight", leave_parametrized=True)
+
+    @torch.no_grad()
+    def _unmerge(self, model: nn.Module) -> None:
+        for name, p in self.params.items():
+            layer = model.get_submodule(name)
+            layer.weight -= p.delta_weight()
+            parametrize.register_parametrization(layer, "weight", p)
+            layer.parametrizations.weight.original.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _disabled(self, model: nn.Module) -> Iterator[None]:
+        for p in self.params.values():
+            p.enabled = False
+        try:
+            with heads_disabled(self.heads):
+                yield
+        finally:
+            for p in self.params.values():
+                p.enabled = True

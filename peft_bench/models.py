@@ -1,0 +1,105 @@
+"""Model builders: the tutorial's MLP and transformer architectures from their published configs.
+
+The published configs are written out here (not fetched) so the architectures build offline; weights are
+random unless a workload loads pretrained ones. `size="tiny"` gives a few-layer, narrow variant of the same
+architecture for tests and the smoke suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MLPOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class MLP(nn.Module):
+    """The tutorial's digit classifier: 784 → 1000 → 2000 → 10 with ReLU (hidden sizes configurable)."""
+
+    def __init__(self, hidden1: int = 1000, hidden2: int = 2000, in_features: int = 784, classes: int = 10) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(in_features, hidden1)
+        self.linear2 = nn.Linear(hidden1, hidden2)
+        self.linear3 = nn.Linear(hidden2, classes)
+        self.relu = nn.ReLU()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> MLPOutput:
+        x = pixel_values.view(pixel_values.shape[0], -1)
+        logits = self.linear3(self.relu(self.linear2(self.relu(self.linear1(x)))))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return MLPOutput(logits, loss)
+
+
+def mlp(size: str = "full") -> MLP:
+    return MLP() if size == "full" else MLP(hidden1=32, hidden2=48)
+
+
+# EleutherAI/gpt-neo-125m config.json (published), the fields that shape the model.
+GPT_NEO_125M = dict(
+    vocab_size=50257,
+    hidden_size=768,
+    num_layers=12,
+    num_heads=12,
+    attention_types=[[["global", "local"], 6]],
+    max_position_embeddings=2048,
+    window_size=256,
+    intermediate_size=None,
+    activation_function="gelu_new",
+    bos_token_id=50256,
+    eos_token_id=50256,
+)
+GPT_NEO_TINY = dict(
+    GPT_NEO_125M,
+    vocab_size=30522,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    attention_types=[[["global", "local"], 1]],
+    max_position_embeddings=256,
+    window_size=32,
+    bos_token_id=101,
+    eos_token_id=102,
+)
+# google-t5/t5-small config.json (published).
+T5_SMALL = dict(
+    vocab_size=32128,
+    d_model=512,
+    d_kv=64,
+    d_ff=2048,
+    num_layers=6,
+    num_decoder_layers=6,
+    num_heads=8,
+    relative_attention_num_buckets=32,
+    dropout_rate=0.1,
+    feed_forward_proj="relu",
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+)
+T5_TINY = dict(T5_SMALL, vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
+BERT_TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def gpt_neo(size: str = "full", **overrides: object) -> nn.Module:
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    return GPTNeoForCausalLM(GPTNeoConfig(**{**(GPT_NEO_125M if size == "full" else GPT_NEO_TINY), **overrides}))
+
+
+def t5(size: str = "full", **overrides: object) -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(**{**(T5_SMALL if size == "full" else T5_TINY), **overrides}))
+
+
+def bert_classifier(size: str = "tiny", num_labels: int = 2, **overrides: object) -> nn.Module:
+    """A randomly initialised BERT classifier (the tiny stand-in for MiniLM in tests)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(**{**BERT_TINY, **overrides}, num_labels=num_labels))

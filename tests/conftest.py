@@ -1,0 +1,40 @@
+"""Shared fixtures: a fixed seed for every test, tiny models of each family and a batch for each."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from peft_bench import models  # noqa: E402
+
+FAMILIES = ["mlp", "gpt-neo", "t5", "bert"]
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    build = {"mlp": lambda: models.mlp("tiny"), "gpt-neo": lambda: models.gpt_neo("tiny"),
+             "t5": lambda: models.t5("tiny"), "bert": lambda: models.bert_classifier("tiny")}[family]
+    return build().eval()
+
+
+def tiny_batch(family: str, batch: int = 3, length: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if family == "mlp":
+        return {"pixel_values": torch.randn(batch, 784, generator=g), "labels": torch.randint(0, 10, (batch,), generator=g)}
+    ids = torch.randint(5, 1000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if family == "t5":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(5, 1000, (batch, 2), generator=g)}
+    if family == "bert":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (batch,), generator=g)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
