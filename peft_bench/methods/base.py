@@ -88,6 +88,11 @@ class Method:
         """The trainable-parameter count predicted from shapes and options alone (see each method)."""
         raise NotImplementedError
 
+    @classmethod
+    def unsupported_reason(cls, family: str) -> str | None:
+        """Why this method cannot serve a model of `family` (mlp / encoder / decoder / encoder-decoder), or None."""
+        return None
+
     # -- merging and disabling ---------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
         """Fold the adapter into the base weights. Idempotent: merging a merged model does nothing."""
@@ -141,6 +146,15 @@ class Method:
         state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(model).items()}
         save_file(state, str(path))
         return Path(path).stat().st_size
+
+    def load_adapter(self, model: nn.Module, path: str | Path) -> None:
+        """Load a file written by `save` into the applied model (switching adapters on a loaded base)."""
+        from safetensors.torch import load_file
+
+        params = self.trainable_parameters(model) if self.name != "full" else dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(path)).items():
+                params[name].copy_(tensor)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
@@ -228,9 +242,10 @@ def head_param_count(copies: list[HeadCopy]) -> int:
     return sum(p.numel() for c in copies for p in c.trained.parameters())
 
 
+PROMPT_REASON = "{} needs a transformer with token embeddings and attention; this model is a plain MLP"
+
+
 def require_prompt_model(method: str, arch: ArchInfo) -> None:
     """Prompt-family methods need a transformer that consumes token embeddings."""
     if arch.family == "mlp":
-        raise UnsupportedError(
-            f"{method} needs a transformer with token embeddings and attention; this model is a plain MLP"
-        )
+        raise UnsupportedError(PROMPT_REASON.format(method))

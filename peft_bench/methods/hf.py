@@ -27,6 +27,7 @@ from .base import (
     copy_heads,
     head_param_count,
     heads_disabled,
+    PROMPT_REASON,
     opt,
     require,
     require_prompt_model,
@@ -81,6 +82,11 @@ class HFLoRA(Method):
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return _peft().get_peft_model_state_dict(model)
 
+    def load_adapter(self, model: nn.Module, path) -> None:
+        from safetensors.torch import load_file
+
+        _peft().set_peft_model_state_dict(model, load_file(str(path)))
+
 
 # -- prompt-learning methods ----------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -113,6 +119,20 @@ def _dims(model: nn.Module) -> tuple[int, int]:
 
 class _PromptMethod(Method):
     """Shared plumbing: build a peft prompt-learning config, wrap the model, disable exactly."""
+
+    @classmethod
+    def unsupported_reason(cls, family: str) -> str | None:
+        return PROMPT_REASON.format(cls.name) if family == "mlp" else None
+
+    def load_adapter(self, model: nn.Module, path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        peft_model = model if hasattr(model, "peft_config") else self._encoder(model)
+        heads = {n: m for n, m in model.named_children() if m in self.heads}
+        _peft().set_peft_model_state_dict(peft_model, {k: v for k, v in state.items() if k.split(".")[0] not in heads})
+        for name, h in heads.items():
+            h.trained.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
 
     def _config(self, task_type: str, width: int) -> object:
         raise NotImplementedError

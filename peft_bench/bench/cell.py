@@ -1,0 +1,277 @@
+"""One benchmark cell (method × workload × device), measured in the process that runs it.
+
+The suite runs each cell in a fresh process (`python -m peft_bench.bench.cell SPEC OUT`) so that the CPU
+peak-RSS reading belongs to that cell alone. Order inside a cell:
+
+    data, tokenizer → baseline memory → build model → base accuracy → apply method → correctness checks
+    → training steps under the peak tracker (first: FLOP count, then warm-up, timed, untimed to the budget)
+    → static memory from the tensors → accuracy → inference latency (base / unmerged / merged) → checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UnsupportedError, UserError
+from ..methods import get_method
+from ..workloads import resolve
+from ..workloads.tasks import accuracy, endless, model_inputs
+from . import measure as M
+
+
+@dataclass
+class CellSpec:
+    method: str
+    workload: str
+    device: str = "cpu"
+    seed: int = 0
+    method_options: dict = field(default_factory=dict)
+    batch_size: int | None = None
+    max_length: int | None = None
+    lr: float = 1e-3
+    warmup_steps: int = 2
+    timed_steps: int = 5
+    train_steps: int = 20
+    infer_repeats: int = 5
+    matmul_peak_flops: float = float("nan")
+    model: str | None = None  # hub id or local directory (replaces the workload's model)
+    dataset: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def key(self) -> str:
+        """Identity of a cell for --resume: the same key means the same measurement."""
+        d = dataclasses.asdict(self)
+        d.pop("matmul_peak_flops")
+        return json.dumps(d, sort_keys=True)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def run_cell(spec: CellSpec) -> dict:
+    """Measure one cell; return its row (see report.COLUMNS). Raises UnsupportedError / UserError."""
+    torch.manual_seed(spec.seed)
+    device = spec.device
+    method = get_method(spec.method, **spec.method_options)
+    w = resolve(spec.workload, spec.model, spec.dataset, trust_remote_code=spec.trust_remote_code,
+                allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length)
+    data, form = w.data(spec.seed), w.formulation()
+    reason = method.unsupported_reason(w.family)
+    if reason:
+        raise UnsupportedError(reason)
+    if device == "cuda":
+        M.check_gpu_is_free()
+    row: dict = {"method": spec.method, "workload": w.name, "device": device, "pretrained": w.pretrained,
+                 "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length,
+                 "dtype": "float32", "lr": spec.lr, "seed": spec.seed, "train_steps": spec.train_steps,
+                 "options": json.dumps(spec.method_options, sort_keys=True), "tokenizer": w.tokenizer_name}
+    baseline = M.memory_in_use(device)
+
+    torch.manual_seed(spec.seed)
+    model = w.build_model().to(device)
+    check_batch = {k: v.to(device) for k, v in next(endless(data.test, form, w.batch_size, spec.seed)).items()}
+    model.eval()
+    with torch.no_grad():
+        base_out = model(**model_inputs(check_batch)).logits.clone()
+    row["base_accuracy"] = accuracy(model, _to(data.test, device), form, w.batch_size)
+
+    model = method.apply(model).to(device)
+    _check(method, model, check_batch, base_out, row)
+    trainable = method.trainable_parameters(model)
+    opt = torch.optim.AdamW(trainable.values(), lr=spec.lr)
+    _train(spec, model, opt, form, data, w.batch_size, row)
+    _static_memory(model, trainable, opt, row, baseline)
+    row["accuracy"] = accuracy(model, _to(data.test, device), form, w.batch_size)
+    row["test_examples"] = len(data.test)
+    _inference(spec, method, model, check_batch, row)
+    _checkpoint(method, model, row)
+    row["status"], row["reason"] = "ok", ""
+    return row
+
+
+def _to(split, device: str):
+    if device != "cpu" and torch.is_tensor(split.inputs):
+        return type(split)(split.inputs.to(device), split.labels.to(device))
+    return split
+
+
+def _check(method, model, batch, base_out, row: dict) -> None:
+    """Correctness before timing: the count matches its closed form; a disabled adapter is the base model."""
+    n_train = sum(p.numel() for p in method.trainable_parameters(model).values())
+    params = M.unique_params(model)
+    row["trainable_params"] = n_train
+    row["total_params"] = sum(p.numel() for p in params)
+    row["trainable_pct"] = 100 * n_train / row["total_params"]
+    row["closed_form_trainable_params"] = method.closed_form_trainable(model)
+    if row["closed_form_trainable_params"] != n_train:
+        raise RuntimeError(f"trainable parameters {n_train} != closed form {row['closed_form_trainable_params']}")
+    if method.name != "full":
+        with torch.no_grad(), method.disabled(model):
+            if not torch.equal(model(**model_inputs(batch)).logits, base_out):
+                raise RuntimeError("disabled adapter does not reproduce the base model's output")
+
+
+def _train(spec: CellSpec, model, opt, form, data, batch_size: int, row: dict) -> None:
+    device = spec.device
+    stream = endless(data.train, form, batch_size, spec.seed)
+    model.train()
+    fwd, bwd, optim, total, tokens, losses = [], [], [], [], [], []
+
+    def step(batch) -> tuple[float, float, float]:
+        opt.zero_grad(set_to_none=True)
+        out, tf = M.timed(lambda: model(**model_inputs(batch)), device)
+        _, tb = M.timed(out.loss.backward, device)
+        _, to = M.timed(opt.step, device)
+        losses.append(float(out.loss.detach()))
+        return tf, tb, to
+
+    bar = _progress(spec.train_steps, f"{spec.method} × {row['workload']}")
+    with M.track_peak(device) as peak:
+        for i in range(spec.train_steps):
+            batch = {k: v.to(device) for k, v in next(stream).items()}
+            if i == 0:
+                row["step_flops"] = M.count_flops(lambda: step(batch))
+            else:
+                tf, tb, to = step(batch)
+                if spec.warmup_steps <= i < spec.warmup_steps + spec.timed_steps:  # step 0 counts as warm-up
+                    fwd.append(tf), bwd.append(tb), optim.append(to), total.append(tf + tb + to)
+                    tokens.append(form.tokens(batch))
+            bar.update()
+    bar.close()
+    row["peak_memory_bytes"], row["peak_reserved_bytes"] = peak.peak_bytes, peak.reserved_bytes
+    row["memory_source"] = peak.source
+    st = M.Stats.of(total)
+    row.update(step_time_s=st.median, step_time_iqr_s=st.iqr, timed_steps=len(total),
+               forward_s=M.Stats.of(fwd).median, backward_s=M.Stats.of(bwd).median,
+               optimizer_s=M.Stats.of(optim).median)
+    row["samples_per_s"] = batch_size / st.median
+    row["tokens_per_s"] = (sum(tokens) / len(tokens)) / st.median if tokens else float("nan")
+    row["achieved_flops_per_s"] = row["step_flops"] / st.median
+    row["matmul_peak_flops_per_s"] = spec.matmul_peak_flops
+    row["pct_of_matmul_peak"] = 100 * row["achieved_flops_per_s"] / spec.matmul_peak_flops
+    row["first_losses"] = json.dumps([round(x, 6) for x in losses[:3]])
+    row["final_loss"] = losses[-1]
+
+
+def _static_memory(model, trainable: dict, opt, row: dict, baseline: int) -> None:
+    """Weights, gradients and optimizer state read from the tensors, checked against their closed form."""
+    params = M.unique_params(model)
+    size = params[0].element_size()
+    row["weights_bytes"] = M.tensor_bytes(params)
+    row["gradients_bytes"] = M.tensor_bytes(p.grad for p in trainable.values() if p.grad is not None)
+    row["optimizer_bytes"] = M.optimizer_state_bytes(opt)
+    n, k = row["trainable_params"], len(trainable)
+    # AdamW: exp_avg + exp_avg_sq per element, plus one float32 `step` scalar per parameter tensor.
+    closed = {"weights_bytes": row["total_params"] * size, "gradients_bytes": n * size,
+              "optimizer_bytes": 2 * n * size + 4 * k}
+    row["static_matches_closed_form"] = all(row[key] == v for key, v in closed.items())
+    row["baseline_memory_bytes"] = baseline
+    static = row["weights_bytes"] + row["gradients_bytes"] + row["optimizer_bytes"]
+    row["activations_other_bytes"] = row["peak_memory_bytes"] - (baseline if row["device"] == "cpu" else 0) - static
+
+
+def _inference(spec: CellSpec, method, model, batch, row: dict) -> None:
+    model.eval()
+    inputs = {k: v for k, v in model_inputs(batch).items()}
+
+    def fwd():
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    reps = spec.infer_repeats
+    row["inference_adapter_s"] = M.repeat_time(fwd, spec.device, reps).median
+    if method.name == "full":
+        row["inference_base_s"] = row["inference_adapter_s"]  # same architecture, other weights
+    else:
+        with method.disabled(model):
+            row["inference_base_s"] = M.repeat_time(fwd, spec.device, reps).median
+    row["inference_merged_s"], row["merge_max_abs_diff"] = float("nan"), float("nan")
+    if method.can_merge:
+        unmerged = fwd()
+        method.merge(model)
+        row["merge_max_abs_diff"] = float((fwd() - unmerged).abs().max())
+        row["inference_merged_s"] = M.repeat_time(fwd, spec.device, reps).median
+        method.unmerge(model)
+
+
+def _checkpoint(method, model, row: dict) -> None:
+    """Adapter size, and switching adapters on a loaded base vs loading a whole fine-tuned model."""
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter, whole = Path(tmp, "adapter.safetensors"), Path(tmp, "model.safetensors")
+        row["checkpoint_bytes"] = method.save(model, adapter)
+        t0 = time.perf_counter()
+        method.load_adapter(model, adapter)
+        row["adapter_switch_s"] = time.perf_counter() - t0
+        state = {n: p.detach().contiguous().cpu() for n, p in _unique_named(model)}
+        save_file(state, str(whole))
+        row["full_checkpoint_bytes"] = whole.stat().st_size
+        t0 = time.perf_counter()
+        loaded = load_file(str(whole))
+        with torch.no_grad():
+            params = dict(_unique_named(model))
+            for n, t in loaded.items():
+                params[n].copy_(t)
+        row["full_model_load_s"] = time.perf_counter() - t0
+
+
+def _unique_named(model):
+    seen: set[int] = set()
+    for n, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield n, p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subprocess entry: SPEC.json in, ROW.json out. Exit 0 with a row whatever happened inside the cell."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    spec_path, out_path = argv or sys.argv[1:]
+    spec = CellSpec(**json.loads(Path(spec_path).read_text()))
+    _quiet()
+    try:
+        row = run_cell(spec)
+    except UnsupportedError as e:
+        row = {"status": "unsupported", "reason": str(e)}
+    except UserError as e:
+        row = {"status": "error", "reason": str(e)}
+    except MemoryError:
+        row = {"status": "oom", "reason": "out of memory (MemoryError)"}
+    except Exception as e:  # recorded, explained, and the suite goes on
+        oom = type(e).__name__ == "OutOfMemoryError"
+        row = {"status": "oom" if oom else "error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+               if str(e) else type(e).__name__}
+    Path(out_path).write_text(json.dumps(row, default=float))
+    return 0
+
+
+def _quiet() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
