@@ -1,44 +1,154 @@
-"""The `peft-bench` command line. Bad input: one line on stderr, exit status 2, nothing written."""
+"""The `peft-bench` command line.
+
+Bad input gets one line on stderr naming the problem and what is allowed, exit status 2, and nothing
+written (`--debug` shows the traceback). A run whose cells failed exits 1; its rows are all kept.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        raise UserError(message)
+
+
+def _positive(kind: type, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _list(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .methods import list_methods
+    from .methods import list_methods, method_class
+    from .workloads import get_workload, list_workloads
 
     print("methods:")
     for name in list_methods():
         print(f"  {name}")
+    print("workloads:")
+    for name in list_workloads():
+        w = get_workload(name)
+        print(f"  {name:24s} {w.family:16s} pretrained={str(w.pretrained).lower():5s} {w.description}")
+    print("unsupported combinations:")
+    for name in list_workloads():
+        for m in list_methods():
+            reason = method_class(m).unsupported_reason(get_workload(name).family)
+            if reason:
+                print(f"  {m} × {name}: {reason}")
+    print("hub (with network or a local copy): --model EleutherAI/gpt-neo-125m | google-t5/t5-small | DIR "
+          "[--dataset stanfordnlp/imdb | FILE.csv]")
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .bench.runner import RunOptions, run_suite
+
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {args.device!r}; choose cpu or cuda")
+    options = {k: v for k, v in {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout,
+                                 "num_virtual_tokens": args.virtual_tokens,
+                                 "targets": tuple(args.targets) if args.targets else None}.items() if v is not None}
+    opts = RunOptions(suite=args.suite, methods=args.methods, workloads=args.workloads, device=args.device,
+                      out=args.out, resume=args.resume, cell_timeout=args.cell_timeout, seed=args.seed,
+                      method_options=options, batch_size=args.batch_size, max_length=args.seq_len,
+                      train_steps=args.steps, model=args.model, dataset=args.dataset,
+                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    return run_suite(opts, args.argv)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .bench import report
+
+    out = Path(args.dir)
+    if not (out / "metrics.csv").is_file():
+        raise UserError(f"{out} has no metrics.csv; pass the --out directory of a run")
+    report.build(out)
+    print(f"rebuilt {out}/summary.md and plots from {out}/metrics.csv", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demos
+
+    return demos.run(args.name, Path(args.out), method=args.method, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peft-bench", description=__doc__)
+    p = _Parser(prog="peft-bench", description="Measure PEFT methods side by side.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list methods, workloads and unsupported combinations").set_defaults(func=_cmd_list)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="methods, workloads and unsupported combinations").set_defaults(func=_cmd_list)
+
+    r = sub.add_parser("run", help="run a benchmark suite, one fresh process per cell")
+    r.add_argument("--suite", default="smoke", help="smoke | default | gpu (default: smoke)")
+    r.add_argument("--methods", type=_list, help="comma-separated method names (default: all)")
+    r.add_argument("--workloads", type=_list, help="comma-separated workload names (default: the suite's)")
+    r.add_argument("--device", default="cpu", help="cpu | cuda")
+    r.add_argument("--out", type=Path, help="output directory (default: results/<suite>)")
+    r.add_argument("--resume", action="store_true", help="skip cells already finished in <out>/metrics.csv")
+    r.add_argument("--cell-timeout", type=_positive(float, "--cell-timeout"), help="seconds per cell")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--rank", type=_positive(int, "--rank"), help="LoRA rank r")
+    r.add_argument("--alpha", type=_positive(float, "--alpha"), help="LoRA alpha")
+    r.add_argument("--dropout", type=float, help="LoRA dropout in [0, 1)")
+    r.add_argument("--virtual-tokens", type=_positive(int, "--virtual-tokens"), help="prefix / P-tuning length")
+    r.add_argument("--targets", type=_list, help="comma-separated module name patterns for LoRA")
+    r.add_argument("--batch-size", type=_positive(int, "--batch-size"))
+    r.add_argument("--seq-len", type=_positive(int, "--seq-len"), help="max tokens per example")
+    r.add_argument("--steps", type=_positive(int, "--steps"), help="training steps per cell (budget)")
+    r.add_argument("--model", help="hub id or local model directory (instead of --workloads)")
+    r.add_argument("--dataset", help="hub dataset id (e.g. stanfordnlp/imdb) or a local .csv/.json file")
+    r.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code to run")
+    r.add_argument("--allow-pickle", action="store_true", help="accept non-safetensors (pickle) weights")
+    r.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="rebuild plots and summary.md from DIR/metrics.csv")
+    rep.add_argument("dir")
+    rep.set_defaults(func=_cmd_report)
+
+    d = sub.add_parser("demo", help="the tutorial's experiments: svd | mnist-lora")
+    d.add_argument("name", help="svd | mnist-lora")
+    d.add_argument("--out", default="results/demo", help="output directory (default: results/demo)")
+    d.add_argument("--method", default="lora-parametrize", help="mnist-lora: lora-parametrize | lora | hf-lora | all")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
     return p
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except UserError as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"peft-bench: error: {e}", file=sys.stderr)
+        print(f"peft-bench: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("peft-bench: interrupted; finished cells are in metrics.csv (re-run with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

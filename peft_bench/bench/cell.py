@@ -77,7 +77,7 @@ def run_cell(spec: CellSpec) -> dict:
                  "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length,
                  "dtype": "float32", "lr": spec.lr, "seed": spec.seed, "train_steps": spec.train_steps,
                  "options": json.dumps(spec.method_options, sort_keys=True), "tokenizer": w.tokenizer_name}
-    baseline = M.memory_in_use(device)
+    row["baseline_memory_bytes"] = M.memory_in_use(device)
 
     torch.manual_seed(spec.seed)
     model = w.build_model().to(device)
@@ -92,7 +92,7 @@ def run_cell(spec: CellSpec) -> dict:
     trainable = method.trainable_parameters(model)
     opt = torch.optim.AdamW(trainable.values(), lr=spec.lr)
     _train(spec, model, opt, form, data, w.batch_size, row)
-    _static_memory(model, trainable, opt, row, baseline)
+    _static_memory(model, trainable, opt, row)
     row["accuracy"] = accuracy(model, _to(data.test, device), form, w.batch_size)
     row["test_examples"] = len(data.test)
     _inference(spec, method, model, check_batch, row)
@@ -150,7 +150,9 @@ def _train(spec: CellSpec, model, opt, form, data, batch_size: int, row: dict) -
                     tokens.append(form.tokens(batch))
             bar.update()
     bar.close()
-    row["peak_memory_bytes"], row["peak_reserved_bytes"] = peak.peak_bytes, peak.reserved_bytes
+    # CPU: the cell's own share, peak RSS minus the RSS before the model was built.
+    row["peak_memory_bytes"] = peak.peak_bytes - (row["baseline_memory_bytes"] if device == "cpu" else 0)
+    row["peak_reserved_bytes"] = peak.reserved_bytes
     row["memory_source"] = peak.source
     st = M.Stats.of(total)
     row.update(step_time_s=st.median, step_time_iqr_s=st.iqr, timed_steps=len(total),
@@ -165,7 +167,7 @@ def _train(spec: CellSpec, model, opt, form, data, batch_size: int, row: dict) -
     row["final_loss"] = losses[-1]
 
 
-def _static_memory(model, trainable: dict, opt, row: dict, baseline: int) -> None:
+def _static_memory(model, trainable: dict, opt, row: dict) -> None:
     """Weights, gradients and optimizer state read from the tensors, checked against their closed form."""
     params = M.unique_params(model)
     size = params[0].element_size()
@@ -177,9 +179,8 @@ def _static_memory(model, trainable: dict, opt, row: dict, baseline: int) -> Non
     closed = {"weights_bytes": row["total_params"] * size, "gradients_bytes": n * size,
               "optimizer_bytes": 2 * n * size + 4 * k}
     row["static_matches_closed_form"] = all(row[key] == v for key, v in closed.items())
-    row["baseline_memory_bytes"] = baseline
     static = row["weights_bytes"] + row["gradients_bytes"] + row["optimizer_bytes"]
-    row["activations_other_bytes"] = row["peak_memory_bytes"] - (baseline if row["device"] == "cpu" else 0) - static
+    row["activations_other_bytes"] = row["peak_memory_bytes"] - static
 
 
 def _inference(spec: CellSpec, method, model, batch, row: dict) -> None:
@@ -236,16 +237,11 @@ def _unique_named(model):
             yield n, p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Subprocess entry: SPEC.json in, ROW.json out. Exit 0 with a row whatever happened inside the cell."""
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    spec_path, out_path = argv or sys.argv[1:]
-    spec = CellSpec(**json.loads(Path(spec_path).read_text()))
+def run_in_child(spec: dict, out_path: str) -> None:
+    """Entry of the fresh per-cell process: measure, then write the row (whatever happened) as JSON."""
     _quiet()
     try:
-        row = run_cell(spec)
+        row = run_cell(CellSpec(**spec))
     except UnsupportedError as e:
         row = {"status": "unsupported", "reason": str(e)}
     except UserError as e:
@@ -254,9 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         row = {"status": "oom", "reason": "out of memory (MemoryError)"}
     except Exception as e:  # recorded, explained, and the suite goes on
         oom = type(e).__name__ == "OutOfMemoryError"
-        row = {"status": "oom" if oom else "error", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-               if str(e) else type(e).__name__}
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        row = {"status": "oom" if oom else "error", "reason": f"{type(e).__name__}: {text}" if text else type(e).__name__}
     Path(out_path).write_text(json.dumps(row, default=float))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m peft_bench.bench.cell SPEC.json OUT.json`: one cell in this process."""
+    spec_path, out_path = argv or sys.argv[1:]
+    run_in_child(json.loads(Path(spec_path).read_text()), out_path)
     return 0
 
 

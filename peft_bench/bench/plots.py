@@ -1,0 +1,119 @@
+"""Publication plots from the results frame (PNG, readable without the CSV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COMPONENTS = [("weights_bytes", "weights"), ("gradients_bytes", "gradients"), ("optimizer_bytes", "optimizer state"),
+              ("activations_other_bytes", "activations & other")]
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.4):
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _save(fig, path: Path, title: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def make_all(df, out: Path) -> None:
+    ok = df[df.status == "ok"]
+    if ok.empty:
+        return
+    groups = list(ok.groupby("workload", sort=False))
+    trainable_params(groups, out / "trainable_params.png")
+    peak_memory(groups, out / "peak_memory.png")
+    step_time(groups, out / "step_time.png")
+    accuracy_vs_memory(groups, out / "accuracy_vs_memory.png")
+
+
+def trainable_params(groups, path: Path) -> None:
+    fig, axes = _grid(len(groups))
+    for ax, (wl, g) in zip(axes, groups):
+        ax.barh(g.method, g.trainable_params, color="tab:blue")
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(wl, fontsize=10)
+        ax.set_xlabel("trainable parameters (log scale)")
+        for y, (v, pct) in enumerate(zip(g.trainable_params, g.trainable_pct)):
+            ax.text(v, y, f" {pct:.2g}%", va="center", fontsize=7)
+    _save(fig, path, "Trainable parameters (% of total)")
+
+
+def peak_memory(groups, path: Path) -> None:
+    fig, axes = _grid(len(groups))
+    for ax, (wl, g) in zip(axes, groups):
+        left = [0.0] * len(g)
+        for col, label in COMPONENTS:
+            vals = (g[col].clip(lower=0) / 2**20).tolist()
+            ax.barh(g.method, vals, left=left, label=label)
+            left = [a + b for a, b in zip(left, vals)]
+        ax.scatter(g.peak_memory_bytes.clip(lower=0) / 2**20, range(len(g)), marker="|", color="k", s=80,
+                   label="measured peak", zorder=3)
+        ax.invert_yaxis()
+        ax.set_title(wl, fontsize=10)
+        ax.set_xlabel("MiB during a training step")
+    axes[0].legend(fontsize=7, loc="lower right")
+    _save(fig, path, "Peak training memory by component")
+
+
+def step_time(groups, path: Path) -> None:
+    fig, axes = _grid(len(groups))
+    for ax, (wl, g) in zip(axes, groups):
+        full = g[g.method == "full"].step_time_s
+        ref = float(full.iloc[0]) if len(full) else float(g.step_time_s.max())
+        left = [0.0] * len(g)
+        for col, label in (("forward_s", "forward"), ("backward_s", "backward"), ("optimizer_s", "optimizer")):
+            vals = (g[col] / ref).tolist()
+            ax.barh(g.method, vals, left=left, label=label)
+            left = [a + b for a, b in zip(left, vals)]
+        ax.errorbar(g.step_time_s / ref, range(len(g)), xerr=g.step_time_iqr_s / ref / 2, fmt="none", ecolor="k")
+        ax.axvline(1.0, color="grey", ls="--", lw=0.8)
+        ax.invert_yaxis()
+        ax.set_title(wl, fontsize=10)
+        ax.set_xlabel("step time / full fine-tuning (median, IQR bar)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    _save(fig, path, "Training step time relative to full fine-tuning")
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated by another (lower memory and higher accuracy is better)."""
+    front = []
+    for i, (m, a) in enumerate(points):
+        if not any((m2 <= m and a2 >= a) and (m2, a2) != (m, a) for m2, a2 in points):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def accuracy_vs_memory(groups, path: Path) -> None:
+    fig, axes = _grid(len(groups))
+    for ax, (wl, g) in zip(axes, groups):
+        mem = (g.peak_memory_bytes / 2**20).tolist()
+        acc = g.accuracy.tolist()
+        ax.scatter(mem, acc, color="tab:blue", zorder=3)
+        for m, a, name in zip(mem, acc, g.method):
+            ax.annotate(name, (m, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto(list(zip(mem, acc)))
+        ax.plot([mem[i] for i in front], [acc[i] for i in front], color="tab:red", lw=1, label="Pareto front")
+        base = g.base_accuracy.dropna()
+        if len(base):
+            ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base model")
+        pre = str(g.pretrained.iloc[0]).lower() == "true"
+        ax.set_title(f"{wl}{'' if pre else ' (random-weight base)'}", fontsize=10)
+        ax.set_xlabel("peak training memory (MiB)")
+        ax.set_ylabel("held-out accuracy")
+    axes[0].legend(fontsize=7)
+    _save(fig, path, "Accuracy vs peak memory")

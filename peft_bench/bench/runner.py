@@ -1,0 +1,185 @@
+"""Run a suite: each cell in a fresh process, every row written atomically as soon as the cell ends.
+
+A cell that raises, runs out of memory or exceeds `cell_timeout` becomes a row with `status` error / oom /
+timeout and a one-line `reason`; the run goes on. `resume` skips cells whose identical spec already has a
+finished row. Rows of cells not in this run are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..methods import list_methods, method_class
+from ..workloads import get_workload
+from . import measure as M
+from . import report
+from .cell import CellSpec
+from .suites import budget, get_suite, learning_rate
+
+FAILED = ("error", "oom", "timeout")
+FINISHED = ("ok", "unsupported")
+
+
+@dataclass
+class RunOptions:
+    suite: str = "smoke"
+    methods: list[str] | None = None
+    workloads: list[str] | None = None
+    device: str = "cpu"
+    out: Path | None = None
+    resume: bool = False
+    cell_timeout: float | None = None
+    seed: int = 0
+    method_options: dict | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    train_steps: int | None = None
+    model: str | None = None
+    dataset: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+def plan(opts: RunOptions, peak: float = float("nan")) -> list[CellSpec]:
+    """The cells to run, validated before anything is written."""
+    suite = get_suite(opts.suite)
+    methods = opts.methods or list(suite.methods)
+    for m in methods:
+        method_class(m)
+    if opts.model:
+        workloads = [None]
+    else:
+        workloads = opts.workloads or list(suite.workloads)
+        for w in workloads:
+            get_workload(w)
+    cells = []
+    for w in workloads:
+        b = budget(suite, w or "*")
+        family = get_workload(w).family if w else "transformer"
+        steps = opts.train_steps or b.train_steps
+        for m in methods:
+            cells.append(CellSpec(
+                method=m, workload=w or "", device=opts.device, seed=opts.seed,
+                method_options=_options_for(m, opts.method_options or {}), batch_size=opts.batch_size,
+                max_length=opts.max_length, lr=learning_rate(m, family), warmup_steps=min(b.warmup_steps, steps - 1),
+                timed_steps=max(1, min(b.timed_steps, steps - b.warmup_steps)), train_steps=steps,
+                infer_repeats=b.infer_repeats, matmul_peak_flops=peak, model=opts.model, dataset=opts.dataset,
+                trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle))
+    for c in cells:  # options are validated here, before the first cell runs
+        from ..methods import get_method
+
+        get_method(c.method, **c.method_options)
+    return cells
+
+
+def _options_for(method: str, options: dict) -> dict:
+    """Keep only the options the method has (e.g. --rank goes to LoRA methods, --virtual-tokens to prompts)."""
+    fields = {f.name for f in dataclasses.fields(method_class(method).Options)}
+    return {k: v for k, v in options.items() if k in fields}
+
+
+def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
+    """Run the planned cells; return 1 if any cell failed, else 0."""
+    out = prepare_out_dir(opts.out or Path("results") / opts.suite)
+    rows = report.read_rows(out / "metrics.csv")  # refuses a malformed file before anything is written
+    if opts.device == "cuda":
+        _require_cuda()
+    plan(opts)  # validate names and options first
+    peak = M.matmul_peak_flops(opts.device)
+    cells = plan(opts, peak)
+    env = report.environment(opts, peak, argv)
+    report.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")
+    done = {r.get("cell_key"): r for r in rows if r.get("status") in FINISHED}
+    failed = 0
+    for i, spec in enumerate(cells, 1):
+        key = spec.key()
+        label = f"[{i}/{len(cells)}] {spec.method} × {spec.workload or spec.model}"
+        if opts.resume and key in done:
+            print(f"{label}: already done ({done[key]['status']}), skipped", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        row = _run_isolated(spec, opts.cell_timeout)
+        row.update(cell_key=key, cell_seconds=round(time.perf_counter() - t0, 2), suite=opts.suite)
+        rows = [r for r in rows if r.get("cell_key") != key] + [row]
+        report.write_rows(out / "metrics.csv", rows)
+        failed += row["status"] in FAILED
+        print(f"{label}: {row['status']}{' — ' + row['reason'] if row.get('reason') else ''} "
+              f"({row['cell_seconds']:.1f}s)", file=sys.stderr)
+    report.build(out)
+    print(f"results: {out}/metrics.csv, summary.md, plots ({failed} failed cell{'s' * (failed != 1)})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+_CONTEXT = None
+
+
+def _context():
+    """A fork server that has imported torch, transformers and peft once: each cell is a fresh process
+    forked from it (no model, no allocations), so per-cell start-up costs milliseconds, not seconds."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing
+
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["torch", "transformers", "peft", "peft_bench.bench.cell"])
+    return _CONTEXT
+
+
+def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
+    """Run one cell in a fresh process; translate timeouts and kills into rows."""
+    from .cell import run_in_child
+
+    base = {"method": spec.method, "workload": spec.workload or f"hub:{spec.model}", "device": spec.device,
+            "options": json.dumps(spec.method_options, sort_keys=True), "seed": spec.seed}
+    reason = method_class(spec.method).unsupported_reason(get_workload(spec.workload).family) if spec.workload else None
+    if reason:  # known without building anything
+        return {**base, "status": "unsupported", "reason": reason}
+    with tempfile.TemporaryDirectory() as tmp:
+        row_path = Path(tmp, "row.json")
+        proc = _context().Process(target=run_in_child, args=(dataclasses.asdict(spec), str(row_path)))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return {**base, "status": "timeout", "reason": f"cell exceeded --cell-timeout {timeout:g}s"}
+        if row_path.exists():
+            return {**base, **json.loads(row_path.read_text())}
+        if proc.exitcode is not None and proc.exitcode < 0:
+            sig = signal.Signals(-proc.exitcode).name
+            hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+            return {**base, "status": "oom" if sig == "SIGKILL" else "error", "reason": f"cell killed by {sig}{hint}"}
+        return {**base, "status": "error", "reason": f"cell process exited with status {proc.exitcode}"}
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch (torch "
+                        f"{torch.__version__}); use --device cpu")
+
+
+def prepare_out_dir(path: Path) -> Path:
+    """Create the output directory, refusing a file, an unwritable place, or a path with '..' components."""
+    path = Path(path)
+    if ".." in path.parts:
+        raise UserError(f"output directory {str(path)!r} must not contain '..'")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output directory {str(path)!r} is a file; pass --out with a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {str(path)!r}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"output directory {str(path)!r} is not writable")
+    return path
