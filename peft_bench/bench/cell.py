@@ -46,6 +46,7 @@ class CellSpec:
     dataset: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" makes the training step fail
 
     def key(self) -> str:
         """Identity of a cell for --resume: the same key means the same measurement."""
@@ -101,6 +102,30 @@ def run_cell(spec: CellSpec) -> dict:
     return row
 
 
+def training_step(spec: CellSpec):
+    """An in-process training step for `spec` (what pytest-benchmark times); returns (step, method, model)."""
+    torch.manual_seed(spec.seed)
+    method = get_method(spec.method, **spec.method_options)
+    w = resolve(spec.workload, spec.model, spec.dataset, trust_remote_code=spec.trust_remote_code,
+                allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length)
+    data, form = w.data(spec.seed), w.formulation()
+    model = method.apply(w.build_model().to(spec.device)).to(spec.device)
+    opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=spec.lr)
+    stream = endless(data.train, form, w.batch_size, spec.seed)
+    model.train()
+
+    def step() -> float:
+        batch = {k: v.to(spec.device) for k, v in next(stream).items()}
+        opt.zero_grad(set_to_none=True)
+        loss = model(**model_inputs(batch)).loss
+        loss.backward()
+        opt.step()
+        M.sync(spec.device)
+        return float(loss.detach())
+
+    return step, method, model
+
+
 def _to(split, device: str):
     if device != "cpu" and torch.is_tensor(split.inputs):
         return type(split)(split.inputs.to(device), split.labels.to(device))
@@ -137,6 +162,7 @@ def _train(spec: CellSpec, model, opt, form, data, batch_size: int, row: dict) -
         losses.append(float(out.loss.detach()))
         return tf, tb, to
 
+    _inject(spec.inject_fault)
     bar = _progress(spec.train_steps, f"{spec.method} × {row['workload']}")
     with M.track_peak(device) as peak:
         for i in range(spec.train_steps):
@@ -165,6 +191,16 @@ def _train(spec: CellSpec, model, opt, form, data, batch_size: int, row: dict) -
     row["pct_of_matmul_peak"] = 100 * row["achieved_flops_per_s"] / spec.matmul_peak_flops
     row["first_losses"] = json.dumps([round(x, 6) for x in losses[:3]])
     row["final_loss"] = losses[-1]
+
+
+def _inject(fault: str | None) -> None:
+    """Simulated failures, so the tests can prove that a failing cell becomes a row and the run goes on."""
+    if fault == "raise":
+        raise RuntimeError("injected fault in the training step")
+    if fault == "oom":
+        raise MemoryError
+    if fault == "cuda-oom":
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
 
 def _static_memory(model, trainable: dict, opt, row: dict) -> None:

@@ -52,6 +52,8 @@ class RunOptions:
 def plan(opts: RunOptions, peak: float = float("nan")) -> list[CellSpec]:
     """The cells to run, validated before anything is written."""
     suite = get_suite(opts.suite)
+    if opts.dataset and not opts.model:
+        raise UserError("--dataset needs --model (a hub id or local directory); embedded workloads bring their data")
     methods = opts.methods or list(suite.methods)
     for m in methods:
         method_class(m)
@@ -61,6 +63,11 @@ def plan(opts: RunOptions, peak: float = float("nan")) -> list[CellSpec]:
         workloads = opts.workloads or list(suite.workloads)
         for w in workloads:
             get_workload(w)
+    if opts.model:  # a hub id or path that cannot be loaded fails here, in one line
+        from ..workloads import resolve
+
+        resolve(None, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
+                allow_pickle=opts.allow_pickle)
     cells = []
     for w in workloads:
         b = budget(suite, w or "*")
@@ -89,11 +96,13 @@ def _options_for(method: str, options: dict) -> dict:
 
 def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
     """Run the planned cells; return 1 if any cell failed, else 0."""
-    out = prepare_out_dir(opts.out or Path("results") / opts.suite)
-    rows = report.read_rows(out / "metrics.csv")  # refuses a malformed file before anything is written
+    # Everything a user can get wrong is checked before the first byte is written.
+    out = check_out_dir(opts.out or Path("results") / opts.suite)
+    rows = report.read_rows(out / "metrics.csv")  # refuses a malformed file, untouched
     if opts.device == "cuda":
         _require_cuda()
-    plan(opts)  # validate names and options first
+    validate_targets(plan(opts), opts)
+    out = prepare_out_dir(out)
     peak = M.matmul_peak_flops(opts.device)
     cells = plan(opts, peak)
     env = report.environment(opts, peak, argv)
@@ -169,13 +178,50 @@ def _require_cuda() -> None:
                         f"{torch.__version__}); use --device cpu")
 
 
-def prepare_out_dir(path: Path) -> Path:
-    """Create the output directory, refusing a file, an unwritable place, or a path with '..' components."""
+def validate_targets(cells: list[CellSpec], opts: RunOptions) -> None:
+    """A --targets pattern that matches no Linear module is bad input: check it on each workload's
+    architecture (built on the meta device: shapes only, no memory, no weights read)."""
+    targets = (opts.method_options or {}).get("targets")
+    if not targets:
+        return
+    import torch
+
+    from ..arch import describe
+    from ..methods.base import resolve_targets
+    from ..workloads import resolve
+
+    for name in {c.workload for c in cells if "targets" in c.method_options}:
+        w = resolve(name or None, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
+                    allow_pickle=opts.allow_pickle)
+        try:
+            with torch.device("meta"):
+                model = w.build_model()
+        except RuntimeError:  # from_pretrained refuses the meta device: build it for real
+            model = w.build_model()
+        try:
+            resolve_targets(model, tuple(targets), describe(model))
+        except UserError as e:
+            raise UserError(f"{w.name}: {e}") from None
+
+
+def check_out_dir(path: Path) -> Path:
+    """Refuse an output path that is a file, lies under a file, is not writable, or contains '..'."""
     path = Path(path)
     if ".." in path.parts:
         raise UserError(f"output directory {str(path)!r} must not contain '..'")
     if path.exists() and not path.is_dir():
         raise UserError(f"output directory {str(path)!r} is a file; pass --out with a directory")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"output directory {str(path)!r} lies under the file {str(parent)!r}")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output directory {str(path)!r} is not writable")
+    return path
+
+
+def prepare_out_dir(path: Path) -> Path:
+    """Create the (checked) output directory."""
+    path = check_out_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,0 +1,81 @@
+"""pytest-benchmark front end to the same engine as `peft-bench run`.
+
+    pytest bench --benchmark-only [--suite smoke|default|gpu] [--device cpu|cuda] [--results-dir DIR]
+
+Each cell is measured in a fresh process (memory, step split, accuracy, ...) and written to
+DIR/metrics.csv exactly as `peft-bench run` does; then pytest-benchmark times the training step in-process,
+with the cell's non-time metrics in `extra_info` and the benchmark grouped by workload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("peft-bench")
+    g.addoption("--suite", default="smoke", help="smoke | default | gpu")
+    g.addoption("--device", default="cpu", help="cpu | cuda")
+    g.addoption("--results-dir", default=None, help="where metrics.csv and the report go (default results/<suite>)")
+    g.addoption("--cell-timeout", type=float, default=None, help="seconds per cell")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cell" not in metafunc.fixturenames:
+        return
+    from peft_bench.bench.runner import RunOptions, plan
+
+    opts = RunOptions(suite=metafunc.config.getoption("--suite"), device=metafunc.config.getoption("--device"))
+    cells = plan(opts)
+    metafunc.parametrize("cell", cells, ids=[f"{c.workload or c.model}-{c.method}" for c in cells])
+
+
+class Results:
+    """Collects rows like the CLI runner does; the report is rebuilt at the end of the session."""
+
+    def __init__(self, out: Path, opts) -> None:
+        from peft_bench.bench import measure, report
+        from peft_bench.bench.runner import prepare_out_dir
+
+        self.out = prepare_out_dir(out)
+        self.rows = report.read_rows(self.out / "metrics.csv")
+        self.peak = measure.matmul_peak_flops(opts.device)
+        env = report.environment(opts, self.peak, ["(pytest bench)", "--suite", opts.suite])
+        report.atomic_write_text(self.out / "environment.json", json.dumps(env, indent=2) + "\n")
+
+    def add(self, row: dict) -> None:
+        from peft_bench.bench import report
+
+        self.rows = [r for r in self.rows if r.get("cell_key") != row["cell_key"]] + [row]
+        report.write_rows(self.out / "metrics.csv", self.rows)
+
+
+@pytest.fixture(scope="session")
+def results(request: pytest.FixtureRequest):
+    from peft_bench.bench import report
+    from peft_bench.bench.runner import RunOptions
+
+    suite = request.config.getoption("--suite")
+    opts = RunOptions(suite=suite, device=request.config.getoption("--device"))
+    out = Path(request.config.getoption("--results-dir") or Path("results") / suite)
+    res = Results(out, opts)
+    yield res
+    if res.rows:
+        report.build(res.out)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
+    import peft
+    import torch
+    import transformers
+
+    machine_info.update(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                        torch_threads=torch.get_num_threads(),
+                        cuda_device=torch.cuda.get_device_name() if torch.cuda.is_available() else None)

@@ -1,0 +1,129 @@
+"""Bad input: one line naming the problem and what is allowed, exit 2, nothing written or overwritten."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peft_bench.cli import main
+
+
+def snapshot(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else None
+
+
+@pytest.fixture
+def out(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "metrics.csv").write_text("method,workload,status,cell_key\nlora,t5-tiny,ok,k1\n")
+    return d
+
+
+BAD = [
+    (["--methods", "nope"], "unknown method 'nope'; choose one of: full, lora"),
+    (["--workloads", "nope"], "unknown workload 'nope'; choose one of: mlp-mnist"),
+    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, gpu"),
+    (["--device", "tpu"], "unknown device 'tpu'; choose cpu or cuda"),
+    (["--rank", "0"], "--rank must be a positive int"),
+    (["--rank", "two"], "--rank must be a positive int, got 'two'"),
+    (["--alpha", "-1"], "--alpha must be a positive float"),
+    (["--dropout", "1.5"], r"dropout must be in [0, 1), got 1.5"),
+    (["--virtual-tokens", "0"], "--virtual-tokens must be a positive int"),
+    (["--batch-size", "0"], "--batch-size must be a positive int"),
+    (["--seq-len", "-4"], "--seq-len must be a positive int"),
+    (["--steps", "0"], "--steps must be a positive int"),
+    (["--cell-timeout", "0"], "--cell-timeout must be a positive float"),
+    (["--workloads", "mlp-mnist-tiny", "--targets", "linear9"],
+     "mlp-mnist-tiny: target pattern 'linear9' matches no nn.Linear module; Linear module names are: linear1"),
+    (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
+    (["--dataset", "stanfordnlp/imdb"], "--dataset needs --model"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_run_options(args, message, out, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = snapshot(out)
+    assert main(["run", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("peft-bench: error: ")
+    assert message in err
+    assert snapshot(out) == before
+
+
+def test_cuda_without_a_gpu_is_refused(out, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    before = snapshot(out)
+    assert main(["run", "--device", "cuda", "--out", str(out)]) == 2
+    assert "--device cuda: no CUDA GPU is visible" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_output_directory_that_is_a_file_or_under_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert main(["run", "--out", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["run", "--out", str(f / "sub")]) == 2
+    assert "lies under the file" in capsys.readouterr().err
+    assert f.read_text() == "keep me"
+
+
+def test_unwritable_output_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root ignores permission bits
+    assert main(["run", "--out", str(tmp_path / "x")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_output_path_may_not_climb_out(capsys):
+    assert main(["run", "--out", "results/../../elsewhere"]) == 2
+    assert "must not contain '..'" in capsys.readouterr().err
+
+
+def test_malformed_metrics_csv_is_refused_and_kept(tmp_path, capsys):
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / "metrics.csv").write_text("this is,not,ours\n1,2,3\n")
+    before = snapshot(d)
+    assert main(["run", "--out", str(d), "--workloads", "mlp-mnist-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a peft-bench metrics file" in err and "move it away or pass --out" in err
+    assert snapshot(d) == before
+
+
+def test_report_needs_a_metrics_file(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has no metrics.csv" in capsys.readouterr().err
+
+
+def test_unknown_demo(capsys, tmp_path):
+    assert main(["demo", "fft", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown demo 'fft'; choose one of: svd, mnist-lora" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_real_process_exit_code_and_single_line_without_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "run", "--methods", "lora,nope", "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["peft-bench: error: unknown method 'nope'; choose one of: full, lora, "
+                                             "lora-parametrize, hf-lora, prefix, p-tuning"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_list_shows_methods_workloads_and_unsupported_reasons(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ["full", "lora", "lora-parametrize", "hf-lora", "prefix", "p-tuning", "mlp-mnist", "minilm-sentiment",
+                 "gpt-neo-125m-arch", "t5-small-arch"]:
+        assert f"  {name}" in out
+    assert "prefix × mlp-mnist: prefix needs a transformer" in out

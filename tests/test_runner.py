@@ -1,0 +1,114 @@
+"""The run loop: failing cells become rows, the run goes on, kills lose nothing, resume completes, determinism."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peft_bench.bench import report
+from peft_bench.bench.cell import CellSpec, run_cell
+from peft_bench.bench.runner import RunOptions, _run_isolated, run_suite
+
+FAST = dict(train_steps=3, warmup_steps=1, timed_steps=2, infer_repeats=1)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("fault,status,reason", [
+    ("raise", "error", "RuntimeError: injected fault in the training step"),
+    ("oom", "oom", "out of memory (MemoryError)"),
+    ("cuda-oom", "oom", "OutOfMemoryError: CUDA out of memory"),
+])
+def test_a_failing_cell_becomes_a_row_with_status_and_one_line_reason(fault, status, reason):
+    row = _run_isolated(CellSpec("lora", "mlp-mnist-tiny", inject_fault=fault, **FAST), timeout=120)
+    assert row["status"] == status
+    assert row["reason"].startswith(reason) and "\n" not in row["reason"]
+
+
+def test_cell_timeout_becomes_a_timeout_row():
+    row = _run_isolated(CellSpec("full", "gpt-neo-tiny", train_steps=10_000), timeout=3)
+    assert row["status"] == "timeout" and "--cell-timeout 3s" in row["reason"]
+
+
+def test_run_goes_on_after_failures_and_exit_code_says_so(tmp_path, monkeypatch):
+    from peft_bench.bench import runner
+
+    real = runner._run_isolated
+
+    def flaky(spec, timeout):  # the first cell fails inside its process, the others run normally
+        if spec.method == "full":
+            spec.inject_fault = "raise"
+        return real(spec, timeout)
+
+    monkeypatch.setattr(runner, "_run_isolated", flaky)
+    opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["mlp-mnist-tiny"], out=tmp_path,
+                      train_steps=3)
+    assert run_suite(opts) == 1
+    got = {(r["method"], r["status"]) for r in rows(tmp_path / "metrics.csv")}
+    assert got == {("full", "error"), ("lora", "ok"), ("prefix", "unsupported")}
+    for name in ["summary.md", "environment.json", "peak_memory.png", "accuracy_vs_memory.png"]:
+        assert (tmp_path / name).is_file()
+
+
+def test_killed_run_keeps_a_valid_csv_and_resume_completes_it(tmp_path):
+    """SIGKILL the whole run after its second row, then --resume: no row lost, none duplicated."""
+    cmd = [sys.executable, "-m", "peft_bench.cli", "run", "--suite", "smoke", "--workloads", "mlp-mnist-tiny,t5-tiny",
+           "--methods", "full,lora", "--steps", "3", "--out", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = tmp_path / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(rows(metrics)) >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = rows(metrics)
+    assert 2 <= len(partial) < 4 and all(r["status"] == "ok" for r in partial)
+    assert report.read_rows(metrics)  # still a valid peft-bench file
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stderr.count("already done") == len(partial)
+    final = rows(metrics)
+    assert sorted((r["method"], r["workload"]) for r in final) == sorted(
+        (m, w) for m in ("full", "lora") for w in ("mlp-mnist-tiny", "t5-tiny"))
+    assert {r["cell_key"]: r["step_time_s"] for r in final if r["cell_key"] in {p["cell_key"] for p in partial}} == \
+        {p["cell_key"]: p["step_time_s"] for p in partial}  # finished rows were kept, not re-measured
+
+
+@pytest.mark.parametrize("method,workload", [("lora", "gpt-neo-tiny"), ("p-tuning", "minilm-sentiment-tiny"),
+                                             ("full", "mlp-mnist-tiny")])
+def test_same_seed_same_counts_losses_and_accuracy(method, workload):
+    spec = CellSpec(method, workload, **FAST)
+    a, b = run_cell(spec), run_cell(spec)
+    for key in ("trainable_params", "first_losses", "accuracy", "base_accuracy", "final_loss"):
+        assert a[key] == b[key], key
+    c = run_cell(CellSpec(method, workload, seed=1, **FAST))
+    assert c["first_losses"] != a["first_losses"]
+
+
+def test_seed_is_recorded_in_the_environment(tmp_path):
+    opts = RunOptions(suite="smoke", methods=["prefix"], workloads=["mlp-mnist-tiny"], out=tmp_path, seed=5)
+    assert run_suite(opts, ["run", "--seed", "5"]) == 0
+    env = __import__("json").loads((tmp_path / "environment.json").read_text())
+    assert env["seed"] == 5 and env["torch"] and env["peft"] and env["cpu"]
+
+
+def test_static_memory_breakdown_matches_closed_form_and_peak_is_above_it():
+    row = run_cell(CellSpec("lora", "gpt-neo-tiny", **FAST))
+    n = row["trainable_params"]
+    assert row["weights_bytes"] == 4 * row["total_params"]
+    assert row["gradients_bytes"] == 4 * n
+    assert row["optimizer_bytes"] == 8 * n + 4 * 8  # exp_avg, exp_avg_sq; one step scalar per tensor (2 layers × q,v × A,B)
+    assert row["static_matches_closed_form"] is True
+    assert row["peak_memory_bytes"] > 0
