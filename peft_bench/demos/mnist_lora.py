@@ -79,7 +79,7 @@ def train(model: torch.nn.Module, split: Split, params, steps: int | None, seed:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             done += 1
             if done == total:
                 break

@@ -1,0 +1,62 @@
+"""Reports are rebuilt from metrics.csv alone; the Pareto front is right; writes are atomic."""
+
+from __future__ import annotations
+
+import pytest
+
+from peft_bench.bench import report
+from peft_bench.bench.plots import pareto
+from peft_bench.bench.runner import RunOptions, run_suite
+from peft_bench.cli import main
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(100, 0.9), (50, 0.8), (60, 0.7), (200, 0.95), (50, 0.85)]
+    assert pareto(pts) == [4, 0, 3]
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    target.write_text("old")
+
+    def boom(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        report.atomic_write_text(target, "new")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["t5-tiny", "mlp-mnist-tiny"],
+                      out=out, train_steps=3)
+    assert run_suite(opts, ["run"]) == 0
+    return out
+
+
+def test_report_command_rebuilds_plots_and_summary_from_the_csv(run_dir, capsys):
+    made = ["summary.md", "trainable_params.png", "peak_memory.png", "step_time.png", "accuracy_vs_memory.png"]
+    for name in made:
+        (run_dir / name).unlink()
+    assert main(["report", str(run_dir)]) == 0
+    for name in made:
+        assert (run_dir / name).stat().st_size > 0
+    text = (run_dir / "summary.md").read_text()
+    assert "Made by `peft-bench run`" in text and "## t5-tiny" in text and "## mlp-mnist-tiny" in text
+    assert "prefix |" in text and "unsupported: prefix needs a transformer" in text
+
+
+def test_metrics_csv_loads_with_pandas_and_has_the_promised_columns(run_dir):
+    import pandas as pd
+
+    df = pd.read_csv(run_dir / "metrics.csv")
+    promised = ["method", "workload", "device", "status", "reason", "trainable_params", "total_params",
+                "peak_memory_bytes", "step_time_s", "step_time_iqr_s", "forward_s", "backward_s", "optimizer_s",
+                "samples_per_s", "accuracy", "checkpoint_bytes", "batch_size", "seq_len", "dtype", "options"]
+    assert set(promised) <= set(df.columns)
+    ok = df[df.status == "ok"]
+    assert (ok.trainable_params == ok.closed_form_trainable_params).all()
+    assert ok.static_matches_closed_form.all()
