@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from peft_bench import UserError, get_method
-from peft_bench.workloads import get_workload, hub_workload, list_workloads, resolve
 from peft_bench.workloads import data as D
+from peft_bench.workloads import get_workload, hub_workload, list_workloads, resolve
 from peft_bench.workloads.tasks import accuracy, batches, endless, model_inputs
 
 TINY = ["mlp-mnist-tiny", "minilm-sentiment-tiny", "gpt-neo-tiny", "t5-tiny"]

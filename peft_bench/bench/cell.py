@@ -168,7 +168,7 @@ def _train(spec: CellSpec, model, opt, form, data, batch_size: int, row: dict) -
         for i in range(spec.train_steps):
             batch = {k: v.to(device) for k, v in next(stream).items()}
             if i == 0:
-                row["step_flops"] = M.count_flops(lambda: step(batch))
+                row["step_flops"] = M.count_flops(lambda b=batch: step(b))
             else:
                 tf, tb, to = step(batch)
                 if spec.warmup_steps <= i < spec.warmup_steps + spec.timed_steps:  # step 0 counts as warm-up

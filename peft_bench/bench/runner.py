@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..methods import list_methods, method_class
+from ..methods import method_class
 from ..workloads import get_workload
 from . import measure as M
 from . import report

@@ -17,8 +17,7 @@ def run(name: str, out: Path, method: str = "lora-parametrize", seed: int = 0) -
     if name == "svd":
         from .svd import main
     else:
-        from .mnist_lora import main
-        from .mnist_lora import check_method
+        from .mnist_lora import check_method, main
 
         check_method(method)
     out = prepare_out_dir(out)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Method, MethodOptions
 from ..errors import UserError
+from .base import Method, MethodOptions
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -39,6 +39,6 @@ def get_method(name: str, **options: object) -> Method:
 
 
 # Registration order is the order of `list_methods()` and of every table.
-from . import full, lora, lora_parametrize, hf  # noqa: E402,F401
+from . import full, hf, lora, lora_parametrize  # noqa: E402,F401
 
 __all__ = ["Method", "MethodOptions", "get_method", "list_methods", "method_class", "register"]

@@ -22,12 +22,12 @@ from torch import nn
 
 from . import register
 from .base import (
+    PROMPT_REASON,
     Method,
     MethodOptions,
     copy_heads,
     head_param_count,
     heads_disabled,
-    PROMPT_REASON,
     opt,
     require,
     require_prompt_model,
