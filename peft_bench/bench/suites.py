@@ -43,7 +43,7 @@ SUITES = {
                    {"*": Budget(train_steps=8, warmup_steps=2, timed_steps=4, infer_repeats=3)}),
     "default": Suite("default", ("mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                      {"mlp-mnist": Budget(train_steps=400, warmup_steps=5, timed_steps=50),  # one epoch, batch 10
-                      "minilm-sentiment": Budget(train_steps=100, warmup_steps=2, timed_steps=8),
+                      "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
                       "gpt-neo-125m-arch": Budget(train_steps=9, warmup_steps=2, timed_steps=6, infer_repeats=3),
                       "t5-small-arch": Budget(train_steps=9, warmup_steps=2, timed_steps=6, infer_repeats=3)}),
     "gpu": Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),

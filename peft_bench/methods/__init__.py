@@ -39,6 +39,8 @@ def get_method(name: str, **options: object) -> Method:
 
 
 # Registration order is the order of `list_methods()` and of every table.
-from . import full, hf, lora, lora_parametrize  # noqa: E402,F401
+# isort: off
+from . import full, lora, lora_parametrize, hf  # noqa: E402,F401
+# isort: on
 
 __all__ = ["Method", "MethodOptions", "get_method", "list_methods", "method_class", "register"]
