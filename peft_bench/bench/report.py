@@ -100,7 +100,8 @@ def environment(opts, peak: float, argv: list[str] | None) -> dict:
         "gpu": torch.cuda.get_device_name() if opts.device == "cuda" else None,
         "cuda": torch.version.cuda if opts.device == "cuda" else None,
         "matmul_peak_flops_per_s": peak, "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # Uncommitted changes to the code (results/ is output, not code).
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
     }
     return env
 
