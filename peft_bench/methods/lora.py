@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import register
@@ -87,7 +88,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.enabled and not self.merged:
-            y = y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+            # F.linear takes the weights as stored (out × in): no transposed copies, fused backward.
+            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
         return y
 
     @torch.no_grad()

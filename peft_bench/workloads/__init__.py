@@ -124,14 +124,14 @@ for size, suffix in (("full", ""), ("tiny", "-tiny")):
         else "GPT-Neo, 2 layers × 32 wide (random weights), causal-LM sentiment", "decoder", "causal-lm", False,
         lambda size=size: models.gpt_neo(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
         max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
-        train_limit=None if not tiny else 400, test_limit=100 if not tiny else 100))
+        train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100))
     register(Workload(
         "t5-small-arch" if not tiny else "t5-tiny",
         "T5-small architecture from its published config (random weights), text-to-text sentiment" if not tiny
         else "T5, 2+2 layers × 32 wide (random weights), text-to-text sentiment", "encoder-decoder", "seq2seq",
         False, lambda size=size: models.t5(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
         max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
-        train_limit=None if not tiny else 400, test_limit=100 if not tiny else 100))
+        train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100))
 
 
 # -- hub models and datasets ----------------------------------------------------------------------------
