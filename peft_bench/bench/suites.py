@@ -44,8 +44,8 @@ SUITES = {
     "default": Suite("default", ("mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                      {"mlp-mnist": Budget(train_steps=400, warmup_steps=5, timed_steps=50),  # one epoch, batch 10
                       "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
-                      "gpt-neo-125m-arch": Budget(train_steps=9, warmup_steps=2, timed_steps=6, infer_repeats=3),
-                      "t5-small-arch": Budget(train_steps=9, warmup_steps=2, timed_steps=6, infer_repeats=3)}),
+                      "gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, infer_repeats=3),
+                      "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, infer_repeats=3)}),
     "gpu": Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                  {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, infer_repeats=20)},
                  hub_models=(("EleutherAI/gpt-neo-125m", "stanfordnlp/imdb"), ("google-t5/t5-small", "stanfordnlp/imdb"))),
