@@ -99,21 +99,33 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def accuracy_vs_memory(groups, path: Path) -> None:
+    """One marker per method (same colour in every panel, named in the legend); the Pareto front ringed in red."""
+    methods = list(dict.fromkeys(m for _, g in groups for m in g.method))
+    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
+    markers = dict(zip(methods, "osD^vP*X"))
     fig, axes = _grid(len(groups))
     for ax, (wl, g) in zip(axes, groups):
         mem = (g.peak_memory_bytes / 2**20).tolist()
         acc = g.accuracy.tolist()
-        ax.scatter(mem, acc, color="tab:blue", zorder=3)
         for m, a, name in zip(mem, acc, g.method):
-            ax.annotate(name, (m, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter([m], [a], color=colours[name], marker=markers[name], s=40, zorder=3, label=name)
         front = pareto(list(zip(mem, acc)))
-        ax.plot([mem[i] for i in front], [acc[i] for i in front], color="tab:red", lw=1, label="Pareto front")
+        ax.plot([mem[i] for i in front], [acc[i] for i in front], color="tab:red", lw=1, zorder=2)
+        ax.scatter([mem[i] for i in front], [acc[i] for i in front], s=140, facecolors="none", edgecolors="tab:red",
+                   zorder=4, label="Pareto front")
         base = g.base_accuracy.dropna()
         if len(base):
-            ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base model")
+            ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base, before training")
         pre = str(g.pretrained.iloc[0]).lower() == "true"
-        ax.set_title(f"{wl}{'' if pre else ' (random-weight base)'}", fontsize=10)
+        ax.set_title(f"{wl}{'' if pre else ' (base not pretrained)'}", fontsize=10)
         ax.set_xlabel("peak training memory (MiB)")
         ax.set_ylabel("held-out accuracy")
-    axes[0].legend(fontsize=7)
-    _save(fig, path, "Accuracy vs peak memory")
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(len(handles), 5))
+    fig.suptitle("Accuracy vs peak memory")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

@@ -183,8 +183,9 @@ def summary(df, env: dict) -> str:
         lines += [f"## {wl}", "",
                   f"{'pretrained' if pre else 'random-weight (pretrained=false)'} base; batch {_int(first, 'batch_size')}"
                   + (f" × {_int(first, 'seq_len')} tokens" if _int(first, "seq_len") not in ("", "0") else "")
-                  + f"; {_int(first, 'train_steps')} training steps; lr {first.get('lr')}; device {first.get('device')}"
-                  + f"; tokenizer: {first.get('tokenizer') or 'none'}.", ""]
+                  + f"; {_int(first, 'train_steps')} training steps; device {first.get('device')}"
+                  + f"; tokenizer: {first.get('tokenizer') or 'none'}; AdamW learning rates: "
+                  + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + ".", ""]
         lines += ["| method | trainable | % | peak MiB | weights / grads / optim / other MiB | step s [IQR] | "
                   "fwd / bwd / opt s | vs full | samples/s | % matmul peak | infer base / adapter / merged ms | "
                   "checkpoint | accuracy (base) | status |",
