@@ -1,7 +1,7 @@
 """One benchmark cell (method × workload × device), measured in the process that runs it.
 
-The suite runs each cell in a fresh process (`python -m peft_bench.bench.cell SPEC OUT`) so that the CPU
-peak-RSS reading belongs to that cell alone. Order inside a cell:
+The suite runs each cell in a fresh process (forked from the runner's fork server, or
+`python -m peft_bench.bench.cell SPEC OUT`) so that the CPU peak-RSS reading belongs to that cell alone. Order inside a cell:
 
     data, tokenizer → baseline memory → build model → base accuracy → apply method → correctness checks
     → training steps under the peak tracker (first: FLOP count, then warm-up, timed, untimed to the budget)
@@ -22,6 +22,7 @@ import torch
 
 from ..errors import UnsupportedError, UserError
 from ..methods import get_method
+from ..methods.base import unique_named_parameters
 from ..workloads import resolve
 from ..workloads.tasks import accuracy, endless, model_inputs
 from . import measure as M
@@ -231,7 +232,7 @@ def _static_memory(model, trainable: dict, opt, row: dict) -> None:
 
 def _inference(spec: CellSpec, method, model, batch, row: dict) -> None:
     model.eval()
-    inputs = {k: v for k, v in model_inputs(batch).items()}
+    inputs = model_inputs(batch)
 
     def fwd():
         with torch.no_grad():
@@ -263,14 +264,14 @@ def _checkpoint(method, model, row: dict) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter, whole = Path(tmp, "adapter.safetensors"), Path(tmp, "model.safetensors")
-        state = {n: p.detach().contiguous().cpu() for n, p in _unique_named(model)}
+        state = {n: p.detach().contiguous().cpu() for n, p in unique_named_parameters(model)}
         save_file(state, str(whole))
         del state
         row["full_checkpoint_bytes"] = whole.stat().st_size
         t0 = time.perf_counter()
         loaded = load_file(str(whole))
         with torch.no_grad():
-            params = dict(_unique_named(model))
+            params = dict(unique_named_parameters(model))
             for n, t in loaded.items():
                 params[n].copy_(t)
         row["full_model_load_s"] = time.perf_counter() - t0
@@ -282,14 +283,6 @@ def _checkpoint(method, model, row: dict) -> None:
         t0 = time.perf_counter()
         method.load_adapter(model, adapter)
         row["adapter_switch_s"] = time.perf_counter() - t0
-
-
-def _unique_named(model):
-    seen: set[int] = set()
-    for n, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield n, p
 
 
 def run_in_child(spec: dict, out_path: str) -> None:

@@ -18,6 +18,8 @@ import psutil
 import torch
 from torch import nn
 
+from ..methods.base import unique_named_parameters
+
 
 def sync(device: str) -> None:
     if device == "cuda":
@@ -95,7 +97,7 @@ def check_gpu_is_free(limit_bytes: int = 2 << 30) -> None:
 
 # -- static memory, exactly from the tensors -----------------------------------------------------------------
 def unique_params(model: nn.Module) -> list[nn.Parameter]:
-    return list({id(p): p for p in model.parameters()}.values())
+    return [p for _, p in unique_named_parameters(model)]
 
 
 def tensor_bytes(tensors) -> int:

@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import UserError
+from ..registry import Registry
 from .base import Method, MethodOptions
 
-_REGISTRY: dict[str, type[Method]] = {}
+_REGISTRY: Registry[type[Method]] = Registry("method")
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make `cls` available under `cls.name`. Duplicate names are a bug."""
-    if cls.name in _REGISTRY:
-        raise RuntimeError(f"method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.add(cls.name, cls)
 
 
 def list_methods() -> list[str]:
     """Registered method names, in registration order."""
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def method_class(name: str) -> type[Method]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def get_method(name: str, **options: object) -> Method:
     """Build the method `name` with validated options (unknown options are rejected by name)."""
     cls = method_class(name)
-    allowed = [f.name for f in __import__("dataclasses").fields(cls.Options)]
+    allowed = [f.name for f in dataclasses.fields(cls.Options)]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UserError(f"unknown option {unknown[0]!r} for method {name!r}; allowed: {', '.join(allowed) or 'none'}")

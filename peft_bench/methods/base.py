@@ -161,6 +161,15 @@ class Method:
 
 
 # -- shared helpers -------------------------------------------------------------------------------
+def unique_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Named parameters with tied weights listed once (under their first name)."""
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
 def _matches(pattern: str, name: str) -> bool:
     if name == pattern or name.endswith("." + pattern):
         return True

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import register
-from .base import Method
+from .base import Method, unique_named_parameters
 
 
 @register
@@ -22,10 +22,4 @@ class FullFineTuning(Method):
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # A full fine-tune's checkpoint is the whole model (tied weights saved once).
-        seen: set[int] = set()
-        state = {}
-        for name, p in model.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                state[name] = p.detach()
-        return state
+        return {name: p.detach() for name, p in unique_named_parameters(model)}

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import models
 from ..errors import UserError
+from ..registry import Registry
 from . import data as D
 from .tasks import (
     CausalLMSentiment,
@@ -61,25 +62,19 @@ class Workload:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-_REGISTRY: dict[str, Workload] = {}
+_REGISTRY: Registry[Workload] = Registry("workload")
 
 
 def register(w: Workload) -> Workload:
-    if w.name in _REGISTRY:
-        raise RuntimeError(f"workload {w.name!r} registered twice")
-    _REGISTRY[w.name] = w
-    return w
+    return _REGISTRY.add(w.name, w)
 
 
 def list_workloads() -> list[str]:
-    return list(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_workload(name: str) -> Workload:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UserError(f"unknown workload {name!r}; choose one of: {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 # -- embedded assets ----------------------------------------------------------------------------------
