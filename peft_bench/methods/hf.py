@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import register
@@ -34,7 +34,9 @@ from .base import (
     resolve_targets,
     set_trainable,
 )
-from .lora import LoRAOptions
+from .lora import PEFT_LORA_FORMAT, LoRAOptions, peft_lora_config
+
+HEADS = "heads.safetensors"
 
 
 def _peft():
@@ -48,21 +50,12 @@ class HFLoRA(Method):
     name = "hf-lora"
     Options = LoRAOptions
     can_merge = True
+    checkpoint_format = PEFT_LORA_FORMAT
 
     def _inject(self, model: nn.Module) -> nn.Module:
-        peft = _peft()
-        o = self.options
-        self.targets = resolve_targets(model, o.targets, self.arch)
-        config = peft.LoraConfig(
-            r=o.r,
-            lora_alpha=o.alpha,
-            lora_dropout=o.dropout,
-            target_modules=list(self.targets),
-            task_type=self.arch.task_type if self.arch.family != "mlp" else None,
-            init_lora_weights=True if o.init == "kaiming" else "gaussian",
-        )
+        self.targets = resolve_targets(model, self.options.targets, self.arch)
         self._head_count = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
-        return peft.get_peft_model(model, config)
+        return _peft().get_peft_model(model, peft_lora_config(self.options, self.targets, self.arch))
 
     def closed_form_trainable(self, model: nn.Module) -> int:
         r = self.options.r
@@ -79,13 +72,23 @@ class HFLoRA(Method):
     def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return model.disable_adapter()
 
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return _peft().get_peft_model_state_dict(model)
+    def save(self, model: nn.Module, directory) -> int:
+        return _save_peft(model, directory)
 
-    def load_adapter(self, model: nn.Module, path) -> None:
-        from safetensors.torch import load_file
+    def restore(self, base: nn.Module, directory) -> nn.Module:
+        from ..arch import describe
 
-        _peft().set_peft_model_state_dict(model, load_file(str(path)))
+        self.arch = describe(base)
+        return _peft().PeftModel.from_pretrained(base, str(directory))
+
+
+def _save_peft(peft_model: nn.Module, directory) -> int:
+    """peft's own `save_pretrained`: adapter_config.json + adapter_model.safetensors (no model card)."""
+    from ..measure.files import size_bytes
+
+    peft_model.save_pretrained(str(directory))
+    Path(directory, "README.md").unlink(missing_ok=True)  # a generated model card, not part of the adapter
+    return size_bytes(directory)
 
 
 # -- prompt-learning methods ----------------------------------------------------------------------
@@ -124,15 +127,40 @@ class _PromptMethod(Method):
     def unsupported_reason(cls, family: str) -> str | None:
         return PROMPT_REASON.format(cls.name) if family == "mlp" else None
 
-    def load_adapter(self, model: nn.Module, path) -> None:
+    checkpoint_format = ("exported prompt embeddings (the encoder's output) in peft format: adapter_config.json + "
+                         "adapter_model.safetensors; a trained head copy, if any, in heads.safetensors")
+
+    def save(self, model: nn.Module, directory) -> int:
+        """peft's format, which holds the prompt encoder's *output* (n virtual token embeddings, or the n prefix
+        key/values): what inference needs. A trained head copy goes beside it in heads.safetensors."""
+        from safetensors.torch import save_file
+
+        from ..measure.files import size_bytes
+
+        peft_model = model if hasattr(model, "peft_config") else self._encoder(model)
+        _save_peft(peft_model, directory)
+        if self.heads:
+            heads = {f"{name}.{k}": v.detach().contiguous().cpu() for name, h in zip(self.arch.head_modules, self.heads)
+                     for k, v in h.trained.state_dict().items()}
+            save_file(heads, str(Path(directory) / HEADS))
+        return size_bytes(directory)
+
+    def restore(self, base: nn.Module, directory) -> nn.Module:
+        """`peft.PeftModel.from_pretrained` (inference mode: the exported embeddings are used as they are)."""
+        from ..arch import describe
+
+        self.arch = describe(base)
+        heads = Path(directory) / HEADS
+        if not heads.exists():
+            return _peft().PeftModel.from_pretrained(base, str(directory))
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
-        peft_model = model if hasattr(model, "peft_config") else self._encoder(model)
-        heads = {n: m for n, m in model.named_children() if m in self.heads}
-        _peft().set_peft_model_state_dict(peft_model, {k: v for k, v in state.items() if k.split(".")[0] not in heads})
-        for name, h in heads.items():
-            h.trained.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
+        prefix = base.base_model_prefix
+        setattr(base, prefix, _peft().PeftModel.from_pretrained(getattr(base, prefix), str(directory)))
+        missing = [k for k in base.load_state_dict(load_file(str(heads)), strict=False).unexpected_keys]
+        if missing:
+            raise ValueError(f"{heads} holds tensors this model has no place for: {missing[:3]}")
+        return base
 
     def _config(self, task_type: str, width: int) -> object:
         raise NotImplementedError
@@ -147,14 +175,6 @@ class _PromptMethod(Method):
 
     def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return _all_disabled(model)
-
-    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        peft_model = model if hasattr(model, "peft_config") else self._encoder(model)
-        state = dict(_peft().get_peft_model_state_dict(peft_model))
-        for h in self.heads:
-            name = next(n for n, m in model.named_children() if m is h)
-            state.update({f"{name}.{k}": v for k, v in h.trained.state_dict().items()})
-        return state
 
     def _encoder(self, model: nn.Module) -> nn.Module:
         return getattr(model, model.base_model_prefix)
@@ -185,6 +205,10 @@ def _all_disabled(model: nn.Module) -> Iterator[None]:
 class PrefixTuning(_PromptMethod):
     name = "prefix"
     Options = PrefixOptions
+
+    @property
+    def extra_key_tokens(self) -> int:
+        return self.options.num_virtual_tokens
 
     def _config(self, task_type: str, width: int) -> object:
         return _peft().PrefixTuningConfig(
@@ -242,6 +266,10 @@ def _unsupported_prefix(cls: str) -> Exception:
 class PTuning(_PromptMethod):
     name = "p-tuning"
     Options = PromptOptions
+
+    @property
+    def extra_input_tokens(self) -> int:
+        return self.options.num_virtual_tokens
 
     def _config(self, task_type: str, width: int) -> object:
         return _peft().PromptEncoderConfig(

@@ -5,8 +5,15 @@
         └──► dropout ──► A (r×d_in) ──► B (d_out×r) ──┘
 
 A starts Kaiming-uniform (as peft does) or Gaussian, B starts at zero, so the wrapped model is exactly the
-base model before training. The base bias is untouched. No `peft` import here: this is the reference
-implementation that `hf-lora` is checked against.
+base model before training. The base bias is untouched. No `peft` import in the forward path: this is the
+reference implementation that `hf-lora` is checked against.
+
+Adapter dtype: as peft's `autocast_adapter_dtype=True`, A and B are float32 when the base weight is float16 or
+bfloat16 (the adapter's input is cast to float32 and its output back to the base dtype); otherwise the base dtype.
+
+Checkpoints are written in peft's own format (`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads an adapter trained here and
+`restore` loads one trained with peft.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +40,8 @@ from .base import (
     resolve_targets,
     set_trainable,
 )
+
+PEFT_LORA_FORMAT = "LoRA A/B (+ trained head) in peft format: adapter_config.json + adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,11 @@ class LoRAOptions(MethodOptions):
         return self.alpha / self.r
 
 
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """peft's policy (autocast_adapter_dtype=True): half-precision bases get float32 adapters."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 def init_lora_A(A: torch.Tensor, init: str, r: int) -> None:
     """Initialise A in place; B is always zero so training starts from the base model."""
     if init == "kaiming":
@@ -75,8 +90,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.scale = options.scale
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(options.r, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, options.r, dtype=w.dtype, device=w.device))
+        dtype = adapter_dtype(w.dtype)
+        self.lora_A = nn.Parameter(torch.empty(options.r, base.in_features, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, options.r, dtype=dtype, device=w.device))
         init_lora_A(self.lora_A.data, options.init, options.r)
         self.dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
         self.enabled = True
@@ -89,19 +105,31 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.enabled and not self.merged:
             # F.linear takes the weights as stored (out × in): no transposed copies, fused backward.
-            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+            x = self.dropout(x.to(self.lora_A.dtype))
+            y = y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
+
+    def analytic_flops(self, x: torch.Tensor) -> int:
+        """The adapter path's matmuls in one training step (the wrapped base Linear is counted on its own):
+        forward A then B, 2·rows·r·(d_in + d_out); backward the same again for the A and B gradients, 2·rows·r·d_out
+        to carry the gradient through B, and 2·rows·r·d_in to the input when it needs one."""
+        if not self.enabled or self.merged:
+            return 0
+        rows, r = x.numel() // x.shape[-1], self.lora_A.shape[0]
+        d_in, d_out = self.lora_A.shape[1], self.lora_B.shape[0]
+        fwd = 2 * rows * r * (d_in + d_out)
+        return 2 * fwd + 2 * rows * r * d_out + (2 * rows * r * d_in if x.requires_grad else 0)
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base.weight += self.delta_weight()
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= self.delta_weight()
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
 
@@ -115,6 +143,7 @@ class LoRA(Method):
     name = "lora"
     Options = LoRAOptions
     can_merge = True
+    checkpoint_format = PEFT_LORA_FORMAT
 
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)
@@ -152,3 +181,69 @@ class LoRA(Method):
         finally:
             for layer in self.layers.values():
                 layer.enabled = True
+
+    def pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """{targeted module path: (A, B)}."""
+        return {name: (layer.lora_A, layer.lora_B) for name, layer in self.layers.items()}
+
+    def save(self, model: nn.Module, directory) -> int:
+        return export_peft_lora(self, directory)
+
+    def restore(self, base: nn.Module, directory) -> nn.Module:
+        model = self.apply(base)
+        import_peft_lora(self, directory)
+        return model
+
+
+# -- peft's checkpoint format, shared by both hand-written LoRAs ------------------------------------------
+_PREFIX = "base_model.model."
+
+
+def peft_lora_config(options: LoRAOptions, targets: list[str], arch, inference_mode: bool = False):
+    """The `peft.LoraConfig` equivalent to these options on these modules (used by `hf-lora` and the exports)."""
+    import peft
+
+    return peft.LoraConfig(
+        r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=list(targets),
+        task_type=arch.task_type if arch.family != "mlp" else None,
+        init_lora_weights=True if options.init == "kaiming" else "gaussian",
+        modules_to_save=list(arch.head_modules) or None, inference_mode=inference_mode)
+
+
+def _peft_tensors(method) -> dict[str, torch.Tensor]:
+    """Keys as peft writes them: `base_model.model.<module>.lora_A.weight`, heads as `base_model.model.<head>.<p>`."""
+    out = {}
+    for name, (A, B) in method.pairs().items():
+        out[f"{_PREFIX}{name}.lora_A.weight"] = A
+        out[f"{_PREFIX}{name}.lora_B.weight"] = B
+    for head_name, head in zip(method.arch.head_modules, method.heads):
+        out.update({f"{_PREFIX}{head_name}.{k}": v for k, v in head.trained.state_dict().items()})
+    return out
+
+
+def export_peft_lora(method, directory) -> int:
+    """Write `method`'s adapter (and head copies) as a peft LoRA adapter directory; return its size in bytes."""
+    from safetensors.torch import save_file
+
+    from ..measure.files import size_bytes
+
+    directory = Path(directory)
+    peft_lora_config(method.options, list(method.pairs()), method.arch, inference_mode=True).save_pretrained(
+        str(directory))
+    save_file({k: v.detach().contiguous().cpu() for k, v in _peft_tensors(method).items()},
+              str(directory / "adapter_model.safetensors"))
+    return size_bytes(directory)
+
+
+@torch.no_grad()
+def import_peft_lora(method, directory) -> None:
+    """Load a peft LoRA adapter directory into an applied hand-written LoRA; every tensor must find its place."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    ours = _peft_tensors(method)
+    if set(state) != set(ours):
+        missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+        raise ValueError(f"{directory} does not fit this LoRA: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, t in state.items():
+        ours[k].copy_(t)

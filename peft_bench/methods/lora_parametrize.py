@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from . import register
 from .base import Method, copy_heads, head_param_count, heads_disabled, resolve_targets, set_trainable
-from .lora import LoRAOptions, init_lora_A
+from .lora import PEFT_LORA_FORMAT, LoRAOptions, adapter_dtype, export_peft_lora, import_peft_lora, init_lora_A
 
 
 class LoRAParametrization(nn.Module):
@@ -29,8 +29,9 @@ class LoRAParametrization(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, options: LoRAOptions, like: torch.Tensor) -> None:
         super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(options.r, d_in, dtype=like.dtype, device=like.device))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, options.r, dtype=like.dtype, device=like.device))
+        dtype = adapter_dtype(like.dtype)  # float32 adapters on a half-precision base, as peft
+        self.lora_A = nn.Parameter(torch.empty(options.r, d_in, dtype=dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, options.r, dtype=dtype, device=like.device))
         init_lora_A(self.lora_A.data, options.init, options.r)
         self.scale = options.scale
         self.dropout = options.dropout
@@ -40,8 +41,13 @@ class LoRAParametrization(nn.Module):
         B = nn.functional.dropout(self.lora_B, self.dropout, self.training) if self.dropout else self.lora_B
         return (B @ self.lora_A) * self.scale
 
+    def analytic_flops(self, W: torch.Tensor) -> int:
+        """Materialising ΔW = B·A on each weight access: 2·d_out·r·d_in forward, twice that backward (the A and B
+        gradients from the full d_out × d_in weight gradient, which the Linear then also computes)."""
+        return 3 * 2 * self.lora_B.shape[0] * self.lora_A.shape[0] * self.lora_A.shape[1] if self.enabled else 0
+
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        return W + self.delta_weight() if self.enabled else W
+        return W + self.delta_weight().to(W.dtype) if self.enabled else W
 
 
 @register
@@ -52,6 +58,7 @@ class LoRAParametrize(Method):
     name = "lora-parametrize"
     Options = LoRAOptions
     can_merge = True
+    checkpoint_format = PEFT_LORA_FORMAT
 
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)
@@ -81,7 +88,7 @@ class LoRAParametrize(Method):
     def _unmerge(self, model: nn.Module) -> None:
         for name, p in self.params.items():
             layer = model.get_submodule(name)
-            layer.weight -= p.delta_weight()
+            layer.weight -= p.delta_weight().to(layer.weight.dtype)
             parametrize.register_parametrization(layer, "weight", p)
             layer.parametrizations.weight.original.requires_grad_(False)
 
@@ -95,3 +102,14 @@ class LoRAParametrize(Method):
         finally:
             for p in self.params.values():
                 p.enabled = True
+
+    def pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        return {name: (p.lora_A, p.lora_B) for name, p in self.params.items()}
+
+    def save(self, model: nn.Module, directory) -> int:
+        return export_peft_lora(self, directory)
+
+    def restore(self, base: nn.Module, directory) -> nn.Module:
+        model = self.apply(base)
+        import_peft_lora(self, directory)
+        return model

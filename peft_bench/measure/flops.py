@@ -1,0 +1,128 @@
+"""FLOPs of one training step, counted and by formula.
+
+Counted: `torch.utils.flop_counter.FlopCounterMode` over the real step (matmuls, convolutions and the attention
+kernels it knows; the CPU flash-attention kernel is registered here with torch's own SDPA formulas).
+
+Analytic (independent of the dispatcher): every `nn.Linear` records, through a forward hook, how many rows it
+processed and whether its input and weight need gradients; a Linear costs 2·rows·d_in·d_out forward, the same again
+for the input gradient when its input needs one, and again for the weight gradient when its weight trains
+(6·N·tokens for a fully trained stack). Attention adds 4·B·H·Tq·Tk·Dh forward (QKᵀ and AV) and twice that backward,
+with Tq, Tk the padded lengths as computed (virtual tokens included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _register_cpu_flash() -> None:
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        @fc.register_flop_formula(fwd, get_raw=True)
+        def _fwd(query, key, value, *args, out_val=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query.shape, key.shape, value.shape)
+    if bwd is not None and bwd not in fc.flop_registry:
+        @fc.register_flop_formula(bwd, get_raw=True)
+        def _bwd(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs that one call of `step` executes, as torch's flop counter sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_flash()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention call per layer: queries of length tq attend over tk keys, width = heads × head_dim."""
+
+    layers: int
+    tq: int
+    tk: int
+    width: int
+
+    def flops(self, batch: int) -> int:
+        return 3 * 4 * batch * self.tq * self.tk * self.width * self.layers
+
+
+class LinearFlops:
+    """Forward hooks on every nn.Linear: 2·rows·d_in·d_out × (1 + input grad + weight grad).
+
+    A module that computes matmuls outside nn.Linear (a hand-written adapter) says what they cost through a method
+    `analytic_flops(*forward_args) -> int` (forward and backward together); its forward calls are hooked too.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flops = 0
+        self._handles = []
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                self._handles.append(m.register_forward_hook(self._hook))
+            elif callable(getattr(m, "analytic_flops", None)):
+                self._handles.append(m.register_forward_hook(self._own))
+
+    def _own(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.flops += module.analytic_flops(*args)
+
+    def _hook(self, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+        x = args[0]
+        rows = x.numel() // x.shape[-1]
+        per = 2 * rows * module.in_features * module.out_features
+        self.flops += per * (1 + int(x.requires_grad) + int(_weight_trains(module)))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _weight_trains(module: nn.Linear) -> bool:
+    """Whether the weight gets a gradient, read without touching `module.weight` (which, when parametrized,
+    would compute the parametrization again and add FLOPs to the count being checked)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        return any(p.requires_grad for p in module.parametrizations.weight.parameters())
+    return module.weight.requires_grad
+
+
+def attention_calls(config, batch: dict, extra_input_tokens: int, extra_key_tokens: int) -> list[Attention]:
+    """The attention calls of one forward pass, from the model config and the padded batch."""
+    t = batch["input_ids"].shape[1]
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+    width = heads * head_dim if head_dim else config.hidden_size
+    if getattr(config, "is_encoder_decoder", False):
+        te, td = t + extra_input_tokens, batch["labels"].shape[1]
+        return [Attention(config.num_layers, te, te + extra_key_tokens, width),
+                Attention(config.num_decoder_layers, td, td + extra_key_tokens, width),
+                Attention(config.num_decoder_layers, td, te + extra_key_tokens, width)]
+    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+    tq = t + extra_input_tokens
+    return [Attention(layers, tq, tq + extra_key_tokens, width)]
+
+
+def analytic_flops(model: nn.Module, step: Callable[[], object], config, batch: dict, extra_input_tokens: int = 0,
+                   extra_key_tokens: int = 0) -> int:
+    """Run `step` once with Linear hooks installed; return the formula's FLOPs (see module docstring)."""
+    lin = LinearFlops(model)
+    try:
+        step()
+    finally:
+        lin.close()
+    if config is None:  # an MLP: linears only
+        return lin.flops
+    b = batch["input_ids"].shape[0]
+    return lin.flops + sum(a.flops(b) for a in attention_calls(config, batch, extra_input_tokens, extra_key_tokens))

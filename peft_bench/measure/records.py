@@ -1,0 +1,149 @@
+"""Typed records that the probes return: one frozen dataclass per probe, units in the field names.
+
+Every field carries a one-line definition (what it includes and excludes) in its metadata; `metrics.csv`'s columns
+are generated from these records (`columns()`), and `peft-bench list --metrics` prints the definitions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+def metric(doc: str, better: str | None = None) -> dataclasses.Field:
+    """A record field with its one-sentence definition; `better` is 'lower' / 'higher' for ranked metrics."""
+    return dataclasses.field(metadata={"doc": doc, "better": better})
+
+
+@dataclass(frozen=True)
+class ParamsRecord:
+    trainable_params: int = metric("parameters the method trains (adapter weights, plus a trained head copy)", "lower")
+    total_params: int = metric("all parameters of the model after the method is applied, tied weights once")
+    trainable_pct: float = metric("100 × trainable_params / total_params")
+    closed_form_trainable_params: int = metric("trainable count predicted from shapes and options alone")
+    dtype: str = metric("element types of the model's parameters after apply, read from the tensors (a+b: mixed)")
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    tensor_peak_bytes: int = metric("most bytes of live tensor storages during a steady-state training step "
+                                    "(model, gradients, optimizer state, everything the step allocates); "
+                                    "excludes kernel-internal scratch and tensors the step never touches", "lower")
+    weights_bytes: int = metric("at the tensor peak: parameters and buffers of the model")
+    gradients_bytes: int = metric("at the tensor peak: .grad of trainable parameters already accumulated")
+    optimizer_bytes: int = metric("at the tensor peak: AdamW state (exp_avg, exp_avg_sq, step)")
+    activations_bytes: int = metric("at the tensor peak: storages autograd saved for backward, parameters excepted")
+    temporaries_bytes: int = metric("at the tensor peak: every other storage (outputs, logits, loss, incoming "
+                                    "gradients, optimizer scratch)")
+    saved_activations_max_bytes: int = metric("most bytes autograd held saved for backward during the step "
+                                              "(usually at the end of forward), whether or not at the peak")
+    static_closed_form_bytes: int = metric("weights + gradients + AdamW state predicted from the closed-form "
+                                           "trainable count and element sizes")
+    static_matches_closed_form: bool = metric("the tracker's weights and optimizer bytes, and the gradients it saw "
+                                              "accumulated, equal static_closed_form_bytes' parts")
+    process_peak_bytes: int = metric("resident-set high-water mark (CPU) or max reserved (CUDA) over the measured "
+                                     "steps, minus the process's footprint before the model was built", "lower")
+    runtime_overhead_bytes: int = metric("process_peak_bytes − tensor_peak_bytes: allocator slack, kernel "
+                                         "workspaces, thread stacks, Python objects")
+    process_baseline_bytes: int = metric("process footprint (RSS or CUDA reserved) after loading data, before the "
+                                         "model was built")
+    memory_source: str = metric("how the process peak was read")
+
+
+@dataclass(frozen=True)
+class TimingRecord:
+    step_time_s: float = metric("median wall time of a timed training step (forward + backward + optimizer), "
+                                "synchronised around each part; excludes batch building and host→device copies",
+                                "lower")
+    step_time_iqr_s: float = metric("interquartile range of the timed steps")
+    forward_s: float = metric("median forward time of the timed steps")
+    backward_s: float = metric("median backward time of the timed steps")
+    optimizer_s: float = metric("median optimizer-step time of the timed steps")
+    timed_steps: int = metric("number of timed steps")
+    samples_per_s: float = metric("batch size / step_time_s", "higher")
+    tokens_per_s: float = metric("non-padding tokens per second (attention mask sum / step time)", "higher")
+    padded_tokens_per_s: float = metric("tokens per second as computed, padding included (batch × length)")
+    first_losses: str = metric("training losses of the first three steps (JSON)")
+    final_loss: float = metric("training loss of the last step")
+
+
+@dataclass(frozen=True)
+class FlopsRecord:
+    step_flops: int = metric("FLOPs of one training step counted by torch.utils.flop_counter on the real step "
+                             "(matmuls, convolutions, attention kernels; elementwise work excluded)")
+    step_flops_analytic: int = metric("the same step by formula: 2·rows·d_in·d_out per Linear × (1 forward + 1 "
+                                      "input-gradient if its input needs one + 1 weight-gradient if trained), "
+                                      "plus 4·B·H·Tq·Tk·Dh per attention × 3 (forward, two backward products)")
+    flops_counted_vs_analytic: float = metric("step_flops / step_flops_analytic")
+    achieved_flops_per_s: float = metric("step_flops / step_time_s")
+    matmul_peak_flops_per_s: float = metric("best measured FLOP/s of a square matmul in the run's dtype and device")
+    pct_of_matmul_peak: float = metric("100 × achieved / matmul peak (a model-FLOPs-utilisation against a "
+                                       "measured, not nominal, peak)", "higher")
+
+
+@dataclass(frozen=True)
+class InferenceRecord:
+    inference_base_s: float = metric("median forward latency of the base model before the method was applied "
+                                     "(torch.utils.benchmark blocked_autorange)", "lower")
+    inference_base_iqr_s: float = metric("IQR of the base model's forward latency")
+    inference_adapter_s: float = metric("median forward latency of the trained model, adapter unmerged", "lower")
+    inference_adapter_iqr_s: float = metric("IQR of the unmerged forward latency")
+    inference_merged_s: float = metric("median forward latency after merging the adapter (mergeable methods)", "lower")
+    inference_merged_iqr_s: float = metric("IQR of the merged forward latency")
+
+
+@dataclass(frozen=True)
+class ChecksRecord:
+    check_tolerance: float = metric("|Δ| allowed between two computations of the same output: 64·eps(dtype)·"
+                                    "max(1, max|logits|) (CPU kernels do not promise bitwise reproducibility)")
+    disabled_max_abs_diff: float = metric("after training: max |disabled-adapter output − base output|")
+    merge_max_abs_diff: float = metric("after training: max |merged − unmerged output| (allowed 16 × tolerance: "
+                                       "W+ΔW is rounded once)")
+    unmerge_max_abs_diff: float = metric("after training: max |output after merge+unmerge − output before|")
+    roundtrip_max_abs_diff: float = metric("max |output of a fresh base with the saved checkpoint loaded − output of "
+                                           "the trained model|")
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    checkpoint_bytes: int = metric("bytes on disk a user must keep to restore the trained model's outputs "
+                                   "(peft-format adapter directory; the whole model for full)", "lower")
+    checkpoint_format: str = metric("what the checkpoint holds and in which format")
+    trainable_state_bytes: int = metric("bytes of the trainable tensors themselves (what resuming training needs; "
+                                        "differs from checkpoint_bytes for prompt encoders, which export their output)")
+    full_checkpoint_bytes: int = metric("bytes of the whole trained model as one safetensors file")
+    full_model_load_cold_s: float = metric("read the whole-model file, evicted from the page cache, into a "
+                                           "loaded model", "lower")
+    full_model_load_warm_s: float = metric("the same load with the file in the page cache", "lower")
+    adapter_switch_cold_s: float = metric("restore the checkpoint (evicted from the page cache) onto a base already "
+                                          "in memory", "lower")
+    adapter_switch_warm_s: float = metric("the same restore with the checkpoint in the page cache", "lower")
+    cold_cache_resident_fraction: float = metric("share of the checkpoint pages still cached before the cold "
+                                                 "reads (0 = truly cold)")
+
+
+@dataclass(frozen=True)
+class AccuracyRecord:
+    accuracy: float = metric("share of the held-out split labelled correctly after the training budget", "higher")
+    base_accuracy: float = metric("the same before training (the base model as built)")
+    test_examples: int = metric("size of the held-out split")
+
+
+RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, FlopsRecord, InferenceRecord, ChecksRecord, CheckpointRecord,
+           AccuracyRecord)
+
+
+def columns() -> list[str]:
+    return [f.name for r in RECORDS for f in dataclasses.fields(r)]
+
+
+def definitions() -> dict[str, str]:
+    return {f.name: f.metadata["doc"] for r in RECORDS for f in dataclasses.fields(r)}
+
+
+def better() -> dict[str, str]:
+    return {f.name: f.metadata["better"] for r in RECORDS for f in dataclasses.fields(r) if f.metadata.get("better")}
+
+
+def as_row(record: object) -> dict:
+    return dataclasses.asdict(record)

@@ -1,0 +1,61 @@
+"""Wall-clock measurement: synchronised timing of one call, medians with spread, a measured matmul peak."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class Stats:
+    median: float
+    iqr: float
+
+    @classmethod
+    def of(cls, xs: list[float]) -> Stats:
+        if not xs:
+            return cls(float("nan"), float("nan"))
+        if len(xs) < 2:
+            return cls(xs[0], 0.0)
+        q = statistics.quantiles(xs, n=4, method="inclusive")
+        return cls(statistics.median(xs), q[2] - q[0])
+
+
+def timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
+    """Call `fn` once between two device synchronisations; return (its result, seconds)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def latency(fn: Callable[[], object], device: str, min_run_time: float) -> Stats:
+    """Median and IQR of `fn`'s latency from `torch.utils.benchmark.Timer.blocked_autorange`, which picks a
+    per-block repeat count, synchronises CUDA, and runs blocks until `min_run_time` seconds have passed."""
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up: first-call allocations and lazy initialisation
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    return Stats(m.median, m.iqr)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def matmul_peak_flops(device: str, dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
+    """Best measured FLOP/s of an n×n matmul in `dtype`: the machine's achievable peak for that element type."""
+    a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    best = min(timed(lambda: a @ b, device)[1] for _ in range(repeats + 1))
+    return 2 * n**3 / best
