@@ -41,12 +41,13 @@ class Results:
     """Collects rows like the CLI runner does; the report is rebuilt at the end of the session."""
 
     def __init__(self, out: Path, opts) -> None:
-        from peft_bench.bench import measure, report
+        from peft_bench.bench import report
         from peft_bench.bench.runner import prepare_out_dir
+        from peft_bench.measure import timing
 
         self.out = prepare_out_dir(out)
         self.rows = report.read_rows(self.out / "metrics.csv")
-        self.peak = measure.matmul_peak_flops(opts.device)
+        self.peak = timing.matmul_peak_flops(opts.device, opts.dtype)
         env = report.environment(opts, self.peak, ["(pytest bench)", "--suite", opts.suite])
         report.atomic_write_text(self.out / "environment.json", json.dumps(env, indent=2) + "\n")
 

@@ -19,7 +19,7 @@ def test_cell(cell, results, benchmark, request):
     if row["status"] == "unsupported":
         pytest.skip(row["reason"])
     assert row["status"] == "ok", row["reason"]
-    # Correctness before timing: counts match their closed form, static memory matches the tensors.
+    # Correctness before timing: counts match their closed form, static memory matches it too.
     assert row["trainable_params"] == row["closed_form_trainable_params"]
     assert row["static_matches_closed_form"] is True
 

@@ -7,6 +7,7 @@ written (`--debug` shows the traceback). A run whose cells failed exits 1; its r
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def _positive(kind: type, what: str):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a positive {kind.__name__}, got {text!r}") from None
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"{what} must be a positive {kind.__name__}, got {text!r}")
         return value
 
@@ -39,6 +40,13 @@ def _list(text: str) -> list[str]:
 def _cmd_list(args: argparse.Namespace) -> int:
     from .methods import list_methods, method_class
     from .workloads import get_workload, list_workloads
+
+    if args.metrics:
+        from .measure.records import definitions
+
+        for name, doc in definitions().items():
+            print(f"{name}: {doc}")
+        return 0
 
     print("methods:")
     for name in list_methods():
@@ -69,7 +77,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(suite=args.suite, methods=args.methods, workloads=args.workloads, device=args.device,
                       out=args.out, resume=args.resume, cell_timeout=args.cell_timeout, seed=args.seed,
                       method_options=options, batch_size=args.batch_size, max_length=args.seq_len,
-                      train_steps=args.steps, model=args.model, dataset=args.dataset,
+                      train_steps=args.steps, dtype=args.dtype, model=args.model, dataset=args.dataset,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                       mnist_root=args.mnist_root)
     return run_suite(opts, args.argv)
@@ -96,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peft-bench", description="Measure PEFT methods side by side.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("list", help="methods, workloads and unsupported combinations").set_defaults(func=_cmd_list)
+    ls = sub.add_parser("list", help="methods, workloads and unsupported combinations")
+    ls.add_argument("--metrics", action="store_true", help="every metric's one-line definition instead")
+    ls.set_defaults(func=_cmd_list)
 
     r = sub.add_parser("run", help="run a benchmark suite, one fresh process per cell")
     r.add_argument("--suite", default="smoke", help="smoke | default | gpu (default: smoke)")
@@ -107,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="skip cells already finished in <out>/metrics.csv")
     r.add_argument("--cell-timeout", type=_positive(float, "--cell-timeout"), help="seconds per cell")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="element type of the base model (adapters follow peft's policy: float32 on a half base)")
     r.add_argument("--rank", type=_positive(int, "--rank"), help="LoRA rank r")
     r.add_argument("--alpha", type=_positive(float, "--alpha"), help="LoRA alpha")
     r.add_argument("--dropout", type=float, help="LoRA dropout in [0, 1)")

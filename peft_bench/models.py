@@ -83,6 +83,10 @@ T5_SMALL = dict(
     eos_token_id=1,
 )
 T5_TINY = dict(T5_SMALL, vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
+# A two-layer Llama with grouped-query attention (4 query heads share 2 key/value heads), for tests.
+LLAMA_TINY = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=101, eos_token_id=102,
+                  pad_token_id=0, tie_word_embeddings=True)
 BERT_TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 
@@ -103,3 +107,10 @@ def bert_classifier(size: str = "tiny", num_labels: int = 2, **overrides: object
     from transformers import BertConfig, BertForSequenceClassification
 
     return BertForSequenceClassification(BertConfig(**{**BERT_TINY, **overrides}, num_labels=num_labels))
+
+
+def llama(size: str = "tiny", **overrides: object) -> nn.Module:
+    """A randomly initialised Llama causal LM with grouped-query attention (tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{**LLAMA_TINY, **overrides}))

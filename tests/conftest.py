@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from peft_bench import models  # noqa: E402
 
-FAMILIES = ["mlp", "gpt-neo", "t5", "bert"]
+FAMILIES = ["mlp", "gpt-neo", "llama", "t5", "bert"]
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,8 @@ def seed() -> None:
 def tiny_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     build = {"mlp": lambda: models.mlp("tiny"), "gpt-neo": lambda: models.gpt_neo("tiny"),
-             "t5": lambda: models.t5("tiny"), "bert": lambda: models.bert_classifier("tiny")}[family]
+             "t5": lambda: models.t5("tiny"), "bert": lambda: models.bert_classifier("tiny"),
+             "llama": lambda: models.llama("tiny")}[family]
     return build().eval()
 
 

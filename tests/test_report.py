@@ -54,7 +54,7 @@ def test_metrics_csv_loads_with_pandas_and_has_the_promised_columns(run_dir):
 
     df = pd.read_csv(run_dir / "metrics.csv")
     promised = ["method", "workload", "device", "status", "reason", "trainable_params", "total_params",
-                "peak_memory_bytes", "step_time_s", "step_time_iqr_s", "forward_s", "backward_s", "optimizer_s",
+                "tensor_peak_bytes", "process_peak_bytes", "step_time_s", "step_time_iqr_s", "forward_s", "backward_s", "optimizer_s",
                 "samples_per_s", "accuracy", "checkpoint_bytes", "batch_size", "seq_len", "dtype", "options"]
     assert set(promised) <= set(df.columns)
     ok = df[df.status == "ok"]

@@ -15,7 +15,7 @@ from peft_bench.bench import report
 from peft_bench.bench.cell import CellSpec, run_cell
 from peft_bench.bench.runner import RunOptions, _run_isolated, run_suite
 
-FAST = dict(train_steps=3, warmup_steps=1, timed_steps=2, infer_repeats=1)
+FAST = dict(train_steps=3, warmup_steps=1, timed_steps=2, latency_seconds=0.02)
 
 
 def rows(path):
@@ -102,13 +102,3 @@ def test_seed_is_recorded_in_the_environment(tmp_path):
     assert run_suite(opts, ["run", "--seed", "5"]) == 0
     env = __import__("json").loads((tmp_path / "environment.json").read_text())
     assert env["seed"] == 5 and env["torch"] and env["peft"] and env["cpu"]
-
-
-def test_static_memory_breakdown_matches_closed_form_and_peak_is_above_it():
-    row = run_cell(CellSpec("lora", "gpt-neo-tiny", **FAST))
-    n = row["trainable_params"]
-    assert row["weights_bytes"] == 4 * row["total_params"]
-    assert row["gradients_bytes"] == 4 * n
-    assert row["optimizer_bytes"] == 8 * n + 4 * 8  # exp_avg, exp_avg_sq; one step scalar per tensor (2 layers × q,v × A,B)
-    assert row["static_matches_closed_form"] is True
-    assert row["peak_memory_bytes"] > 0

@@ -312,6 +312,8 @@ def checks_probe(method: Method, model: nn.Module, batch: dict, base_out: torch.
         merge = _max_diff(_logits(model, batch), trained)
         method.unmerge(model)
         unmerge = _max_diff(_logits(model, batch), trained)
+        with method.disabled(model):  # the base weights themselves are back, not just the output
+            unmerge = max(unmerge, _max_diff(_logits(model, batch), base_out))
         if not merge <= 16 * tol:
             raise CellError(f"merged output differs from unmerged (max |Δ| {merge:.3g} > {16 * tol:.3g})")
         if not unmerge <= 16 * tol:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COMPONENTS = [("weights_bytes", "weights"), ("gradients_bytes", "gradients"), ("optimizer_bytes", "optimizer state"),
-              ("activations_other_bytes", "activations & other")]
+              ("activations_bytes", "saved activations"), ("temporaries_bytes", "temporaries")]
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.4):
@@ -57,17 +57,21 @@ def peak_memory(groups, path: Path) -> None:
     fig, axes = _grid(len(groups))
     for ax, (wl, g) in zip(axes, groups):
         left = [0.0] * len(g)
-        for col, label in COMPONENTS:
-            vals = (g[col].clip(lower=0) / 2**20).tolist()
+        for col, label in COMPONENTS:  # parts of the tensor peak: ≥ 0 and summing to it exactly
+            vals = (g[col] / 2**20).tolist()
             ax.barh(g.method, vals, left=left, label=label)
             left = [a + b for a, b in zip(left, vals)]
-        ax.scatter(g.peak_memory_bytes.clip(lower=0) / 2**20, range(len(g)), marker="|", color="k", s=80,
-                   label="measured peak", zorder=3)
+        ax.scatter(g.process_peak_bytes / 2**20, range(len(g)), marker="|", color="k", s=120,
+                   label="process peak (RSS / reserved)", zorder=3)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
-        ax.set_xlabel("MiB during a training step")
-    axes[0].legend(fontsize=7, loc="lower right")
-    _save(fig, path, "Peak training memory by component")
+        ax.set_xlabel("MiB at the tensor-level peak of a training step")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels))
+    fig.suptitle("Peak training memory by component")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
 def step_time(groups, path: Path) -> None:
@@ -105,7 +109,7 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     markers = dict(zip(methods, "osD^vP*X"))
     fig, axes = _grid(len(groups))
     for ax, (wl, g) in zip(axes, groups):
-        mem = (g.peak_memory_bytes / 2**20).tolist()
+        mem = (g.tensor_peak_bytes / 2**20).tolist()
         acc = g.accuracy.tolist()
         for m, a, name in zip(mem, acc, g.method):
             ax.scatter([m], [a], color=colours[name], marker=markers[name], s=40, zorder=3, label=name)
@@ -118,7 +122,7 @@ def accuracy_vs_memory(groups, path: Path) -> None:
             ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base, before training")
         pre = str(g.pretrained.iloc[0]).lower() == "true"
         ax.set_title(f"{wl}{'' if pre else ' (base not pretrained)'}", fontsize=10)
-        ax.set_xlabel("peak training memory (MiB)")
+        ax.set_xlabel("tensor peak of a training step (MiB)")
         ax.set_ylabel("held-out accuracy")
     handles = {}
     for ax in axes:

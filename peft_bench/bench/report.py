@@ -17,22 +17,17 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..measure import records
 
-COLUMNS = [
-    "method", "workload", "device", "status", "reason", "trainable_params", "total_params", "trainable_pct",
-    "closed_form_trainable_params", "peak_memory_bytes", "weights_bytes", "gradients_bytes", "optimizer_bytes",
-    "activations_other_bytes", "static_matches_closed_form", "peak_reserved_bytes", "baseline_memory_bytes",
-    "memory_source", "step_time_s", "step_time_iqr_s", "forward_s", "backward_s", "optimizer_s", "timed_steps",
-    "samples_per_s", "tokens_per_s", "step_flops", "achieved_flops_per_s", "matmul_peak_flops_per_s",
-    "pct_of_matmul_peak", "inference_base_s", "inference_adapter_s", "inference_merged_s", "merge_max_abs_diff",
-    "accuracy", "base_accuracy", "pretrained", "test_examples", "train_steps", "first_losses", "final_loss",
-    "checkpoint_bytes", "full_checkpoint_bytes", "adapter_switch_s", "full_model_load_s", "options", "batch_size",
-    "seq_len", "dtype", "lr", "seed", "task", "family", "tokenizer", "suite", "cell_seconds", "cell_key",
-]
+# The cell's identity first, then every record's fields (`peft_bench.measure.records`), then bookkeeping.
+IDENTITY = ["method", "workload", "device", "status", "reason", "options", "pretrained", "task", "family",
+            "batch_size", "seq_len", "lr", "seed", "train_steps", "tokenizer"]
+BOOKKEEPING = ["suite", "cell_seconds", "cell_key"]
+COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
+TEXT = {"method", "workload", "device", "status", "reason", "options", "pretrained", "task", "family", "tokenizer",
+        "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format", "static_matches_closed_form"}
 REQUIRED = {"method", "workload", "status", "cell_key"}
-BETTER = {"trainable_params": "lower", "peak_memory_bytes": "lower", "step_time_s": "lower",
-          "inference_adapter_s": "lower", "checkpoint_bytes": "lower", "accuracy": "higher",
-          "samples_per_s": "higher", "adapter_switch_s": "lower"}
+BETTER = records.better()
 
 
 # -- the CSV ------------------------------------------------------------------------------------------------
@@ -92,7 +87,7 @@ def environment(opts, peak: float, argv: list[str] | None) -> dict:
     env = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "peft-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "suite": opts.suite, "seed": opts.seed, "device": opts.device,
+        "suite": opts.suite, "seed": opts.seed, "device": opts.device, "dtype": getattr(opts, "dtype", "float32"),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "platform": platform.platform(), "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -132,10 +127,8 @@ def load_frame(out: Path):
     if not rows:
         raise UserError(f"{out}/metrics.csv has no rows to report")
     df = pd.DataFrame(rows)
-    for c in COLUMNS:
-        if c in df and c not in ("method", "workload", "device", "status", "reason", "memory_source", "options",
-                                 "dtype", "task", "family", "tokenizer", "suite", "cell_key", "first_losses",
-                                 "pretrained", "static_matches_closed_form"):
+    for c in df.columns:
+        if c not in TEXT:
             df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
 
@@ -152,11 +145,54 @@ def build(out: Path) -> None:
 
 
 def _mib(x: float) -> str:
-    return "" if x != x else f"{x / 2**20:,.0f}"
+    return "" if x != x else f"{x / 2**20:,.1f}" if abs(x) < 10 * 2**20 else f"{x / 2**20:,.0f}"
 
 
-def _num(x: float, fmt: str) -> str:
-    return "" if x != x else format(x, fmt)
+def _ms(x: float) -> str:
+    return "" if x != x else f"{x * 1e3:.3g}"
+
+
+def _size(x: float) -> str:
+    if x != x:
+        return ""
+    return f"{x / 2**20:,.1f} MiB" if x >= 2**20 else f"{x / 2**10:,.1f} KiB"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub-flavoured markdown table: header, separator and every row have the same number of cells."""
+    clean = [[str(c).replace("|", "/").replace("\n", " ") for c in row] for row in rows]
+    if any(len(r) != len(header) for r in clean):
+        raise ValueError("a table row does not have one cell per column")
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in clean]
+
+
+MAIN = ["method", "trainable", "% of total", "tensor peak MiB", "weights / grads / optim / activations / temps MiB",
+        "process peak MiB (overhead)", "step s [IQR]", "fwd / bwd / opt s", "vs full", "samples/s",
+        "GFLOP/step counted / formula", "% matmul peak", "infer base / unmerged / merged ms", "accuracy (base)",
+        "status"]
+CKPT = ["method", "checkpoint", "holds", "trainable tensors", "restore cold / warm ms",
+        "whole-model load cold / warm ms", "round trip max abs diff"]
+
+
+def _main_row(r, full_t: float) -> list[str]:
+    if r.status != "ok":
+        return [r.method] + [""] * (len(MAIN) - 2) + [f"{r.status}: {r.reason}"]
+    parts = " / ".join(_mib(r[c]) for c in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
+                                            "temporaries_bytes"))
+    return [r.method, f"{int(r.trainable_params):,}", f"{r.trainable_pct:.3g}", _mib(r.tensor_peak_bytes), parts,
+            f"{_mib(r.process_peak_bytes)} ({_mib(r.runtime_overhead_bytes)})",
+            f"{r.step_time_s:.3g} [{r.step_time_iqr_s:.2g}]",
+            f"{r.forward_s:.3g} / {r.backward_s:.3g} / {r.optimizer_s:.3g}",
+            "" if full_t != full_t else f"{r.step_time_s / full_t:.2f}×", f"{r.samples_per_s:.3g}",
+            f"{r.step_flops / 1e9:.3g} / {r.step_flops_analytic / 1e9:.3g}", f"{r.pct_of_matmul_peak:.1f}",
+            f"{_ms(r.inference_base_s)} / {_ms(r.inference_adapter_s)} / {_ms(r.inference_merged_s)}",
+            f"{r.accuracy:.3f} ({r.base_accuracy:.3f})", "ok"]
+
+
+def _ckpt_row(r) -> list[str]:
+    return [r.method, _size(r.checkpoint_bytes), r.checkpoint_format, _size(r.trainable_state_bytes),
+            f"{_ms(r.adapter_switch_cold_s)} / {_ms(r.adapter_switch_warm_s)}",
+            f"{_ms(r.full_model_load_cold_s)} / {_ms(r.full_model_load_warm_s)}", f"{r.roundtrip_max_abs_diff:.2g}"]
 
 
 def summary(df, env: dict) -> str:
@@ -168,14 +204,14 @@ def summary(df, env: dict) -> str:
                   + (f", GPU {env['gpu']}" if env.get("gpu") else "")
                   + f"; torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}; "
                   f"commit {str(env.get('git_commit', ''))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
-                  f"seed {env.get('seed')}. Measured matmul peak: "
-                  f"{(env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9:.0f} GFLOP/s (fp32).", ""]
-    lines += ["Step time is the median of the timed steps (IQR in brackets), split into forward / backward / "
-              "optimizer. Peak memory is the peak RSS of a fresh process per cell above its baseline before the "
-              "model was built (CPU), or the CUDA peak allocated; its static parts (weights, gradients, AdamW "
-              "state) are read from the tensors and checked against their closed form. Accuracy is on the held-out "
-              "split after the fixed step budget, with the base model's accuracy before training beside it; a "
-              "base that is not pretrained has random weights, so its accuracy says little.", ""]
+                  f"seed {env.get('seed')}; dtype {env.get('dtype', 'float32')}. Measured matmul peak: "
+                  f"{(env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9:.0f} GFLOP/s "
+                  f"({env.get('dtype', 'float32')}).", ""]
+    lines += ["Every cell runs in a fresh process and checks itself before its numbers count: the trainable count "
+              "equals its closed form; after training the disabled adapter reproduces the base model, merged equals "
+              "unmerged and unmerge restores (within the tolerance in `check_tolerance`); the checkpoint restored "
+              "onto a freshly built base gives the trained model's output. Definitions of every column: "
+              "`peft-bench list --metrics`; the ones used below are footnoted at the end.", ""]
     for wl, g in df.groupby("workload", sort=False):
         ok = g[g.status == "ok"]
         first = ok.iloc[0] if len(ok) else g.iloc[0]
@@ -184,28 +220,19 @@ def summary(df, env: dict) -> str:
                   f"{'pretrained' if pre else 'random-weight (pretrained=false)'} base; batch {_int(first, 'batch_size')}"
                   + (f" × {_int(first, 'seq_len')} tokens" if _int(first, "seq_len") not in ("", "0") else "")
                   + f"; {_int(first, 'train_steps')} training steps; device {first.get('device')}"
-                  + f"; tokenizer: {first.get('tokenizer') or 'none'}; AdamW learning rates: "
-                  + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + ".", ""]
-        lines += ["| method | trainable | % | peak MiB | weights / grads / optim / other MiB | step s [IQR] | "
-                  "fwd / bwd / opt s | vs full | samples/s | % matmul peak | infer base / adapter / merged ms | "
-                  "checkpoint | accuracy (base) | status |",
-                  "|" + "---|" * 15]
+                  + f"; dtype {first.get('dtype', '')}; tokenizer: {first.get('tokenizer') or 'none'}; AdamW learning "
+                  "rates: " + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + ".", ""]
         full = ok[ok.method == "full"].step_time_s
         full_t = float(full.iloc[0]) if len(full) else float("nan")
-        for _, r in g.iterrows():
-            if r.status != "ok":
-                lines.append(f"| {r.method} |" + " |" * 13 + f" {r.status}: {r.reason} |")
-                continue
-            lines.append(
-                f"| {r.method} | {int(r.trainable_params):,} | {r.trainable_pct:.3g} | {_mib(r.peak_memory_bytes)} | "
-                f"{_mib(r.weights_bytes)} / {_mib(r.gradients_bytes)} / {_mib(r.optimizer_bytes)} / "
-                f"{_mib(r.activations_other_bytes)} | {r.step_time_s:.4g} [{r.step_time_iqr_s:.2g}] | "
-                f"{r.forward_s:.3g} / {r.backward_s:.3g} / {r.optimizer_s:.3g} | {r.step_time_s / full_t:.2f}× | "
-                f"{r.samples_per_s:.3g} | {r.pct_of_matmul_peak:.1f} | {_num(r.inference_base_s * 1e3, '.3g')} / "
-                f"{_num(r.inference_adapter_s * 1e3, '.3g')} / {_num(r.inference_merged_s * 1e3, '.3g')} | "
-                f"{_mib_or_kib(r.checkpoint_bytes)} | {r.accuracy:.3f} ({r.base_accuracy:.3f}) | ok |")
-        lines += ["", "Adapter switch vs whole-model load (s): " + ", ".join(
-            f"{r.method} {r.adapter_switch_s:.3g} vs {r.full_model_load_s:.3g}" for _, r in ok.iterrows()), ""]
+        lines += table(MAIN, [_main_row(r, full_t) for _, r in g.iterrows()]) + [""]
+        if len(ok):
+            lines += table(CKPT, [_ckpt_row(r) for _, r in ok.iterrows()]) + [""]
+    defs = records.definitions()
+    lines += ["Definitions:", ""] + [f"- `{k}`: {defs[k]}" for k in (
+        "tensor_peak_bytes", "weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
+        "temporaries_bytes", "process_peak_bytes", "runtime_overhead_bytes", "step_time_s", "step_flops",
+        "step_flops_analytic", "pct_of_matmul_peak", "inference_base_s", "checkpoint_bytes", "adapter_switch_cold_s",
+        "full_model_load_cold_s", "check_tolerance")] + [""]
     lines += ["Plots: `trainable_params.png`, `peak_memory.png`, `step_time.png`, `accuracy_vs_memory.png`.", ""]
     return "\n".join(lines)
 
@@ -213,7 +240,3 @@ def summary(df, env: dict) -> str:
 def _int(row, key: str) -> str:
     v = row.get(key)
     return "" if v is None or v != v else str(int(float(v)))
-
-
-def _mib_or_kib(x: float) -> str:
-    return f"{x / 2**20:,.1f} MiB" if x >= 2**20 else f"{x / 2**10:,.1f} KiB"

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..measure import timing
 from ..methods import get_method, method_class
 from ..workloads import get_workload
-from . import measure as M
 from . import report
 from .cell import CellSpec
 from .suites import budget, get_suite, learning_rate
@@ -43,6 +43,7 @@ class RunOptions:
     batch_size: int | None = None
     max_length: int | None = None
     train_steps: int | None = None
+    dtype: str = "float32"
     model: str | None = None
     dataset: str | None = None
     trust_remote_code: bool = False
@@ -82,9 +83,9 @@ def plan(opts: RunOptions) -> list[CellSpec]:
             cells.append(CellSpec(
                 method=m, workload=w or "", device=opts.device, seed=opts.seed,
                 method_options=_options_for(m, opts.method_options or {}), batch_size=opts.batch_size,
-                max_length=opts.max_length, lr=learning_rate(m, family), warmup_steps=min(b.warmup_steps, steps - 1),
-                timed_steps=max(1, min(b.timed_steps, steps - b.warmup_steps)), train_steps=steps,
-                infer_repeats=b.infer_repeats, model=opts.model, dataset=opts.dataset,
+                max_length=opts.max_length, dtype=opts.dtype, lr=learning_rate(m, family),
+                warmup_steps=min(b.warmup_steps, steps - 1), timed_steps=max(1, min(b.timed_steps, steps - b.warmup_steps)),
+                train_steps=steps, latency_seconds=b.latency_seconds, model=opts.model, dataset=opts.dataset,
                 trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
     for c in cells:  # options are validated here, before the first cell runs
         get_method(c.method, **c.method_options)
@@ -107,7 +108,7 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
     cells = plan(opts)
     validate_targets(cells, opts)
     out = prepare_out_dir(out)
-    peak = M.matmul_peak_flops(opts.device)
+    peak = timing.matmul_peak_flops(opts.device, opts.dtype)
     cells = [dataclasses.replace(c, matmul_peak_flops=peak) for c in cells]
     env = report.environment(opts, peak, argv)
     report.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")

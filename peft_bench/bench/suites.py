@@ -17,9 +17,9 @@ from ..registry import Registry
 @dataclass(frozen=True)
 class Budget:
     train_steps: int
-    warmup_steps: int = 2
+    warmup_steps: int = 2  # steps before the first timed one (the two instrumented steps count here)
     timed_steps: int = 5
-    infer_repeats: int = 5
+    latency_seconds: float = 0.5  # min_run_time of each inference latency (base, unmerged, merged)
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,14 @@ def learning_rate(method: str, family: str) -> float:
 SUITES: Registry[Suite] = Registry("suite")
 for _suite in (
     Suite("smoke", ("mlp-mnist-tiny", "minilm-sentiment-tiny", "gpt-neo-tiny", "t5-tiny"),
-                   {"*": Budget(train_steps=8, warmup_steps=2, timed_steps=4, infer_repeats=3)}),
+                   {"*": Budget(train_steps=8, warmup_steps=3, timed_steps=5, latency_seconds=0.2)}),
     Suite("default", ("mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                      {"mlp-mnist": Budget(train_steps=400, warmup_steps=5, timed_steps=50),  # one epoch, batch 10
                       "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
-                      "gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, infer_repeats=3),
-                      "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, infer_repeats=3)}),
+                      "gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, latency_seconds=2),
+                      "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, latency_seconds=2)}),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
-          {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, infer_repeats=20)}),
+          {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, latency_seconds=2)}),
 ):
     SUITES.add(_suite.name, _suite)
 

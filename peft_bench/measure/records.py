@@ -99,7 +99,8 @@ class ChecksRecord:
     disabled_max_abs_diff: float = metric("after training: max |disabled-adapter output − base output|")
     merge_max_abs_diff: float = metric("after training: max |merged − unmerged output| (allowed 16 × tolerance: "
                                        "W+ΔW is rounded once)")
-    unmerge_max_abs_diff: float = metric("after training: max |output after merge+unmerge − output before|")
+    unmerge_max_abs_diff: float = metric("after training, merge then unmerge: max of |output − output before| and "
+                                         "|disabled output − base output| (the base weights themselves restored)")
     roundtrip_max_abs_diff: float = metric("max |output of a fresh base with the saved checkpoint loaded − output of "
                                            "the trained model|")
 

@@ -55,7 +55,8 @@ class LoRAOptions(MethodOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.r > 0, f"r must be a positive integer (the LoRA rank), got {self.r}")
-        require(self.alpha > 0, f"alpha must be > 0 (the update is scaled by alpha / r), got {self.alpha}")
+        require(math.isfinite(self.alpha) and self.alpha > 0,
+                f"alpha must be a finite number > 0 (the update is scaled by alpha / r), got {self.alpha}")
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         require(self.init in ("kaiming", "gaussian"), f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if isinstance(self.targets, str):

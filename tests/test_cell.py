@@ -1,0 +1,140 @@
+"""The cell's probes: each record checked against something independent, and every check able to fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_bench import get_method
+from peft_bench.bench import cell
+from peft_bench.bench.cell import CellError, CellSpec, checks_probe, run_cell, tolerance
+from peft_bench.methods.lora import LoRA
+
+from .conftest import tiny_batch, tiny_model
+from .test_methods import randomise_adapter
+
+FAST = dict(train_steps=3, warmup_steps=1, timed_steps=2, latency_seconds=0.02)
+
+
+@pytest.fixture(scope="module")
+def neo_rows() -> dict[str, dict]:
+    return {m: run_cell(CellSpec(m, "gpt-neo-tiny", **FAST)) for m in ("full", "lora", "hf-lora", "p-tuning")}
+
+
+def test_memory_parts_are_non_negative_and_sum_to_the_tensor_peak(neo_rows):
+    parts = ["weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes"]
+    for method, row in neo_rows.items():
+        assert all(row[p] >= 0 for p in parts), method
+        assert sum(row[p] for p in parts) == row["tensor_peak_bytes"], method
+        assert row["static_matches_closed_form"] is True, method
+        assert row["process_peak_bytes"] > 0 and row["process_baseline_bytes"] > 0
+
+
+def test_full_fine_tuning_keeps_more_activations_than_lora(neo_rows):
+    assert neo_rows["full"]["saved_activations_max_bytes"] >= neo_rows["lora"]["saved_activations_max_bytes"]
+
+
+def test_counted_flops_agree_with_the_formula(neo_rows):
+    """Exact for full fine-tuning (every matmul is an nn.Linear or attention); within 5 % otherwise (the formula
+    charges every layer's attention a full backward, layer 0's frozen query path has none)."""
+    assert neo_rows["full"]["step_flops"] == neo_rows["full"]["step_flops_analytic"]
+    for method, row in neo_rows.items():
+        assert row["flops_counted_vs_analytic"] == pytest.approx(1.0, abs=0.05), method
+    assert neo_rows["lora"]["step_flops"] < neo_rows["full"]["step_flops"]  # no weight gradients of the base
+
+
+def test_every_method_reports_base_and_trained_latency_and_merged_only_when_it_can(neo_rows):
+    for method, row in neo_rows.items():
+        assert row["inference_base_s"] > 0 and row["inference_adapter_s"] > 0
+        assert (row["inference_merged_s"] == row["inference_merged_s"]) == (method in ("lora", "hf-lora"))
+        assert row["full_model_load_cold_s"] > 0 and row["adapter_switch_cold_s"] > 0
+        assert row["roundtrip_max_abs_diff"] <= row["check_tolerance"]
+
+
+def test_p_tuning_checkpoint_is_the_exported_prompt_and_says_so(neo_rows):
+    row = neo_rows["p-tuning"]
+    assert row["checkpoint_bytes"] < row["trainable_state_bytes"]
+    assert "exported prompt embeddings" in row["checkpoint_format"]
+
+
+def test_a_non_finite_loss_is_an_error_never_ok():
+    with pytest.raises(CellError, match="training loss is not finite"):
+        run_cell(CellSpec("lora", "gpt-neo-tiny", inject_fault="nan", **FAST))
+
+
+def test_too_few_steps_is_an_error():
+    with pytest.raises(CellError, match="leaves no timed step"):
+        run_cell(CellSpec("lora", "mlp-mnist-tiny", train_steps=2, warmup_steps=1, timed_steps=1))
+
+
+def test_bfloat16_cell_keeps_float32_adapters_like_peft():
+    rows = {m: run_cell(CellSpec(m, "gpt-neo-tiny", dtype="bfloat16", **FAST)) for m in ("lora", "hf-lora")}
+    for method, row in rows.items():
+        assert row["dtype"] == "bfloat16+float32", method
+        assert row["static_matches_closed_form"] is True, method
+        assert row["check_tolerance"] >= 64 * 2**-7  # bfloat16's epsilon is 2^-7: a looser check, stated
+    assert rows["lora"]["trainable_params"] == rows["hf-lora"]["trainable_params"]
+
+
+# -- the checks can fail, and do not fail on correct methods ------------------------------------------------
+def trained_neo(method: str):
+    m = get_method(method)
+    model = m.apply(tiny_model("gpt-neo"))
+    randomise_adapter(m, model)
+    return m, model
+
+
+def base_output(batch) -> torch.Tensor:
+    with torch.no_grad():
+        return tiny_model("gpt-neo")(**batch).logits
+
+
+def test_the_disabled_check_never_fails_on_a_correct_method_in_many_repeats():
+    batch = tiny_batch("gpt-neo", batch=4, length=32)
+    base = base_output(batch)
+    for method in ("hf-lora", "lora"):
+        m, model = trained_neo(method)
+        for _ in range(30):
+            record = checks_probe(m, model, batch, base)
+            assert record.disabled_max_abs_diff <= record.check_tolerance
+
+
+def test_a_disable_that_does_not_disable_is_caught(monkeypatch):
+    import contextlib
+
+    monkeypatch.setattr(LoRA, "_disabled", lambda self, model: contextlib.nullcontext())
+    batch = tiny_batch("gpt-neo")
+    m, model = trained_neo("lora")
+    with pytest.raises(CellError, match="disabled adapter does not reproduce the base model"):
+        checks_probe(m, model, batch, base_output(batch))
+
+
+def test_an_unmerge_that_does_not_restore_is_caught(monkeypatch):
+    monkeypatch.setattr(LoRA, "_unmerge", lambda self, model: None)
+    batch = tiny_batch("gpt-neo")
+    m, model = trained_neo("lora")
+    with pytest.raises(CellError, match="unmerge does not restore"):
+        checks_probe(m, model, batch, base_output(batch))
+
+
+def test_a_checkpoint_that_does_not_restore_is_caught(monkeypatch):
+    from peft_bench.methods import lora
+
+    real = lora.import_peft_lora
+    monkeypatch.setattr(lora, "import_peft_lora", lambda method, directory: None)  # loads nothing
+    with pytest.raises(CellError, match="checkpoint does not round-trip"):
+        run_cell(CellSpec("lora", "gpt-neo-tiny", lr=0.05, **FAST))
+    monkeypatch.setattr(lora, "import_peft_lora", real)
+
+
+def test_tolerance_is_derived_from_the_dtype_and_the_logits_scale():
+    x = torch.tensor([0.5, -20.0])
+    assert tolerance(torch.float32, x) == 64 * torch.finfo(torch.float32).eps * 20.0
+    assert tolerance(torch.bfloat16, torch.tensor([0.1])) == 64 * 2**-7
+
+
+def test_cell_module_names_no_method():
+    """Capabilities, not names: the engine never asks `method.name == ...`."""
+    import inspect
+
+    assert "name ==" not in inspect.getsource(cell)
