@@ -11,7 +11,7 @@ from peft_bench import get_method, list_methods
 from peft_bench.measure import files
 
 from .conftest import FAMILIES, tiny_batch, tiny_model
-from .test_methods import PROMPT, randomise_adapter, supported
+from .test_methods import randomise_adapter, supported
 
 CELLS = [(m, f) for m in list_methods() for f in FAMILIES if supported(m, f)]
 

@@ -62,14 +62,14 @@ def peak_memory(groups, path: Path) -> None:
             ax.barh(g.method, vals, left=left, label=label)
             left = [a + b for a, b in zip(left, vals)]
         ax.scatter(g.process_peak_bytes / 2**20, range(len(g)), marker="|", color="k", s=120,
-                   label="process peak (RSS / reserved)", zorder=3)
+                   label="process peak", zorder=3)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel("MiB at the tensor-level peak of a training step")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(labels))
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     fig.suptitle("Peak training memory by component")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.14 if len(groups) <= 2 else 0.07, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 

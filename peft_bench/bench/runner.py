@@ -22,7 +22,7 @@ from ..measure import timing
 from ..methods import get_method, method_class
 from ..workloads import get_workload
 from . import report
-from .cell import CellSpec
+from .cell import INSTRUMENTED_STEPS, CellSpec
 from .suites import budget, get_suite, learning_rate
 
 FAILED = ("error", "oom", "timeout")
@@ -74,6 +74,9 @@ def plan(opts: RunOptions) -> list[CellSpec]:
 
         resolve(None, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
                 allow_pickle=opts.allow_pickle)
+    if opts.train_steps is not None and opts.train_steps < INSTRUMENTED_STEPS + 1:
+        raise UserError(f"--steps must be at least {INSTRUMENTED_STEPS + 1}: steps 0 and 1 are instrumented (FLOP "
+                        f"count, tensor-memory tracker) and timing starts at step 2, got {opts.train_steps}")
     cells = []
     for w in workloads:
         b = budget(suite, w or "*")
