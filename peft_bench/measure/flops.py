@@ -47,15 +47,17 @@ def count_flops(step: Callable[[], object]) -> int:
 
 @dataclass(frozen=True)
 class Attention:
-    """One attention call per layer: queries of length tq attend over tk keys, width = heads × head_dim."""
+    """One attention call per layer: queries of length tq attend over tk keys, width = heads × head_dim.
+    Forward QKᵀ and AV: 4·B·tq·tk·width; backward twice that, when anything before it trains."""
 
     layers: int
     tq: int
     tk: int
     width: int
+    backward: bool = True
 
     def flops(self, batch: int) -> int:
-        return 3 * 4 * batch * self.tq * self.tk * self.width * self.layers
+        return (3 if self.backward else 1) * 4 * batch * self.tq * self.tk * self.width * self.layers
 
 
 class LinearFlops:
@@ -98,17 +100,23 @@ def _weight_trains(module: nn.Linear) -> bool:
     return module.weight.requires_grad
 
 
-def attention_calls(config, batch: dict, extra_input_tokens: int, extra_key_tokens: int) -> list[Attention]:
-    """The attention calls of one forward pass, from the model config and the padded batch."""
+def attention_calls(config, batch: dict, extra_input_tokens: int, extra_key_tokens: int,
+                    encoder_trains: bool = True) -> list[Attention]:
+    """The attention calls of one forward pass, from the model config and the padded batch.
+
+    Encoder-decoders: virtual input tokens (P-tuning) lengthen the encoder's input; a prefix reaches the decoder's
+    self-attention only (peft hands T5 its prefix as the decoder's past key/values and empties the cross-attention
+    cache; the encoder takes no past); the encoder's attention has a backward pass only when the encoder trains or
+    its input does."""
     t = batch["input_ids"].shape[1]
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
     head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
     width = heads * head_dim if head_dim else config.hidden_size
     if getattr(config, "is_encoder_decoder", False):
         te, td = t + extra_input_tokens, batch["labels"].shape[1]
-        return [Attention(config.num_layers, te, te + extra_key_tokens, width),
+        return [Attention(config.num_layers, te, te, width, encoder_trains or extra_input_tokens > 0),
                 Attention(config.num_decoder_layers, td, td + extra_key_tokens, width),
-                Attention(config.num_decoder_layers, td, te + extra_key_tokens, width)]
+                Attention(config.num_decoder_layers, td, te, width)]
     layers = getattr(config, "num_hidden_layers", None) or config.num_layers
     tq = t + extra_input_tokens
     return [Attention(layers, tq, tq + extra_key_tokens, width)]
@@ -125,4 +133,12 @@ def analytic_flops(model: nn.Module, step: Callable[[], object], config, batch: 
     if config is None:  # an MLP: linears only
         return lin.flops
     b = batch["input_ids"].shape[0]
-    return lin.flops + sum(a.flops(b) for a in attention_calls(config, batch, extra_input_tokens, extra_key_tokens))
+    calls = attention_calls(config, batch, extra_input_tokens, extra_key_tokens, _encoder_trains(model))
+    return lin.flops + sum(a.flops(b) for a in calls)
+
+
+def _encoder_trains(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = base.get_encoder() if hasattr(base, "get_encoder") and getattr(base.config, "is_encoder_decoder",
+                                                                              False) else None
+    return encoder is None or any(p.requires_grad for p in encoder.parameters())

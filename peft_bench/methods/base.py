@@ -5,7 +5,7 @@ A method is built from a validated options dataclass and bound to one model by `
     method = get_method("lora", r=8)
     model = method.apply(model)          # injects adapters, freezes the rest
     method.trainable_parameters(model)   # exactly what the method made trainable
-    with method.disabled(model): ...     # the base model, bit for bit
+    with method.disabled(model): ...     # the base model (adapters bypassed)
     method.merge(model); method.unmerge(model)
     method.save(model, "ckpt/")             # what restores it; peft's format where peft has the method
     method2.restore(fresh_base, "ckpt/")     # a fresh base with the trained adapter

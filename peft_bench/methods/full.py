@@ -39,7 +39,7 @@ def load_parameters(model: nn.Module, path: Path) -> None:
 class FullFineTuning(Method):
     name = "full"
     trains_everything = True
-    checkpoint_format = "whole model (safetensors)"
+    checkpoint_format = "whole model: every parameter (safetensors)"
 
     def _inject(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(True)

@@ -138,8 +138,8 @@ class _PromptMethod(Method):
     def unsupported_reason(cls, family: str) -> str | None:
         return PROMPT_REASON.format(cls.name) if family == "mlp" else None
 
-    checkpoint_format = ("exported prompt embeddings (the encoder's output) in peft format: adapter_config.json + "
-                         "adapter_model.safetensors; a trained head copy, if any, in heads.safetensors")
+    # peft's adapter_config.json + adapter_model.safetensors; a trained head copy, if any, in heads.safetensors
+    checkpoint_format = "peft prompt adapter: exported prompt embeddings (the encoder's output)"
 
     def save(self, model: nn.Module, directory) -> int:
         """peft's format, which holds the prompt encoder's *output* (n virtual token embeddings, or the n prefix

@@ -41,7 +41,7 @@ from .base import (
     set_trainable,
 )
 
-PEFT_LORA_FORMAT = "LoRA A/B (+ trained head) in peft format: adapter_config.json + adapter_model.safetensors"
+PEFT_LORA_FORMAT = "peft LoRA adapter: A, B (+ trained head)"
 
 
 @dataclass(frozen=True)
