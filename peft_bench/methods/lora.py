@@ -139,53 +139,30 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-@register
-class LoRA(Method):
-    name = "lora"
+class HandLoRA(Method):
+    """What both hand-written LoRAs share: `self.adapters` maps each targeted module path to a module holding
+    `lora_A`, `lora_B` and an `enabled` switch; disabling, the A/B pairs and peft-format checkpoints follow."""
+
     Options = LoRAOptions
     can_merge = True
     checkpoint_format = PEFT_LORA_FORMAT
-
-    def _inject(self, model: nn.Module) -> nn.Module:
-        self.targets = resolve_targets(model, self.options.targets, self.arch)
-        self.layers: dict[str, LoRALinear] = {}
-        for name in self.targets:
-            layer = LoRALinear(model.get_submodule(name), self.options)
-            _set_submodule(model, name, layer)
-            self.layers[name] = layer
-        self.heads = copy_heads(model, self.arch.head_modules)
-        own = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-        set_trainable(model, own + [p for h in self.heads for p in h.trained.parameters()])
-        return model
-
-    def closed_form_trainable(self, model: nn.Module) -> int:
-        """r·(d_in + d_out) per targeted Linear, plus the classifier head when there is one."""
-        r = self.options.r
-        lora = sum(r * (m.base.in_features + m.base.out_features) for m in self.layers.values())
-        return lora + head_param_count(self.heads)
-
-    def _merge(self, model: nn.Module) -> None:
-        for layer in self.layers.values():
-            layer.merge()
-
-    def _unmerge(self, model: nn.Module) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
+    adapters: dict[str, nn.Module]
+    heads: list
 
     @contextlib.contextmanager
     def _disabled(self, model: nn.Module) -> Iterator[None]:
-        for layer in self.layers.values():
-            layer.enabled = False
+        for adapter in self.adapters.values():
+            adapter.enabled = False
         try:
             with heads_disabled(self.heads):
                 yield
         finally:
-            for layer in self.layers.values():
-                layer.enabled = True
+            for adapter in self.adapters.values():
+                adapter.enabled = True
 
     def pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """{targeted module path: (A, B)}."""
-        return {name: (layer.lora_A, layer.lora_B) for name, layer in self.layers.items()}
+        return {name: (a.lora_A, a.lora_B) for name, a in self.adapters.items()}
 
     def save(self, model: nn.Module, directory) -> int:
         return export_peft_lora(self, directory)
@@ -194,6 +171,37 @@ class LoRA(Method):
         model = self.apply(base)
         import_peft_lora(self, directory)
         return model
+
+
+@register
+class LoRA(HandLoRA):
+    name = "lora"
+
+    def _inject(self, model: nn.Module) -> nn.Module:
+        self.targets = resolve_targets(model, self.options.targets, self.arch)
+        self.adapters: dict[str, LoRALinear] = {}
+        for name in self.targets:
+            layer = LoRALinear(model.get_submodule(name), self.options)
+            _set_submodule(model, name, layer)
+            self.adapters[name] = layer
+        self.heads = copy_heads(model, self.arch.head_modules)
+        own = [p for layer in self.adapters.values() for p in (layer.lora_A, layer.lora_B)]
+        set_trainable(model, own + [p for h in self.heads for p in h.trained.parameters()])
+        return model
+
+    def closed_form_trainable(self, model: nn.Module) -> int:
+        """r·(d_in + d_out) per targeted Linear, plus the classifier head when there is one."""
+        r = self.options.r
+        lora = sum(r * (m.base.in_features + m.base.out_features) for m in self.adapters.values())
+        return lora + head_param_count(self.heads)
+
+    def _merge(self, model: nn.Module) -> None:
+        for layer in self.adapters.values():
+            layer.merge()
+
+    def _unmerge(self, model: nn.Module) -> None:
+        for layer in self.adapters.values():
+            layer.unmerge()
 
 
 # -- peft's checkpoint format, shared by both hand-written LoRAs ------------------------------------------

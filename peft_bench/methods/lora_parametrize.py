@@ -12,16 +12,13 @@ and registers the same parametrization again, so A and B are kept.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from . import register
-from .base import Method, copy_heads, head_param_count, heads_disabled, resolve_targets, set_trainable
-from .lora import PEFT_LORA_FORMAT, LoRAOptions, adapter_dtype, export_peft_lora, import_peft_lora, init_lora_A
+from .base import copy_heads, head_param_count, resolve_targets, set_trainable
+from .lora import HandLoRA, LoRAOptions, adapter_dtype, init_lora_A
 
 
 class LoRAParametrization(nn.Module):
@@ -51,31 +48,28 @@ class LoRAParametrization(nn.Module):
 
 
 @register
-class LoRAParametrize(Method):
+class LoRAParametrize(HandLoRA):
     """Dropout, if asked for, drops elements of B (a weight-space dropout): the parametrization sees W, never x,
     so it cannot drop the adapter's input as `lora` and `hf-lora` do. With dropout 0 the three are equivalent."""
 
     name = "lora-parametrize"
-    Options = LoRAOptions
-    can_merge = True
-    checkpoint_format = PEFT_LORA_FORMAT
 
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)
-        self.params: dict[str, LoRAParametrization] = {}
+        self.adapters: dict[str, LoRAParametrization] = {}
         for name in self.targets:
             layer = model.get_submodule(name)
             p = LoRAParametrization(layer.in_features, layer.out_features, self.options, layer.weight)
             parametrize.register_parametrization(layer, "weight", p)
-            self.params[name] = p
+            self.adapters[name] = p
         self.heads = copy_heads(model, self.arch.head_modules)
-        own = [t for p in self.params.values() for t in (p.lora_A, p.lora_B)]
+        own = [t for p in self.adapters.values() for t in (p.lora_A, p.lora_B)]
         set_trainable(model, own + [t for h in self.heads for t in h.trained.parameters()])
         return model
 
     def closed_form_trainable(self, model: nn.Module) -> int:
         r = self.options.r
-        return sum(r * (p.lora_A.shape[1] + p.lora_B.shape[0]) for p in self.params.values()) + head_param_count(
+        return sum(r * (p.lora_A.shape[1] + p.lora_B.shape[0]) for p in self.adapters.values()) + head_param_count(
             self.heads
         )
 
@@ -86,30 +80,8 @@ class LoRAParametrize(Method):
 
     @torch.no_grad()
     def _unmerge(self, model: nn.Module) -> None:
-        for name, p in self.params.items():
+        for name, p in self.adapters.items():
             layer = model.get_submodule(name)
             layer.weight -= p.delta_weight().to(layer.weight.dtype)
             parametrize.register_parametrization(layer, "weight", p)
             layer.parametrizations.weight.original.requires_grad_(False)
-
-    @contextlib.contextmanager
-    def _disabled(self, model: nn.Module) -> Iterator[None]:
-        for p in self.params.values():
-            p.enabled = False
-        try:
-            with heads_disabled(self.heads):
-                yield
-        finally:
-            for p in self.params.values():
-                p.enabled = True
-
-    def pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
-        return {name: (p.lora_A, p.lora_B) for name, p in self.params.items()}
-
-    def save(self, model: nn.Module, directory) -> int:
-        return export_peft_lora(self, directory)
-
-    def restore(self, base: nn.Module, directory) -> nn.Module:
-        model = self.apply(base)
-        import_peft_lora(self, directory)
-        return model
