@@ -146,3 +146,28 @@ def test_encoder_decoder_flops_agree_with_the_formula(method):
     formula that assumed otherwise was 10 % above the counted FLOPs for prefix tuning."""
     row = run_cell(CellSpec(method, "t5-tiny", **FAST))
     assert row["flops_counted_vs_analytic"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_bfloat16_hub_checkpoint_runs_in_the_requested_dtype_and_says_so(tmp_path):
+    """transformers 5 loads a checkpoint in its own dtype; the cell casts to --dtype and records what it measured."""
+    from peft_bench import models
+    from peft_bench.workloads import get_workload
+
+    models.gpt_neo("tiny").to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    get_workload("gpt-neo-tiny").load_tokenizer().save_pretrained(tmp_path / "model")
+    rows = [f'"review number {i} was {"great" if i % 2 else "awful"}",{i % 2}' for i in range(40)]
+    (tmp_path / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    spec = dict(workload="", model=str(tmp_path / "model"), dataset=str(tmp_path / "reviews.csv"), batch_size=4,
+                max_length=24, **FAST)
+    for method in ("lora", "hf-lora"):
+        row = run_cell(CellSpec(method, **spec))
+        assert row["dtype"] == "float32" and row["static_matches_closed_form"] is True, method
+
+
+def test_list_metrics_defines_every_column(capsys):
+    from peft_bench.cli import main
+    from peft_bench.measure import records
+
+    assert main(["list", "--metrics"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == len(records.columns()) and all(": " in line for line in printed)

@@ -65,7 +65,7 @@ def peak_memory(groups, path: Path) -> None:
                    label="process peak", zorder=3)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
-        ax.set_xlabel("MiB at the tensor-level peak of a training step")
+        ax.set_xlabel("MiB at the tensor peak of a step")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     fig.suptitle("Peak training memory by component")
@@ -88,7 +88,7 @@ def step_time(groups, path: Path) -> None:
         ax.axvline(1.0, color="grey", ls="--", lw=0.8)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
-        ax.set_xlabel("step time / full fine-tuning (median, IQR bar)")
+        ax.set_xlabel("step time / full FT (median, IQR bar)")
     axes[0].legend(fontsize=7, loc="lower right")
     _save(fig, path, "Training step time relative to full fine-tuning")
 
