@@ -76,6 +76,14 @@ def test_bfloat16_cell_keeps_float32_adapters_like_peft():
     assert rows["lora"]["trainable_params"] == rows["hf-lora"]["trainable_params"]
 
 
+def test_bfloat16_pixels_follow_the_model_and_the_check_uses_the_coarsest_dtype():
+    """Image inputs are cast to --dtype; with float32 adapters on a bfloat16 MLP the checks' tolerance is
+    bfloat16's (the hand LoRA lists its float32 A, B first, which once made it float32's and failed the merge)."""
+    row = run_cell(CellSpec("lora", "mlp-mnist-tiny", dtype="bfloat16", **FAST))
+    assert row["dtype"] == "bfloat16+float32"
+    assert row["check_tolerance"] >= 64 * 2**-7
+
+
 # -- the checks can fail, and do not fail on correct methods ------------------------------------------------
 def trained_neo(method: str):
     m = get_method(method)

@@ -95,10 +95,10 @@ def run_cell(spec: CellSpec) -> dict:
 
     build = _builder(w, spec)
     model = build()
-    check_batch = {k: v.to(spec.device) for k, v in next(endless(data.test, form, w.batch_size, spec.seed)).items()}
+    check_batch = _on(next(endless(data.test, form, w.batch_size, spec.seed)), spec)
     base_out = _logits(model, check_batch)
     base_latency = timing.latency(_forward(model, check_batch), spec.device, spec.latency_seconds)
-    test = _to(data.test, spec.device)
+    test = _to(data.test, spec)
     base_acc = accuracy(model, test, form, w.batch_size)
     base_bytes = _state_bytes(model)
 
@@ -159,9 +159,17 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return out
 
 
-def _to(split, device: str):
-    if device != "cpu" and torch.is_tensor(split.inputs):
-        return type(split)(split.inputs.to(device), split.labels.to(device))
+def _on(batch: dict, spec: CellSpec) -> dict:
+    """A batch on the cell's device, its floating-point inputs (pixels) in the cell's dtype; token ids unchanged."""
+    return {k: v.to(spec.device, timing.DTYPES[spec.dtype] if v.is_floating_point() else None)
+            for k, v in batch.items()}
+
+
+def _to(split, spec: CellSpec):
+    """A held-out split on the cell's device and, for pixel inputs, in its dtype (text is tokenized per batch)."""
+    if torch.is_tensor(split.inputs):
+        inputs = split.inputs.to(spec.device, timing.DTYPES[spec.dtype] if split.inputs.is_floating_point() else None)
+        return type(split)(inputs, split.labels.to(spec.device))
     return split
 
 
@@ -212,7 +220,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     if spec.train_steps < INSTRUMENTED_STEPS + 1:
         raise CellError(f"train_steps {spec.train_steps} leaves no timed step ({INSTRUMENTED_STEPS} are instrumented)")
     bar = _progress(spec.train_steps, f"{spec.method} × {label}")
-    batch = {k: v.to(device) for k, v in next(stream).items()}
+    batch = _on(next(stream), spec)
     padded = batch["input_ids"].numel() if "input_ids" in batch else batch_size
     box: dict[str, int] = {}
     counted = count_flops(lambda: box.update(analytic=analytic_flops(
@@ -221,7 +229,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     analytic = box["analytic"]
     bar.update()
     with memory.track_process_peak(device) as proc:
-        batch = {k: v.to(device) for k, v in next(stream).items()}
+        batch = _on(next(stream), spec)
         opt.zero_grad(set_to_none=True)
         with memory.StepMemoryTracker(model, opt) as tracker:
             step(batch)
@@ -229,7 +237,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         bar.update()
         start = max(spec.warmup_steps, INSTRUMENTED_STEPS)
         for i in range(INSTRUMENTED_STEPS, spec.train_steps):
-            batch = {k: v.to(device) for k, v in next(stream).items()}
+            batch = _on(next(stream), spec)
             tf, tb, to = step(batch)
             if start <= i < start + spec.timed_steps:
                 for k, v in zip(parts, (tf, tb, to)):
@@ -298,7 +306,8 @@ def tolerance(dtype: torch.dtype, reference: torch.Tensor) -> float:
 
 def checks_probe(method: Method, model: nn.Module, batch: dict, base_out: torch.Tensor) -> R.ChecksRecord:
     """After training: disabled = base, merged = unmerged, unmerge restores the trained adapter."""
-    dtype = next(model.parameters()).dtype
+    # The coarsest element type in the model sets the rounding (float32 adapters on a bfloat16 base: bfloat16).
+    dtype = max({p.dtype for p in model.parameters()}, key=lambda d: torch.finfo(d).eps)
     tol = tolerance(dtype, base_out)
     disabled = merge = unmerge = float("nan")
     if not method.trains_everything:
@@ -409,7 +418,7 @@ def training_step(spec: CellSpec):
     model.train()
 
     def step() -> float:
-        batch = {k: v.to(spec.device) for k, v in next(stream).items()}
+        batch = _on(next(stream), spec)
         opt.zero_grad(set_to_none=True)
         loss = model(**model_inputs(batch)).loss
         loss.backward()

@@ -111,7 +111,7 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
     cells = plan(opts)
     validate_targets(cells, opts)
     out = prepare_out_dir(out)
-    peak = timing.matmul_peak_flops(opts.device, opts.dtype)
+    peak = matmul_peak_in_child(opts.device, opts.dtype)
     cells = [dataclasses.replace(c, matmul_peak_flops=peak) for c in cells]
     env = report.environment(opts, peak, argv)
     report.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")
@@ -149,6 +149,21 @@ def _context():
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["torch", "transformers", "peft", "peft_bench.bench.cell"])
     return _CONTEXT
+
+
+def _peak_child(device: str, dtype: str, out_path: str) -> None:
+    Path(out_path).write_text(repr(timing.matmul_peak_flops(device, dtype)))
+
+
+def matmul_peak_in_child(device: str, dtype: str) -> float:
+    """The matmul peak measured in a process forked from the same server as the cells, so that the MFU denominator
+    is measured under the cells' own conditions (threads, allocator, nothing else loaded)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "peak")
+        proc = _context().Process(target=_peak_child, args=(device, dtype, str(path)))
+        proc.start()
+        proc.join()
+        return float(path.read_text()) if path.exists() else timing.matmul_peak_flops(device, dtype)
 
 
 def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:

@@ -76,7 +76,8 @@ class FlopsRecord:
                                       "plus 4·B·H·Tq·Tk·Dh per attention × 3 (forward, two backward products)")
     flops_counted_vs_analytic: float = metric("step_flops / step_flops_analytic")
     achieved_flops_per_s: float = metric("step_flops / step_time_s")
-    matmul_peak_flops_per_s: float = metric("best measured FLOP/s of a square matmul in the run's dtype and device")
+    matmul_peak_flops_per_s: float = metric("best measured FLOP/s of square matmuls (1024–3072) in the run's dtype "
+                                            "and device, measured once per run in a process like the cells'")
     pct_of_matmul_peak: float = metric("100 × achieved / matmul peak (a model-FLOPs-utilisation against a "
                                        "measured, not nominal, peak)", "higher")
 
