@@ -253,7 +253,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     totals = [a + b + c for a, b, c in zip(parts["forward"], parts["backward"], parts["optimizer"])]
     st = timing.Stats.of(totals)
     process_peak = proc.peak_bytes - baseline
-    mem = memory_record(tracker, opt, trainable, base_bytes, params, method, process_peak, baseline, proc.source)
+    mem = memory_record(tracker, trainable, base_bytes, params, method, process_peak, baseline, proc.source)
     tim = R.TimingRecord(
         step_time_s=st.median, step_time_iqr_s=st.iqr, forward_s=timing.Stats.of(parts["forward"]).median,
         backward_s=timing.Stats.of(parts["backward"]).median, optimizer_s=timing.Stats.of(parts["optimizer"]).median,
@@ -270,7 +270,7 @@ def _first_bad(xs: list[float]) -> int:
     return next(i for i, x in enumerate(xs) if not math.isfinite(x))
 
 
-def memory_record(tracker: memory.StepMemoryTracker, opt, trainable: dict, base_bytes: int, params: R.ParamsRecord,
+def memory_record(tracker: memory.StepMemoryTracker, trainable: dict, base_bytes: int, params: R.ParamsRecord,
                   method: Method, process_peak: int, baseline: int, source: str) -> R.MemoryRecord:
     """The tracker's breakdown at the peak, and the static parts checked against the closed form.
 

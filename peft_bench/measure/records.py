@@ -43,8 +43,9 @@ class MemoryRecord:
                                               "accumulated, equal static_closed_form_bytes' parts")
     process_peak_bytes: int = metric("resident-set high-water mark (CPU) or max reserved (CUDA) over the measured "
                                      "steps, minus the process's footprint before the model was built", "lower")
-    runtime_overhead_bytes: int = metric("process_peak_bytes − tensor_peak_bytes: allocator slack, kernel "
-                                         "workspaces, thread stacks, Python objects")
+    runtime_overhead_bytes: int = metric("process_peak_bytes − tensor_peak_bytes: allocator slack and "
+                                         "fragmentation, kernel workspaces, library code and caches first touched "
+                                         "in the fresh process, thread stacks, Python objects")
     process_baseline_bytes: int = metric("process footprint (RSS or CUDA reserved) after loading data, before the "
                                          "model was built")
     memory_source: str = metric("how the process peak was read")
