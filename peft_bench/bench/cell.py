@@ -159,17 +159,19 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return out
 
 
+def _place(t: torch.Tensor, spec: CellSpec) -> torch.Tensor:
+    """On the cell's device; floating-point inputs (pixels) in the cell's dtype, token ids and labels unchanged."""
+    return t.to(spec.device, timing.DTYPES[spec.dtype] if t.is_floating_point() else None)
+
+
 def _on(batch: dict, spec: CellSpec) -> dict:
-    """A batch on the cell's device, its floating-point inputs (pixels) in the cell's dtype; token ids unchanged."""
-    return {k: v.to(spec.device, timing.DTYPES[spec.dtype] if v.is_floating_point() else None)
-            for k, v in batch.items()}
+    return {k: _place(v, spec) for k, v in batch.items()}
 
 
 def _to(split, spec: CellSpec):
-    """A held-out split on the cell's device and, for pixel inputs, in its dtype (text is tokenized per batch)."""
+    """A held-out split placed like a batch (text stays text: it is tokenized per batch)."""
     if torch.is_tensor(split.inputs):
-        inputs = split.inputs.to(spec.device, timing.DTYPES[spec.dtype] if split.inputs.is_floating_point() else None)
-        return type(split)(inputs, split.labels.to(spec.device))
+        return type(split)(_place(split.inputs, spec), _place(split.labels, spec))
     return split
 
 

@@ -120,10 +120,11 @@ def _dims(model: nn.Module) -> tuple[int, int]:
     return layers, width
 
 
-def _prefix_width(config) -> int:
+def _prefix_width(model: nn.Module) -> int:
     """Width of one layer's prefix keys (= values): the hidden size, or for grouped-query attention the key/value
     heads' width, num_key_value_heads × head_dim (as peft does, huggingface/peft#1901)."""
-    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd
+    _, width = _dims(model)
+    config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None)
     if not kv_heads:
         return width
@@ -258,7 +259,7 @@ class PrefixTuning(_PromptMethod):
         attention (Llama-3.2-3B, prefix of 50 tokens: 50·28·2·1024 = 2,867,200, as peft's method comparison)."""
         base = model.get_base_model() if hasattr(model, "peft_config") else self._encoder(model).get_base_model()
         layers, _ = _dims(base)
-        d = _prefix_width(base.config)
+        d = _prefix_width(base)
         n, h, out = self.options.num_virtual_tokens, self.hidden, 2 * layers * d
         table = n * d + (d * h + h) + (h * out + out) if self.options.prefix_projection else n * out
         return table + self._n_head
