@@ -4,7 +4,9 @@
 
 Each cell is measured in a fresh process (memory, step split, accuracy, ...) and written to
 DIR/metrics.csv exactly as `peft-bench run` does; then pytest-benchmark times the training step in-process,
-with the cell's non-time metrics in `extra_info` and the benchmark grouped by workload.
+with the cell's non-time metrics in `extra_info` and the benchmark grouped by workload. The timed step is the
+CLI's `step_time_s` step: zero_grad, forward, backward, optimizer, one synchronisation; batches are built and
+placed on the device before timing. `--benchmark-compare` / `--benchmark-autosave` work as usual.
 """
 
 from __future__ import annotations
@@ -28,13 +30,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "cell" not in metafunc.fixturenames:
+    """Parametrized by a plain string ("workload-method"), so pytest-benchmark's JSON `params` serialise."""
+    if "cell_id" not in metafunc.fixturenames:
         return
     from peft_bench.bench.runner import RunOptions, plan
 
     opts = RunOptions(suite=metafunc.config.getoption("--suite"), device=metafunc.config.getoption("--device"))
-    cells = plan(opts)
-    metafunc.parametrize("cell", cells, ids=[f"{c.workload or c.model}-{c.method}" for c in cells])
+    cells = {f"{c.workload or c.model}-{c.method}": c for c in plan(opts)}
+    metafunc.config.peft_bench_cells = cells
+    metafunc.parametrize("cell_id", list(cells), ids=list(cells))
+
+
+@pytest.fixture
+def cell(cell_id: str, request: pytest.FixtureRequest):
+    """The CellSpec behind a cell id."""
+    return request.config.peft_bench_cells[cell_id]
 
 
 class Results:

@@ -11,7 +11,7 @@ from peft_bench.bench.cell import training_step
 from peft_bench.bench.runner import _run_isolated
 
 
-def test_cell(cell, results, benchmark, request):
+def test_cell(cell_id, cell, results, benchmark, request):
     cell = dataclasses.replace(cell, matmul_peak_flops=results.peak)
     row = _run_isolated(cell, request.config.getoption("--cell-timeout"))
     row.update(cell_key=cell.key(), suite=request.config.getoption("--suite"))
@@ -28,5 +28,5 @@ def test_cell(cell, results, benchmark, request):
     benchmark.extra_info.update({k: v for k, v in row.items()
                                  if isinstance(v, (int, float, bool)) and not (isinstance(v, float) and math.isnan(v))})
     benchmark.extra_info.update(method=cell.method, workload=row["workload"], device=cell.device)
-    losses = benchmark.pedantic(step, rounds=cell.timed_steps, warmup_rounds=cell.warmup_steps, iterations=1)
-    assert math.isfinite(losses)
+    loss = benchmark.pedantic(step, rounds=cell.timed_steps, warmup_rounds=cell.warmup_steps, iterations=1)
+    assert math.isfinite(float(loss))

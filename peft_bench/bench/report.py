@@ -20,12 +20,13 @@ from ..errors import UserError
 from ..measure import records
 
 # The cell's identity first, then every record's fields (`peft_bench.measure.records`), then bookkeeping.
-IDENTITY = ["method", "workload", "device", "status", "reason", "options", "pretrained", "task", "family",
-            "batch_size", "seq_len", "lr", "seed", "train_steps", "tokenizer"]
+IDENTITY = ["method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task",
+            "family", "batch_size", "seq_len", "lr", "seed", "train_steps", "tokenizer"]
 BOOKKEEPING = ["suite", "cell_seconds", "cell_key"]
 COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
-TEXT = {"method", "workload", "device", "status", "reason", "options", "pretrained", "task", "family", "tokenizer",
-        "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format", "static_matches_closed_form"}
+TEXT = {"method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task", "family",
+        "tokenizer", "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format",
+        "static_matches_closed_form"}
 REQUIRED = {"method", "workload", "status", "cell_key"}
 BETTER = records.better()
 
@@ -53,6 +54,34 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     for r in rows:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def write_samples(path: Path, samples: list[dict]) -> None:
+    """repeats.csv: one row per cell × repeat (the timing of each fresh process)."""
+    from .repeats import SAMPLE_COLUMNS
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SAMPLE_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for s in samples:
+        w.writerow({k: ("" if v is None else v) for k, v in s.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Rows of an existing repeats.csv ([] if none); a file that is not one of ours is refused, untouched."""
+    if not path.exists():
+        return []
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = set(reader.fieldnames or [])
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise _malformed(path, str(e)) from None
+    if not {"cell_key", "repeat", "step_time_s"} <= header or any(None in r for r in rows):
+        raise _malformed(path, "not a repeats file")
+    return rows
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -130,32 +159,73 @@ def load_frame(out: Path):
     for c in df.columns:
         if c not in TEXT:
             df[c] = pd.to_numeric(df[c], errors="coerce")
+    if "replica" not in df.columns:
+        df["replica"] = 0
     return df
 
 
 def build(out: Path) -> None:
-    """Rebuild plots and summary.md from metrics.csv (and environment.json when present)."""
+    """Rebuild plots and summary.md from metrics.csv and repeats.csv (and environment.json when present)."""
     from . import plots
 
     df = load_frame(out)
-    plots.make_all(df, out)
+    samples = read_samples(out / "repeats.csv")
+    plots.make_all(cells(df), out)
     env_path = out / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    atomic_write_text(out / "summary.md", summary(df, env))
+    atomic_write_text(out / "summary.md", summary(df, env, samples))
+
+
+def cells(df):
+    """The measured cells, without the A/A replicas (those only give the noise floor)."""
+    if "replica" not in df.columns:
+        return df
+    return df[df.replica.fillna(0) == 0]
+
+
+# -- numbers as a paper prints them ---------------------------------------------------------------------------
+def sig(x: float, n: int = 3) -> str:
+    """`n` significant figures, thousands separated, never scientific notation: 0.00123, 1.23, 1,230, 12,300."""
+    import math
+
+    if x is None or x != x:
+        return ""
+    if x == 0:
+        return "0"
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    digits = n - 1 - math.floor(math.log10(abs(x)))
+    v = round(x, digits)
+    if v and math.floor(math.log10(abs(v))) > math.floor(math.log10(abs(x))):  # 9.996 → 10.0: one digit fewer
+        digits -= 1
+        v = round(x, digits)
+    return f"{v:,.{max(digits, 0)}f}"
+
+
+def ci(value: float, low: float, high: float, scale: float = 1.0, suffix: str = "") -> str:
+    """'1.23 (1.20–1.26)'; the interval omitted when there is none (one repeat)."""
+    if value != value:
+        return ""
+    text = f"{sig(value * scale)}{suffix}"
+    if low == low and high == high and (low != value or high != value):
+        text += f" ({sig(low * scale)}–{sig(high * scale)})"
+    return text
 
 
 def _mib(x: float) -> str:
-    return "" if x != x else f"{x / 2**20:,.1f}" if abs(x) < 10 * 2**20 else f"{x / 2**20:,.0f}"
+    return sig(x / 2**20) if x == x else ""
 
 
 def _ms(x: float) -> str:
-    return "" if x != x else f"{x * 1e3:.3g}"
+    return sig(x * 1e3) if x == x else ""
 
 
 def _size(x: float) -> str:
     if x != x:
         return ""
-    return f"{x / 2**20:,.1f} MiB" if x >= 2**20 else f"{x / 2**10:,.1f} KiB"
+    if x >= 2**30:
+        return f"{sig(x / 2**30)} GiB"
+    return f"{sig(x / 2**20)} MiB" if x >= 2**20 else f"{sig(x / 2**10)} KiB"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -166,27 +236,57 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in clean]
 
 
-MAIN = ["method", "trainable", "% of total", "tensor peak MiB", "weights / grads / optim / activations / temps MiB",
-        "process peak MiB (overhead)", "step s [IQR]", "fwd / bwd / opt s", "vs full", "samples/s",
-        "GFLOP/step counted / formula", "% matmul peak", "infer base / unmerged / merged ms", "accuracy (base)",
-        "status"]
+MAIN = ["method", "options", "trainable params (% of total)", "tensor peak MiB",
+        "weights / grads / optim / activations / temps MiB", "process peak MiB", "step ms (95% CI)",
+        "step vs full (95% CI)", "fwd / bwd / opt ms", "samples/s", "% of matmul peak",
+        "inference base / unmerged / merged ms", "accuracy (base), n", "notes"]
 CKPT = ["method", "checkpoint", "holds", "trainable tensors", "restore cold / warm ms",
-        "whole-model load cold / warm ms", "round trip max abs diff"]
+        "whole-model load cold / warm ms", "round-trip max abs diff"]
 
 
-def _main_row(r, full_t: float) -> list[str]:
+def _ratio_cell(r, floor: float) -> str:
+    from ..measure.stats import Estimate, verdict
+
+    v = _num(r, "step_time_vs_full")
+    if v != v:
+        return ""
+    est = Estimate(v, _num(r, "step_time_vs_full_ci_low"), _num(r, "step_time_vs_full_ci_high"), int(_num(r, "repeats") or 1))
+    same = verdict(est, floor) == "no measurable difference" and est.n > 1
+    return ("≈ " if same else "") + ci(v, est.low, est.high, suffix="×")
+
+
+def _num(r, key: str) -> float:
+    try:
+        return float(r.get(key))
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _notes(r) -> str:
+    notes = []
+    if _num(r, "interference_repeats") > 0:
+        notes.append(f"interference in {int(_num(r, 'interference_repeats'))} repeat(s) (others used up to "
+                     f"{sig(_num(r, 'other_cpu_pct'))}% CPU)")
+    if _num(r, "remeasured") > 0:
+        notes.append(f"{int(_num(r, 'remeasured'))} repeat(s) re-measured")
+    return "; ".join(notes)
+
+
+def _main_row(r, floor: float) -> list[str]:
     if r.status != "ok":
-        return [r.method] + [""] * (len(MAIN) - 2) + [f"{r.status}: {r.reason}"]
+        return [r.method, str(r.get("method_config") or "")] + [""] * (len(MAIN) - 3) + [f"{r.status}: {r.reason}"]
     parts = " / ".join(_mib(r[c]) for c in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
                                             "temporaries_bytes"))
-    return [r.method, f"{int(r.trainable_params):,}", f"{r.trainable_pct:.3g}", _mib(r.tensor_peak_bytes), parts,
-            f"{_mib(r.process_peak_bytes)} ({_mib(r.runtime_overhead_bytes)})",
-            f"{r.step_time_s:.3g} [{r.step_time_iqr_s:.2g}]",
-            f"{r.forward_s:.3g} / {r.backward_s:.3g} / {r.optimizer_s:.3g}",
-            "" if full_t != full_t else f"{r.step_time_s / full_t:.2f}×", f"{r.samples_per_s:.3g}",
-            f"{r.step_flops / 1e9:.3g} / {r.step_flops_analytic / 1e9:.3g}", f"{r.pct_of_matmul_peak:.1f}",
-            f"{_ms(r.inference_base_s)} / {_ms(r.inference_adapter_s)} / {_ms(r.inference_merged_s)}",
-            f"{r.accuracy:.3f} ({r.base_accuracy:.3f})", "ok"]
+    n = _num(r, "test_examples")
+    return [r.method, str(r.get("method_config") or "") or "–",
+            f"{int(r.trainable_params):,} ({sig(r.trainable_pct)}%)", _mib(r.tensor_peak_bytes), parts,
+            _mib(r.process_peak_bytes),
+            ci(r.step_time_s, _num(r, "step_time_ci_low_s"), _num(r, "step_time_ci_high_s"), scale=1e3),
+            _ratio_cell(r, floor),
+            f"{_ms(r.forward_s)} / {_ms(r.backward_s)} / {_ms(r.optimizer_s)}", sig(r.samples_per_s),
+            sig(r.pct_of_matmul_peak),
+            f"{_ms(r.inference_base_s)} / {_ms(r.inference_adapter_s)} / {_ms(r.inference_merged_s) or '–'}",
+            f"{r.accuracy:.3f} ({r.base_accuracy:.3f}), n={int(n):,}" if n == n else "", _notes(r) or "ok"]
 
 
 def _ckpt_row(r) -> list[str]:
@@ -195,7 +295,37 @@ def _ckpt_row(r) -> list[str]:
             f"{_ms(r.full_model_load_cold_s)} / {_ms(r.full_model_load_warm_s)}", f"{r.roundtrip_max_abs_diff:.2g}"]
 
 
-def summary(df, env: dict) -> str:
+def pairwise(g, samples: list[dict], floor: float) -> list[str]:
+    """Step-time ratio of every pair of methods on one workload (row / column), paired by round, with its CI."""
+    from ..measure.stats import paired_ratio, verdict
+    from .repeats import times_by_round, used
+
+    by_key = used(samples)
+    ok = [r for _, r in g[g.status == "ok"].iterrows() if r.cell_key in by_key]
+    if len(ok) < 2 or max(len(by_key[r.cell_key]) for r in ok) < 2:
+        return []
+    header = ["row / column"] + [r.method for r in ok]
+    body = []
+    for a in ok:
+        cells_ = [a.method]
+        for b in ok:
+            if a.cell_key == b.cell_key:
+                cells_.append("–")
+                continue
+            est = paired_ratio(times_by_round(by_key[a.cell_key]), times_by_round(by_key[b.cell_key]))
+            word = verdict(est, floor)
+            cells_.append(("≈ " if word == "no measurable difference" else "") + ci(est.value, est.low, est.high,
+                                                                                   suffix="×"))
+        body.append(cells_)
+    return table(header, body)
+
+
+def summary(df, env: dict, samples: list[dict] | None = None) -> str:
+    from .repeats import floor_of
+
+    samples = samples or []
+    rows = [r for _, r in df.iterrows()]
+    floor, aa = floor_of([r.to_dict() for r in rows])
     lines = ["# peft-bench results", ""]
     if env:
         lines += [f"Made by `{env.get('command', '?')}` on {env.get('date_utc', '?')}: {env.get('cpu', '?')}, "
@@ -204,37 +334,120 @@ def summary(df, env: dict) -> str:
                   + (f", GPU {env['gpu']}" if env.get("gpu") else "")
                   + f"; torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}; "
                   f"commit {str(env.get('git_commit', ''))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
-                  f"seed {env.get('seed')}; dtype {env.get('dtype', 'float32')}. Measured matmul peak: "
-                  f"{(env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9:.0f} GFLOP/s "
+                  f"seed {env.get('seed')}; dtype {env.get('dtype', 'float32')}; {_plural(env.get('repeats', 1), 'repeat')} "
+                  f"per cell, round-robin. Measured matmul peak: "
+                  f"{sig((env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9)} GFLOP/s "
                   f"({env.get('dtype', 'float32')}).", ""]
-    lines += ["Every cell runs in a fresh process and checks itself before its numbers count: the trainable count "
+    lines += ["Every cell runs in fresh processes and checks itself before its numbers count: the trainable count "
               "equals its closed form; after training the disabled adapter reproduces the base model, merged equals "
               "unmerged and unmerge restores (within the tolerance in `check_tolerance`); the checkpoint restored "
-              "onto a freshly built base gives the trained model's output. Definitions of every column: "
-              "`peft-bench list --metrics`; the ones used below are footnoted at the end.", ""]
-    for wl, g in df.groupby("workload", sort=False):
+              "onto a freshly built base gives the trained model's output. Step times are the median over the "
+              "repeats (each a fresh process, the cells run round-robin) with a 95 % bootstrap CI; ratios are "
+              "paired by round. **≈** marks a ratio whose CI includes 1 or that lies within the noise floor: no "
+              "measurable difference, not a ranking. Numbers have 3 significant figures. Definitions of every "
+              "column: `peft-bench list --metrics`; the ones used below are footnoted at the end.", ""]
+    lines += noise_section(aa, floor, df)
+    busy = [r for r in rows if _num(r, "interference_repeats") > 0]
+    if busy:
+        lines += [f"**Interference:** {len(busy)} cell(s) had repeats measured while other processes used more than "
+                  "10 % of the CPU (see the notes column); those repeats were measured again and the re-measurement "
+                  "counts, unless it too was disturbed.", ""]
+    main = cells(df)
+    for wl, g in main.groupby("workload", sort=False):
         ok = g[g.status == "ok"]
         first = ok.iloc[0] if len(ok) else g.iloc[0]
         pre = str(first.get("pretrained", "")).lower() == "true"
         lines += [f"## {wl}", "",
                   f"{'pretrained' if pre else 'random-weight (pretrained=false)'} base; batch {_int(first, 'batch_size')}"
                   + (f" × {_int(first, 'seq_len')} tokens" if _int(first, "seq_len") not in ("", "0") else "")
-                  + f"; {_int(first, 'train_steps')} training steps; device {first.get('device')}"
-                  + f"; dtype {first.get('dtype', '')}; tokenizer: {first.get('tokenizer') or 'none'}; AdamW learning "
-                  "rates: " + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + ".", ""]
-        full = ok[ok.method == "full"].step_time_s
-        full_t = float(full.iloc[0]) if len(full) else float("nan")
-        lines += table(MAIN, [_main_row(r, full_t) for _, r in g.iterrows()]) + [""]
+                  + f"; {_int(first, 'train_steps')} training steps, {_int(first, 'timed_steps')} timed per repeat"
+                  + f"; device {first.get('device')}; dtype {first.get('dtype', '')}; tokenizer: "
+                  f"{first.get('tokenizer') or 'none'}; AdamW learning rates: "
+                  + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + ".", ""]
+        lines += table(MAIN, [_main_row(r, floor) for _, r in g.iterrows()]) + [""]
+        pairs = pairwise(g, samples, floor)
+        if pairs:
+            lines += ["Step time, row ÷ column (median over rounds, 95 % CI; ≈ no measurable difference):", ""]
+            lines += pairs + [""]
         if len(ok):
             lines += table(CKPT, [_ckpt_row(r) for _, r in ok.iterrows()]) + [""]
     defs = records.definitions()
     lines += ["Definitions:", ""] + [f"- `{k}`: {defs[k]}" for k in (
         "tensor_peak_bytes", "weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
-        "temporaries_bytes", "process_peak_bytes", "runtime_overhead_bytes", "step_time_s", "step_flops",
-        "step_flops_analytic", "pct_of_matmul_peak", "inference_base_s", "checkpoint_bytes", "adapter_switch_cold_s",
-        "full_model_load_cold_s", "check_tolerance")] + [""]
-    lines += ["Plots: `trainable_params.png`, `peak_memory.png`, `step_time.png`, `accuracy_vs_memory.png`.", ""]
+        "temporaries_bytes", "process_peak_bytes", "step_time_s", "step_time_ci_low_s", "step_time_vs_full",
+        "step_time_split_s", "aa_ratio", "other_cpu_pct", "pct_of_matmul_peak", "inference_base_s",
+        "checkpoint_bytes", "adapter_switch_cold_s", "full_model_load_cold_s", "check_tolerance")] + [""]
+    lines += ["Plots: `trainable_params.png`, `peak_memory.png`, `step_time.png`, `accuracy_vs_memory.png`. Every "
+              "step time of every repeat: `repeats.csv`.", ""]
     return "\n".join(lines)
+
+
+README_BEGIN = "<!-- results:begin"
+README_END = "<!-- results:end -->"
+README_WORKLOAD = "gpt-neo-125m-arch"
+
+
+def readme_block(out: Path, workload: str = README_WORKLOAD) -> str:
+    """The README's results section: one workload's main numbers from `out`, generated (never typed by hand)."""
+    df = load_frame(out)
+    env_path = out / "environment.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    floor, aa = floor_of_frame(df)
+    g = cells(df)
+    g = g[g.workload == workload]
+    if g.empty:
+        raise UserError(f"{out}/metrics.csv has no rows for {workload}")
+    header = ["method", "options", "trainable params", "tensor peak MiB", "step ms (95% CI)", "step vs full (95% CI)",
+              "checkpoint"]
+    body = []
+    for _, r in g.iterrows():
+        if r.status != "ok":
+            body.append([r.method, "", "", "", "", "", f"{r.status}"])
+            continue
+        body.append([r.method, str(r.get("method_config") or "") or "–", f"{int(r.trainable_params):,}",
+                     _mib(r.tensor_peak_bytes),
+                     ci(r.step_time_s, _num(r, "step_time_ci_low_s"), _num(r, "step_time_ci_high_s"), scale=1e3),
+                     _ratio_cell(r, floor), _size(r.checkpoint_bytes)])
+    first = g.iloc[0]
+    lines = [f"{README_BEGIN} (generated by `peft-bench report {out} --readme README.md`; do not edit) -->", "",
+             f"`{workload}` from `{out}` (commit {str(env.get('git_commit', ''))[:10]}, {env.get('cpu', '?')}, "
+             f"{env.get('cpu_count', '?')} cores, torch {env.get('torch', '?')}): batch {_int(first, 'batch_size')} × "
+             f"{_int(first, 'seq_len')} tokens, {_plural(env.get('repeats', 1), 'repeat')} per cell run round-robin, "
+             "medians with 95 % bootstrap CIs; ≈ = no measurable difference."
+             + (f" Noise floor (A/A): identical cells land up to {sig(100 * floor)} % apart." if aa else ""), ""]
+    lines += table(header, body) + ["", README_END]
+    return "\n".join(lines)
+
+
+def _plural(n, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def floor_of_frame(df):
+    from .repeats import floor_of
+
+    return floor_of([r.to_dict() for _, r in df.iterrows()])
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the README's generated results section (between its markers) with `block`."""
+    text = readme.read_text()
+    i, j = text.find(README_BEGIN), text.find(README_END)
+    if i < 0 or j < i:
+        raise UserError(f"{readme} has no '{README_BEGIN} ... {README_END}' section to replace")
+    atomic_write_text(readme, text[:i] + block + text[j + len(README_END):])
+
+
+def noise_section(aa, floor: float, df) -> list[str]:
+    if aa is None:
+        return ["**Noise floor:** not measured (one repeat per cell): differences between cells are not judged "
+                "against it; run with `--repeats 3` for CIs and an A/A noise floor.", ""]
+    rep = df[df.replica.fillna(0) == 1].iloc[0] if "replica" in df.columns else None
+    who = f"`{rep.method}` on `{rep.workload}`" if rep is not None else "one cell"
+    return [f"**Noise floor (A/A):** {who} was measured a second time as an independent cell (its own processes, "
+            f"in the same rounds). Its step time came out at {ci(aa.value, aa.low, aa.high, suffix='×')} the "
+            f"original's over {aa.n} rounds: identical measurements land up to {sig(100 * floor)} % apart here, so "
+            "smaller differences are reported as no measurable difference.", ""]
 
 
 def _int(row, key: str) -> str:

@@ -1,8 +1,14 @@
 """Run a suite: each cell in a fresh process, every row written atomically as soon as the cell ends.
 
 A cell that raises, runs out of memory or exceeds `cell_timeout` becomes a row with `status` error / oom /
-timeout and a one-line `reason`; the run goes on. `resume` skips cells whose identical spec already has a
-finished row. Rows of cells not in this run are kept.
+timeout and a one-line `reason`; the run goes on. `resume` skips cells (and repeats) whose identical spec already
+has a finished row. Rows of cells not in this run are kept.
+
+With `repeats` N > 1 the suite runs N rounds, round-robin (A B C, A B C, ...), so that drift on the machine hits
+every method alike: the first round runs every probe, later rounds only the training steps up to the last timed
+one. Each round's timing is a sample in `repeats.csv`. One cell is also measured as an independent copy (A/A,
+`replica` 1) whose ratio to the original is the run's noise floor. A repeat that saw other processes use the CPU
+is flagged and, after the rounds, measured once more.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ..errors import UserError
 from ..measure import timing
 from ..methods import get_method, method_class
 from ..workloads import get_workload
+from . import repeats as rep
 from . import report
 from .cell import INSTRUMENTED_STEPS, CellSpec
 from .suites import budget, get_suite, learning_rate
@@ -49,6 +56,8 @@ class RunOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     mnist_root: str | None = None
+    repeats: int | None = None  # None: the suite's default
+    allow_busy: bool = False
 
 
 def plan(opts: RunOptions) -> list[CellSpec]:
@@ -92,7 +101,27 @@ def plan(opts: RunOptions) -> list[CellSpec]:
                 trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
     for c in cells:  # options are validated here, before the first cell runs
         get_method(c.method, **c.method_options)
+    if repeats_of(opts) > 1 and cells:
+        cells.append(dataclasses.replace(_aa_cell(cells, suite), replica=1))
     return cells
+
+
+def repeats_of(opts: RunOptions) -> int:
+    n = opts.repeats if opts.repeats is not None else get_suite(opts.suite).repeats
+    if n < 1:
+        raise UserError(f"--repeats must be at least 1, got {n}")
+    return n
+
+
+def _aa_cell(cells: list[CellSpec], suite) -> CellSpec:
+    """The cell measured twice for the noise floor: the suite's choice when planned, else the first supported."""
+    for c in cells:
+        if (c.method, c.workload) == suite.aa:
+            return c
+    for c in cells:
+        if not c.workload or not method_class(c.method).unsupported_reason(get_workload(c.workload).family):
+            return c
+    return cells[0]
 
 
 def _options_for(method: str, options: dict) -> dict:
@@ -102,38 +131,94 @@ def _options_for(method: str, options: dict) -> dict:
 
 
 def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
-    """Run the planned cells; return 1 if any cell failed, else 0."""
+    """Run the planned cells, `repeats` rounds; return 1 if any cell failed, else 0."""
     # Everything a user can get wrong is checked before the first byte is written.
     out = check_out_dir(opts.out or Path("results") / opts.suite)
     rows = report.read_rows(out / "metrics.csv")  # refuses a malformed file, untouched
+    samples = report.read_samples(out / "repeats.csv")
     if opts.device == "cuda":
         _require_cuda()
     cells = plan(opts)
+    n_rounds = repeats_of(opts)
     validate_targets(cells, opts)
+    if not opts.allow_busy and not os.environ.get("PEFT_BENCH_ALLOW_BUSY"):
+        refuse_if_busy(opts.device)
     out = prepare_out_dir(out)
     peak = matmul_peak_in_child(opts.device, opts.dtype)
     cells = [dataclasses.replace(c, matmul_peak_flops=peak) for c in cells]
     env = report.environment(opts, peak, argv)
+    env["repeats"] = n_rounds
     report.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")
     done = {r.get("cell_key"): r for r in rows if r.get("status") in FINISHED}
+    have = {(s["cell_key"], int(s["repeat"])) for s in samples if s.get("status") == "ok"}
     failed = 0
-    for i, spec in enumerate(cells, 1):
+
+    def save() -> None:
+        report.write_samples(out / "repeats.csv", samples)
+        report.write_rows(out / "metrics.csv", rep.aggregate(rows, samples))
+
+    def measure(spec: CellSpec, r: int, label: str, remeasure: bool = False) -> dict:
+        nonlocal rows, failed
         key = spec.key()
-        label = f"[{i}/{len(cells)}] {spec.method} × {spec.workload or spec.model}"
-        if opts.resume and key in done:
-            print(f"{label}: already done ({done[key]['status']}), skipped", file=sys.stderr)
-            continue
+        first = r == 0 and spec.replica == 0 and not remeasure
         t0 = time.perf_counter()
-        row = _run_isolated(spec, opts.cell_timeout)
-        row.update(cell_key=key, cell_seconds=round(time.perf_counter() - t0, 2), suite=opts.suite)
-        rows = [r for r in rows if r.get("cell_key") != key] + [row]
-        report.write_rows(out / "metrics.csv", rows)
-        failed += row["status"] in FAILED
-        print(f"{label}: {row['status']}{' — ' + row['reason'] if row.get('reason') else ''} "
-              f"({row['cell_seconds']:.1f}s)", file=sys.stderr)
+        row = _run_isolated(spec if first else dataclasses.replace(spec, probes="timing"), opts.cell_timeout)
+        seconds = round(time.perf_counter() - t0, 2)
+        row.update(cell_key=key, cell_seconds=seconds, suite=opts.suite)
+        if r == 0 and not remeasure:  # the cell's row (the replica's holds its timing only)
+            rows = [x for x in rows if x.get("cell_key") != key] + [row]
+            failed += row["status"] in FAILED
+        if row["status"] == "ok":
+            samples.append(rep.sample(row, key, r, remeasured=remeasure))
+        save()
+        flag = " [interference: other processes used {:.0f}% of the CPU]".format(float(row["other_cpu_pct"])) \
+            if row["status"] == "ok" and rep.sample(row, key, r)["busy"] else ""
+        print(f"{label}: {row['status']}{' — ' + row['reason'] if row.get('reason') else ''} ({seconds:.1f}s){flag}",
+              file=sys.stderr)
+        return row
+
+    total = len(cells) * n_rounds
+    for r in range(n_rounds):
+        for i, spec in enumerate(cells, 1):
+            key = spec.key()
+            label = (f"[{r * len(cells) + i}/{total}] {spec.method} × {spec.workload or spec.model}"
+                     + (" (A/A copy)" if spec.replica else "") + (f", repeat {r + 1}/{n_rounds}" if n_rounds > 1 else ""))
+            if opts.resume and (key, r) in have and (r > 0 or spec.replica or key in done):
+                print(f"{label}: already done, skipped", file=sys.stderr)
+                continue
+            if r > 0:
+                base = next((x for x in rows if x.get("cell_key") == key), None)
+                if base is None or base.get("status") != "ok":
+                    continue  # unsupported or failed in the first round: nothing to repeat
+            measure(spec, r, label)
+    if n_rounds > 1:  # a repeat that saw interference is measured once more; the new one counts
+        for s in [s for s in samples if s.get("status") == "ok" and str(s.get("used")) in ("True", "true")
+                  and str(s.get("busy")) in ("True", "true") and str(s.get("remeasured")) not in ("True", "true")]:
+            spec = next((c for c in cells if c.key() == s["cell_key"]), None)
+            if spec is None:
+                continue
+            row = measure(spec, int(s["repeat"]), f"re-measure {spec.method} × {spec.workload}, repeat "
+                                                  f"{int(s['repeat']) + 1} (interference)", remeasure=True)
+            if row["status"] == "ok":
+                s["used"] = False
+        save()
     report.build(out)
     print(f"results: {out}/metrics.csv, summary.md, plots ({failed} failed cell{'s' * (failed != 1)})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def refuse_if_busy(device: str, seconds: float = 1.0) -> None:
+    """Bad input, not a measurement: a machine already busy would make every time in the run incomparable."""
+    from ..measure.interference import THRESHOLD_PCT, gpu_other_processes, machine_load
+
+    load = machine_load(seconds)
+    if load.busy:
+        raise UserError(f"the machine is busy: other processes used {load.other_cpu_pct:.0f}% of its CPU capacity "
+                        f"(steal {load.steal_pct:.0f}%, load average {load.load_avg_1m:.2f}) over {seconds:g} s, above "
+                        f"{THRESHOLD_PCT:g}%; times would not be comparable — wait, or pass --allow-busy (every row "
+                        "records the interference it saw)")
+    if device == "cuda" and gpu_other_processes():
+        raise UserError("the GPU is busy: other processes hold memory on it; pass --allow-busy to measure anyway")
 
 
 _CONTEXT = None
@@ -175,7 +260,10 @@ def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
     reason = method_class(spec.method).unsupported_reason(get_workload(spec.workload).family) if spec.workload else None
     if reason:  # known without building anything
         return {**base, "status": "unsupported", "reason": reason}
-    with tempfile.TemporaryDirectory() as tmp:
+    from ..measure.interference import Window
+
+    row = None
+    with tempfile.TemporaryDirectory() as tmp, Window() as window:
         row_path = Path(tmp, "row.json")
         proc = _context().Process(target=run_in_child, args=(dataclasses.asdict(spec), str(row_path)))
         proc.start()
@@ -185,12 +273,19 @@ def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
             proc.join()
             return {**base, "status": "timeout", "reason": f"cell exceeded --cell-timeout {timeout:g}s"}
         if row_path.exists():
-            return {**base, **json.loads(row_path.read_text())}
-        if proc.exitcode is not None and proc.exitcode < 0:
-            sig = signal.Signals(-proc.exitcode).name
-            hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
-            return {**base, "status": "oom" if sig == "SIGKILL" else "error", "reason": f"cell killed by {sig}{hint}"}
-        return {**base, "status": "error", "reason": f"cell process exited with status {proc.exitcode}"}
+            row = json.loads(row_path.read_text())
+            window.also_own(float(row.pop("cell_cpu_s", 0.0)))  # the cell's own CPU time is not interference
+    if row is not None:
+        if row.get("status") == "ok":
+            load = window.load
+            row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
+                       interference_repeats=int(load.busy), remeasured=0)
+        return {**base, **row}
+    if proc.exitcode is not None and proc.exitcode < 0:
+        sig = signal.Signals(-proc.exitcode).name
+        hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
+        return {**base, "status": "oom" if sig == "SIGKILL" else "error", "reason": f"cell killed by {sig}{hint}"}
+    return {**base, "status": "error", "reason": f"cell process exited with status {proc.exitcode}"}
 
 
 def _require_cuda() -> None:

@@ -1,7 +1,7 @@
 """Suites: which (method × workload) cells run, with what training budget.
 
 * smoke   — the tiny workloads, every method; a couple of minutes on 2 CPU cores.
-* default — the embedded workloads at their real sizes on CPU; ~20 minutes on 2 cores.
+* default — the embedded workloads at their real sizes on CPU, 3 repeats; under 30 minutes on 2 cores.
 * gpu     — the embedded workloads at real size with larger budgets, for CUDA; the tutorial's hub models
             run on top with `--model EleutherAI/gpt-neo-125m --dataset stanfordnlp/imdb` (hub or local copy).
 """
@@ -28,6 +28,8 @@ class Suite:
     workloads: tuple[str, ...]
     budgets: dict[str, Budget]
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_methods()))
+    repeats: int = 1  # fresh processes per cell, run round-robin (`--repeats` overrides)
+    aa: tuple[str, str] | None = None  # (method, workload) measured twice for the noise floor when repeats > 1
 
 
 def learning_rate(method: str, family: str) -> float:
@@ -40,14 +42,17 @@ def learning_rate(method: str, family: str) -> float:
 SUITES: Registry[Suite] = Registry("suite")
 for _suite in (
     Suite("smoke", ("mlp-mnist-tiny", "minilm-sentiment-tiny", "gpt-neo-tiny", "t5-tiny"),
-                   {"*": Budget(train_steps=8, warmup_steps=3, timed_steps=5, latency_seconds=0.2)}),
+                   {"*": Budget(train_steps=8, warmup_steps=3, timed_steps=5, latency_seconds=0.2)},
+          aa=("lora", "gpt-neo-tiny")),
     Suite("default", ("mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                      {"mlp-mnist": Budget(train_steps=400, warmup_steps=5, timed_steps=50),  # one epoch, batch 10
                       "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
-                      "gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, latency_seconds=2),
-                      "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, latency_seconds=2)}),
+                      "gpt-neo-125m-arch": Budget(train_steps=11, warmup_steps=3, timed_steps=8, latency_seconds=1),
+                      "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, latency_seconds=1)},
+          repeats=3, aa=("lora", "gpt-neo-125m-arch")),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
-          {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, latency_seconds=2)}),
+          {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, latency_seconds=2)},
+          repeats=3, aa=("lora", "gpt-neo-125m-arch")),
 ):
     SUITES.add(_suite.name, _suite)
 

@@ -53,19 +53,52 @@ class MemoryRecord:
 
 @dataclass(frozen=True)
 class TimingRecord:
-    step_time_s: float = metric("median wall time of a timed training step (forward + backward + optimizer), "
-                                "synchronised around each part; excludes batch building and host→device copies",
+    step_time_s: float = metric("median wall time of a whole timed training step (zero_grad, forward, backward, "
+                                "optimizer; one device synchronisation at its end), the median over the repeats "
+                                "of each fresh process's median; excludes batch building and host→device copies",
                                 "lower")
-    step_time_iqr_s: float = metric("interquartile range of the timed steps")
-    forward_s: float = metric("median forward time of the timed steps")
+    step_time_iqr_s: float = metric("interquartile range of the timed steps within the first repeat's process")
+    step_time_split_s: float = metric("forward_s + backward_s + optimizer_s (the split, from marks between the "
+                                      "parts: CUDA events on a GPU, so the parts add no synchronisation)")
+    forward_s: float = metric("median time from the step's start to the loss (zero_grad and forward)")
     backward_s: float = metric("median backward time of the timed steps")
     optimizer_s: float = metric("median optimizer-step time of the timed steps")
-    timed_steps: int = metric("number of timed steps")
+    timed_steps: int = metric("number of timed steps per repeat")
     samples_per_s: float = metric("batch size / step_time_s", "higher")
     tokens_per_s: float = metric("non-padding tokens per second (attention mask sum / step time)", "higher")
     padded_tokens_per_s: float = metric("tokens per second as computed, padding included (batch × length)")
     first_losses: str = metric("training losses of the first three steps (JSON)")
     final_loss: float = metric("training loss of the last step")
+
+
+@dataclass(frozen=True)
+class RepeatsRecord:
+    repeats: int = metric("fresh processes whose step times make step_time_s (run round-robin across the suite)")
+    step_time_ci_low_s: float = metric("95 % percentile-bootstrap CI of step_time_s over the repeats' medians, "
+                                       "low end (equal to step_time_s with one repeat)")
+    step_time_ci_high_s: float = metric("the same CI's high end")
+    step_time_vs_full: float = metric("median over rounds of this cell's step time / full fine-tuning's on the same "
+                                      "workload in the same round (empty without a full row)", "lower")
+    step_time_vs_full_ci_low: float = metric("95 % bootstrap CI of step_time_vs_full over rounds, low end")
+    step_time_vs_full_ci_high: float = metric("the same CI's high end")
+    aa_ratio: float = metric("on the A/A replica's row: its step time / the original cell's, median over rounds "
+                             "(two measurements of one thing; 1.0 is perfect agreement)")
+    aa_ratio_ci_low: float = metric("95 % bootstrap CI of aa_ratio over rounds, low end")
+    aa_ratio_ci_high: float = metric("the same CI's high end")
+    replica: int = metric("0 for a cell; 1 for the A/A copy that measures the noise floor (same spec, separate "
+                          "processes)")
+
+
+@dataclass(frozen=True)
+class InterferenceRecord:
+    other_cpu_pct: float = metric("largest, over the repeats used, share of the machine's CPU capacity (wall × "
+                                  "logical CPUs) that other processes used while the cell's process ran (system "
+                                  "busy time − the cell's and the runner's CPU time)")
+    cpu_steal_pct: float = metric("largest share of CPU capacity stolen by the hypervisor while a repeat ran")
+    load_avg_1m: float = metric("largest 1-minute load average at the end of a repeat")
+    interference_repeats: int = metric("repeats used that saw other_cpu_pct or cpu_steal_pct above 10 % (flagged; "
+                                       "each was re-measured once when repeats > 1)")
+    remeasured: int = metric("repeats measured again because the first measurement saw interference")
 
 
 @dataclass(frozen=True)
@@ -132,8 +165,8 @@ class AccuracyRecord:
     test_examples: int = metric("size of the held-out split")
 
 
-RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, FlopsRecord, InferenceRecord, ChecksRecord, CheckpointRecord,
-           AccuracyRecord)
+RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, RepeatsRecord, InterferenceRecord, FlopsRecord, InferenceRecord,
+           ChecksRecord, CheckpointRecord, AccuracyRecord)
 
 
 def columns() -> list[str]:

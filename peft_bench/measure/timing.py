@@ -39,6 +39,45 @@ def timed(fn: Callable[[], object], device: str) -> tuple[object, float]:
     return out, time.perf_counter() - t0
 
 
+class StepClock:
+    """Wall time of a whole step with one synchronisation at its end, and its parts from marks in between.
+
+    CPU: the marks are `perf_counter` readings. CUDA: they are CUDA events recorded on the stream, so splitting the
+    step adds no synchronisation; their elapsed times are read after the final one."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self._marks: list = []
+        self._t0 = 0.0
+
+    def _mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def start(self) -> None:
+        sync("cuda" if self.cuda else "cpu")
+        self._t0 = time.perf_counter()
+        self._marks = [self._mark()]
+
+    def mark(self) -> None:
+        self._marks.append(self._mark())
+
+    def stop(self) -> tuple[float, list[float]]:
+        """(whole step seconds, the parts between consecutive marks in seconds)."""
+        self._marks.append(self._mark())
+        sync("cuda" if self.cuda else "cpu")
+        wall = time.perf_counter() - self._t0
+        m = self._marks
+        if self.cuda:
+            parts = [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:])]
+        else:
+            parts = [b - a for a, b in zip(m, m[1:])]
+        return wall, parts
+
+
 def latency(fn: Callable[[], object], device: str, min_run_time: float) -> Stats:
     """Median and IQR of `fn`'s latency from `torch.utils.benchmark.Timer.blocked_autorange`, which picks a
     per-block repeat count, synchronises CUDA, and runs blocks until `min_run_time` seconds have passed."""

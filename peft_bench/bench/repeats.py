@@ -1,0 +1,135 @@
+"""Repeats of a cell and what they add up to.
+
+Each repeat is a fresh process; its timing lands in `repeats.csv` as one *sample* (one row per cell × repeat).
+`aggregate` turns the samples into the per-cell columns of `metrics.csv`: the median of the repeats' medians with a
+bootstrap CI, the ratio to full fine-tuning paired by round with its CI, the A/A ratio of the noise-floor replica,
+and what interference the used repeats saw. Everything here is recomputed from the two CSVs alone.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+
+from ..measure.interference import THRESHOLD_PCT
+from ..measure.stats import Estimate, bootstrap, noise_floor, paired_ratio
+
+TIMES = ("step_time_s", "step_time_split_s", "forward_s", "backward_s", "optimizer_s")
+SAMPLE_COLUMNS = ["cell_key", "method", "workload", "replica", "repeat", "status", "used", "remeasured",
+                  *TIMES, "step_time_iqr_s", "timed_steps", "other_cpu_pct", "cpu_steal_pct", "load_avg_1m", "busy",
+                  "cell_seconds"]
+
+
+def sample(row: dict, key: str, repeat: int, remeasured: bool = False) -> dict:
+    """One repeat's timing, from a cell row (full or timing-only)."""
+    s = {c: row.get(c, "") for c in SAMPLE_COLUMNS}
+    busy = _f(row.get("other_cpu_pct")) > THRESHOLD_PCT or _f(row.get("cpu_steal_pct")) > THRESHOLD_PCT
+    s.update(cell_key=key, repeat=repeat, used=True, remeasured=remeasured, busy=busy, replica=row.get("replica", 0))
+    return s
+
+
+def _f(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _int0(x) -> int:
+    v = _f(x)
+    return int(v) if v == v else 0
+
+
+def _true(x) -> bool:
+    return str(x).lower() == "true"
+
+
+def used(samples: list[dict]) -> dict[str, dict[int, dict]]:
+    """cell_key → repeat → the sample that counts (the re-measurement replaces a flagged one)."""
+    out: dict[str, dict[int, dict]] = defaultdict(dict)
+    for s in samples:
+        if str(s.get("status")) == "ok" and _true(s.get("used")):
+            out[s["cell_key"]][int(s["repeat"])] = s
+    return out
+
+
+def times_by_round(samples: dict[int, dict], col: str = "step_time_s") -> dict[int, float]:
+    return {r: _f(s[col]) for r, s in samples.items()}
+
+
+def peer_key(key: str, **changes) -> str:
+    d = json.loads(key)
+    d.update(changes)
+    return json.dumps(d, sort_keys=True)
+
+
+def full_key(key: str) -> str:
+    """The key of full fine-tuning on the same workload with the same budget and inputs (no method options)."""
+    return peer_key(key, method="full", method_options={}, replica=0, lr=None)
+
+
+def _match_full(key: str, keys: list[str]) -> str | None:
+    want = json.loads(full_key(key))
+    for k in keys:
+        d = json.loads(k)
+        d["lr"] = None
+        if d == want:
+            return k
+    return None
+
+
+def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:
+    """metrics.csv rows with their repeat-level columns filled from the samples."""
+    by_key = used(samples)
+    original = {s["cell_key"]: _f(s["step_time_s"]) for s in samples
+                if str(s.get("status")) == "ok" and int(s["repeat"]) == 0 and not _true(s.get("remeasured"))}
+    keys = [r["cell_key"] for r in rows]
+    out = []
+    for row in rows:
+        row = dict(row)
+        got = by_key.get(row["cell_key"], {})
+        if row.get("status") != "ok" or not got:
+            out.append(row)
+            continue
+        own_step = original.get(row["cell_key"], float("nan"))  # the process whose throughputs the row holds
+        est = bootstrap([_f(s["step_time_s"]) for s in got.values()])
+        for col in TIMES:
+            row[col] = statistics.median(_f(s[col]) for s in got.values())
+        row["step_time_s"] = est.value
+        row.update(repeats=len(got), step_time_ci_low_s=est.low, step_time_ci_high_s=est.high)
+        if own_step == own_step and est.value:
+            scale = own_step / est.value
+            for col in ("samples_per_s", "tokens_per_s", "padded_tokens_per_s", "achieved_flops_per_s",
+                        "pct_of_matmul_peak"):
+                if col in row and row[col] not in ("", None):
+                    row[col] = _f(row[col]) * scale
+        ratio = Estimate.missing()
+        ref = _match_full(row["cell_key"], keys)
+        if ref and ref in by_key:
+            ratio = paired_ratio(times_by_round(got), times_by_round(by_key[ref]))
+        row.update(step_time_vs_full=ratio.value, step_time_vs_full_ci_low=ratio.low,
+                   step_time_vs_full_ci_high=ratio.high)
+        if _int0(row.get("replica")) == 1:
+            orig = peer_key(row["cell_key"], replica=0)
+            aa = paired_ratio(times_by_round(got), times_by_round(by_key.get(orig, {})))
+            row.update(aa_ratio=aa.value, aa_ratio_ci_low=aa.low, aa_ratio_ci_high=aa.high)
+        row.update(other_cpu_pct=max(_f(s["other_cpu_pct"]) for s in got.values()),
+                   cpu_steal_pct=max(_f(s["cpu_steal_pct"]) for s in got.values()),
+                   load_avg_1m=max(_f(s["load_avg_1m"]) for s in got.values()),
+                   interference_repeats=sum(_true(s["busy"]) for s in got.values()),
+                   remeasured=sum(_true(s["remeasured"]) for s in got.values()))
+        out.append(row)
+    return out
+
+
+def floor_of(rows) -> tuple[float, Estimate | None]:
+    """The run's noise floor from its A/A replica rows (largest over workloads), and the A/A estimate."""
+    best, est = 0.0, None
+    for r in rows:
+        if _int0(r.get("replica")) == 1 and _f(r.get("aa_ratio")) == _f(r.get("aa_ratio")):
+            e = Estimate(_f(r["aa_ratio"]), _f(r["aa_ratio_ci_low"]), _f(r["aa_ratio_ci_high"]),
+                         _int0(r.get("repeats")))
+            if noise_floor(e) >= best:
+                best, est = noise_floor(e), e
+    return best, est

@@ -1,0 +1,50 @@
+"""What the project publishes: committed summaries and the README render as tables, and the README's results
+section is exactly what `peft-bench report results/default --readme README.md` generates from the CSV."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peft_bench.bench import report
+
+from .markdown import tables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("results/*/summary.md")))
+def test_every_committed_summary_table_renders(path):
+    assert tables((ROOT / path).read_text())
+
+
+def test_readme_tables_render():
+    assert len(tables((ROOT / "README.md").read_text())) >= 4
+
+
+def test_readme_results_section_is_generated_from_results_default(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    i, j = text.index(report.README_BEGIN), text.index(report.README_END) + len(report.README_END)
+    assert text[i:j] == report.readme_block(Path("results/default")), \
+        "README results section is stale: run `peft-bench report results/default --readme README.md`"
+
+
+def test_pytest_benchmark_route_has_serialisable_params(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PEFT_BENCH_ALLOW_BUSY": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "--suite", "smoke", "-q",
+                           "-p", "no:cacheprovider", "-k", "mlp-mnist-tiny-lora and not parametrize",
+                           "--results-dir", str(tmp_path / "res"), f"--benchmark-json={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    assert "UNSERIALIZABLE" not in text
+    (bench,) = json.loads(text)["benchmarks"]
+    assert bench["params"] == {"cell_id": "mlp-mnist-tiny-lora"} and bench["group"] == "mlp-mnist-tiny"
+    assert bench["extra_info"]["trainable_params"] == bench["extra_info"]["closed_form_trainable_params"]

@@ -1,0 +1,262 @@
+"""Repeats, confidence intervals, the noise floor, the busy-machine guard and `peft-bench compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from peft_bench.bench import report
+from peft_bench.bench.repeats import aggregate, sample
+from peft_bench.bench.runner import RunOptions, run_suite
+from peft_bench.cli import main
+from peft_bench.measure import interference, stats, timing
+
+from .markdown import tables
+
+
+# -- statistics against closed forms ------------------------------------------------------------------------------
+def test_bootstrap_of_three_medians_spans_min_to_max():
+    """Resampling 3 values, the median is the smallest with probability 7/27 > 2.5 %: the 95 % CI is [min, max]."""
+    est = stats.bootstrap([1.0, 1.1, 1.3])
+    assert (est.value, est.low, est.high, est.n) == (1.1, 1.0, 1.3, 3)
+
+
+def test_bootstrap_ci_narrows_with_more_samples_and_is_seeded():
+    import random
+
+    rng = random.Random(1)
+    small = [1 + rng.gauss(0, 0.05) for _ in range(5)]
+    large = [1 + rng.gauss(0, 0.05) for _ in range(200)]
+    a, b = stats.bootstrap(small), stats.bootstrap(large)
+    assert a.low <= a.value <= a.high and b.low <= b.value <= b.high
+    assert b.high - b.low < a.high - a.low
+    assert stats.bootstrap(small) == a  # same values, same interval
+    assert stats.bootstrap([2.0]) == stats.Estimate(2.0, 2.0, 2.0, 1)
+
+
+def test_paired_ratio_cancels_drift_that_hits_a_round_alike():
+    """Round 2 is twice as slow for everyone: paired by round, the ratio is exactly 0.5 with no spread."""
+    full = {0: 2.0, 1: 4.0, 2: 2.2}
+    lora = {0: 1.0, 1: 2.0, 2: 1.1}
+    est = stats.paired_ratio(lora, full)
+    assert est.value == pytest.approx(0.5) and est.low == pytest.approx(0.5) and est.high == pytest.approx(0.5)
+    unpaired = stats.bootstrap([a / b for a in lora.values() for b in full.values()])
+    assert unpaired.high - unpaired.low > 0.4  # what pairing saves
+
+
+def test_verdicts_never_rank_inside_the_noise():
+    E = stats.Estimate
+    assert stats.verdict(E(0.97, 0.93, 1.02, 3)) == "no measurable difference"  # CI includes 1
+    assert stats.verdict(E(0.97, 0.96, 0.98, 3), floor=0.05) == "no measurable difference"  # inside the floor
+    assert stats.verdict(E(0.5, 0.45, 0.55, 3), floor=0.05) == "faster"
+    assert stats.verdict(E(1.5, 1.4, 1.6, 3), floor=0.05) == "slower"
+    assert stats.noise_floor(E(1.01, 0.96, 1.03, 3)) == pytest.approx(0.04)
+
+
+@pytest.mark.parametrize("x, text", [(0.0012345, "0.00123"), (1.2345, "1.23"), (12.345, "12.3"), (1234.5, "1,230"),
+                                     (12345, "12,300"), (9.996, "10.0"), (999.6, "1,000"), (0.5, "0.500"),
+                                     (100, "100"), (float("nan"), "")])
+def test_three_significant_figures_without_scientific_notation(x, text):
+    assert report.sig(x) == text
+
+
+def test_ratio_with_ci_formats_as_a_paper_prints_it():
+    assert report.ci(0.4812, 0.4523, 0.5099, suffix="×") == "0.481× (0.452–0.510)"
+    assert report.ci(0.004812, 0.004, 0.005, scale=1e3) == "4.81 (4.00–5.00)"
+    assert report.ci(2.0, 2.0, 2.0) == "2.00"  # one repeat: no interval
+
+
+def test_step_clock_parts_add_up_to_the_whole_step_on_cpu():
+    clock = timing.StepClock("cpu")
+    clock.start()
+    time.sleep(0.01)
+    clock.mark()
+    time.sleep(0.02)
+    wall, parts = clock.stop()
+    assert len(parts) == 2 and parts[0] >= 0.01 and parts[1] >= 0.02
+    assert sum(parts) <= wall < sum(parts) + 0.005
+
+
+# -- aggregation ------------------------------------------------------------------------------------------------
+def _key(method: str, replica: int = 0) -> str:
+    return json.dumps({"method": method, "workload": "w", "method_options": {}, "replica": replica, "lr": 0.1,
+                       "seed": 0}, sort_keys=True)
+
+
+def _row(method: str, replica: int = 0, t: float = 1.0) -> dict:
+    return {"method": method, "workload": "w", "status": "ok", "cell_key": _key(method, replica), "replica": replica,
+            "step_time_s": t, "samples_per_s": 10 / t, "batch_size": 10}
+
+
+def _samples(method: str, times: list[float], replica: int = 0) -> list[dict]:
+    return [sample({"step_time_s": t, "step_time_split_s": t, "forward_s": t / 2, "backward_s": t / 2,
+                    "optimizer_s": 0.0, "other_cpu_pct": 1.0, "cpu_steal_pct": 0.0, "load_avg_1m": 0.5, "status": "ok",
+                    "replica": replica}, _key(method, replica), r) for r, t in enumerate(times)]
+
+
+def test_aggregate_medians_cis_ratios_and_the_aa_ratio():
+    rows = [_row("full", t=2.0), _row("lora", t=1.0), _row("lora", replica=1, t=1.0)]
+    samples = _samples("full", [2.0, 2.4, 2.2]) + _samples("lora", [1.0, 1.3, 1.1]) + \
+        _samples("lora", [1.1, 1.2, 1.1], replica=1)
+    out = {(r["method"], r["replica"]): r for r in aggregate(rows, samples)}
+    lora, full, aa = out["lora", 0], out["full", 0], out["lora", 1]
+    assert full["step_time_s"] == 2.2 and (full["step_time_ci_low_s"], full["step_time_ci_high_s"]) == (2.0, 2.4)
+    assert lora["repeats"] == 3 and lora["step_time_s"] == 1.1
+    ratios = [1.0 / 2.0, 1.3 / 2.4, 1.1 / 2.2]  # paired by round
+    assert lora["step_time_vs_full"] == pytest.approx(statistics.median(ratios))
+    assert lora["step_time_vs_full_ci_low"] == pytest.approx(min(ratios))
+    assert lora["samples_per_s"] == pytest.approx(10 / 1.1)  # throughput follows the aggregated step time
+    assert aa["aa_ratio"] == pytest.approx(statistics.median([1.1, 1.2 / 1.3, 1.0]))
+    assert full["interference_repeats"] == 0
+
+
+def test_a_remeasured_repeat_replaces_the_disturbed_one():
+    rows = [_row("lora")]
+    samples = _samples("lora", [1.0, 5.0, 1.1])
+    samples[1].update(busy=True, used=False)
+    samples.append(sample({"step_time_s": 1.05, "step_time_split_s": 1.05, "forward_s": 0.5, "backward_s": 0.5,
+                           "optimizer_s": 0.05, "other_cpu_pct": 0.5, "cpu_steal_pct": 0, "load_avg_1m": 0.1, "status": "ok"},
+                          _key("lora"), 1, remeasured=True))
+    (row,) = aggregate(rows, samples)
+    assert row["step_time_s"] == 1.05 and row["step_time_ci_high_s"] == 1.1 and row["remeasured"] == 1
+
+
+# -- interference -----------------------------------------------------------------------------------------------
+def _burners(n: int):
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_interference_window_sees_other_processes_and_not_itself():
+    with interference.Window() as own:  # this process busy: not interference
+        end = time.perf_counter() + 0.6
+        while time.perf_counter() < end:
+            pass
+    procs = _burners(os.cpu_count() or 1)
+    try:
+        time.sleep(0.2)
+        load = interference.machine_load(1.0)
+    finally:
+        for p in procs:
+            p.kill()
+    assert own.load.other_cpu_pct < load.other_cpu_pct
+    assert load.busy and load.other_cpu_pct > 50
+
+
+def test_a_run_on_a_busy_machine_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PEFT_BENCH_ALLOW_BUSY", raising=False)
+    out = tmp_path / "busy"
+    procs = _burners(os.cpu_count() or 1)
+    try:
+        time.sleep(0.2)
+        code = main(["run", "--suite", "smoke", "--methods", "lora", "--workloads", "mlp-mnist-tiny", "--out", str(out)])
+    finally:
+        for p in procs:
+            p.kill()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and "machine is busy" in err[0] and "--allow-busy" in err[0]
+
+
+# -- a real run with repeats --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def repeated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repeats") / "run"
+    opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["mlp-mnist-tiny"], out=out,
+                      train_steps=4, repeats=3)
+    assert run_suite(opts, ["run", "--repeats", "3"]) == 0
+    return out
+
+
+def test_repeats_run_round_robin_with_an_aa_copy(repeated):
+    with open(repeated / "repeats.csv", newline="") as f:
+        samples = list(csv.DictReader(f))
+    order = [(s["method"], s["replica"], s["repeat"]) for s in samples if s["remeasured"] == "False"]
+    # A B A' per round (prefix is unsupported on an MLP: never repeated), round after round
+    assert order[:9] == [("full", "0", "0"), ("lora", "0", "0"), ("full", "1", "0"),
+                         ("full", "0", "1"), ("lora", "0", "1"), ("full", "1", "1"),
+                         ("full", "0", "2"), ("lora", "0", "2"), ("full", "1", "2")]
+    df = pd.read_csv(repeated / "metrics.csv")
+    ok = df[(df.status == "ok") & (df.replica == 0)]
+    assert (ok.repeats == 3).all()
+    assert ((ok.step_time_ci_low_s <= ok.step_time_s) & (ok.step_time_s <= ok.step_time_ci_high_s)).all()
+    full = ok[ok.method == "full"].iloc[0]
+    assert full.step_time_vs_full == 1.0
+    lora = ok[ok.method == "lora"].iloc[0]
+    assert lora.step_time_vs_full_ci_low <= lora.step_time_vs_full <= lora.step_time_vs_full_ci_high
+    aa = df[df.replica == 1].iloc[0]
+    assert aa.method == "full" and aa.aa_ratio_ci_low <= aa.aa_ratio <= aa.aa_ratio_ci_high
+    assert df.other_cpu_pct.notna().sum() >= 2 and "unsplit" not in df.columns
+    assert (ok.step_time_split_s > 0).all()
+
+
+def test_summary_states_the_noise_floor_and_renders(repeated):
+    text = (repeated / "summary.md").read_text()
+    assert "Noise floor (A/A)" in text and "round-robin" in text
+    found = tables(text)
+    assert len(found) >= 3
+    main_table = found[0]
+    assert "options" in main_table[0] and any("r=8" in c for row in main_table for c in row)
+    assert any("n=200" in c for row in main_table for c in row)  # accuracy with its n
+
+
+def test_compare_same_results_is_zero_and_a_slower_method_is_named(repeated, tmp_path, capsys):
+    assert main(["compare", str(repeated), str(repeated)]) == 0
+    tables(capsys.readouterr().out)
+    slower = tmp_path / "slower"
+    shutil.copytree(repeated, slower)
+    df = pd.read_csv(slower / "metrics.csv")
+    m = (df.method == "lora") & (df.replica == 0)
+    for c in ("step_time_s", "step_time_ci_low_s", "step_time_ci_high_s"):
+        df.loc[m, c] *= 3.0  # tiny cells are noisy: far beyond their noise floor
+    df.to_csv(slower / "metrics.csv", index=False)
+    capsys.readouterr()
+    assert main(["compare", str(repeated), str(slower)]) == 1
+    err = capsys.readouterr().err
+    assert "worse: lora × mlp-mnist-tiny: step_time_s" in err and "full" not in err
+
+
+def test_compare_flags_a_changed_exact_quantity_and_speaks_csv_and_json(repeated, tmp_path, capsys):
+    changed = tmp_path / "changed"
+    shutil.copytree(repeated, changed)
+    df = pd.read_csv(changed / "metrics.csv")
+    df.loc[(df.method == "lora") & (df.replica == 0), "trainable_params"] += 1
+    df.to_csv(changed / "metrics.csv", index=False)
+    assert main(["compare", str(repeated), str(changed), "--exact-only", "--format", "json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    worse = [x for x in out["lines"] if x["verdict"] == "worse"]
+    assert [(x["cell"], x["metric"]) for x in worse] == [("lora × mlp-mnist-tiny", "trainable_params")]
+    assert main(["compare", str(repeated), str(repeated), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert rows and {r["verdict"] for r in rows} == {"same"}
+
+
+def test_compare_shows_other_options_as_not_comparable(repeated, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(repeated, other)
+    df = pd.read_csv(other / "metrics.csv")
+
+    def more_steps(key: str) -> str:
+        d = json.loads(key)
+        d["train_steps"] = 99
+        return json.dumps(d, sort_keys=True)
+
+    df["cell_key"] = df.cell_key.map(more_steps)
+    df.to_csv(other / "metrics.csv", index=False)
+    assert main(["compare", str(repeated), str(other)]) == 0
+    text = capsys.readouterr().out
+    assert "not comparable" in text and "train_steps 4 → 99" in text
+
+
+@pytest.mark.parametrize("args", [["/nonexistent/a", "/nonexistent/b"], [".", "."], ["--format", "xml", ".", "."]])
+def test_compare_bad_input_is_one_line_and_exit_2(args, capsys):
+    assert main(["compare", *args]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
