@@ -35,7 +35,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     from peft_bench.bench.runner import RunOptions, plan
 
-    opts = RunOptions(suite=metafunc.config.getoption("--suite"), device=metafunc.config.getoption("--device"))
+    opts = RunOptions(suite=metafunc.config.getoption("--suite"), device=metafunc.config.getoption("--device"),
+                      repeats=1)  # pytest-benchmark repeats the step itself; no A/A copy here
     cells = {f"{c.workload or c.model}-{c.method}": c for c in plan(opts)}
     metafunc.config.peft_bench_cells = cells
     metafunc.parametrize("cell_id", list(cells), ids=list(cells))

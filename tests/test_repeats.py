@@ -195,7 +195,8 @@ def test_repeats_run_round_robin_with_an_aa_copy(repeated):
     aa = df[df.replica == 1].iloc[0]
     assert aa.method == "full" and aa.aa_ratio_ci_low <= aa.aa_ratio <= aa.aa_ratio_ci_high
     assert df.other_cpu_pct.notna().sum() >= 2 and "unsplit" not in df.columns
-    assert (ok.step_time_split_s > 0).all()
+    assert (ok.step_time_split_s > 0).all() and (ok.canary_flops_per_s > 0).all()
+    assert ((ok.machine_speed > 0.3) & (ok.machine_speed < 3)).all()
 
 
 def test_summary_states_the_noise_floor_and_renders(repeated):
@@ -260,3 +261,28 @@ def test_compare_shows_other_options_as_not_comparable(repeated, tmp_path, capsy
 def test_compare_bad_input_is_one_line_and_exit_2(args, capsys):
     assert main(["compare", *args]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_repeats_must_be_a_positive_integer(value, tmp_path, capsys):
+    assert main(["run", "--suite", "smoke", "--repeats", value, "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists() and "--repeats" in capsys.readouterr().err
+
+
+def test_a_repeat_on_a_slow_machine_is_flagged_by_its_canary():
+    """No process list shows a noisy neighbour on the host; the matmul canary does."""
+    from peft_bench.bench.repeats import disturbed, speeds
+
+    rows = [_row("lora")]
+    samples = _samples("lora", [1.0, 1.6, 1.05])
+    for s, c in zip(samples, (150e9, 100e9, 155e9)):
+        s["canary_flops_per_s"] = c
+    speed = speeds(samples)
+    assert [disturbed(s, speed) for s in samples] == [False, True, False]
+    (row,) = aggregate(rows, samples)
+    assert row["interference_repeats"] == 1 and row["machine_speed"] == pytest.approx(100 / 150)
+
+
+def test_canary_measures_matmul_speed():
+    flops = timing.canary_flops("cpu", n=256, reps=3)
+    assert 1e8 < flops < 1e14

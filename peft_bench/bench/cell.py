@@ -273,6 +273,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     padded = batch["input_ids"].numel() if "input_ids" in batch else batch_size
     counted = analytic = 0
     tracker = None
+    canary = float("nan")
     if instrument:
         box: dict[str, int] = {}
         counted = count_flops(lambda: box.update(analytic=analytic_flops(
@@ -294,12 +295,16 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         bar.update()
         for i in range(INSTRUMENTED_STEPS, last):
             batch = _on(next(stream), spec)
+            if i == start:
+                canary = timing.canary_flops(device)
             wall, (tf, tb, to) = step(batch)
             if start <= i < start + spec.timed_steps:
                 walls.append(wall)
                 for k, v in zip(parts, (tf, tb, to)):
                     parts[k].append(v)
                 real_tokens.append(form.tokens(batch))
+                if i == start + spec.timed_steps - 1 or i == last - 1:
+                    canary = min(canary, timing.canary_flops(device))
             bar.update()
     bar.close()
     if not all(math.isfinite(x) for x in losses):
@@ -314,7 +319,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         backward_s=med["backward"], optimizer_s=med["optimizer"], timed_steps=len(walls),
         samples_per_s=batch_size / st.median, tokens_per_s=(sum(real_tokens) / len(real_tokens)) / st.median,
         padded_tokens_per_s=padded / st.median, first_losses=json.dumps([round(x, 6) for x in losses[:3]]),
-        final_loss=losses[-1])
+        final_loss=losses[-1], canary_flops_per_s=canary)
     if not instrument:
         return None, tim, None
     process_peak = proc.peak_bytes - baseline

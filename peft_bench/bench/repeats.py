@@ -18,7 +18,8 @@ from ..measure.stats import Estimate, bootstrap, noise_floor, paired_ratio
 TIMES = ("step_time_s", "step_time_split_s", "forward_s", "backward_s", "optimizer_s")
 SAMPLE_COLUMNS = ["cell_key", "method", "workload", "replica", "repeat", "status", "used", "remeasured",
                   *TIMES, "step_time_iqr_s", "timed_steps", "other_cpu_pct", "cpu_steal_pct", "load_avg_1m", "busy",
-                  "cell_seconds"]
+                  "canary_flops_per_s", "cell_seconds"]
+SLOW = 0.85  # a repeat whose canary ran below this share of the run's median canary is flagged
 
 
 def sample(row: dict, key: str, repeat: int, remeasured: bool = False) -> dict:
@@ -43,6 +44,20 @@ def _int0(x) -> int:
 
 def _true(x) -> bool:
     return str(x).lower() == "true"
+
+
+def speeds(samples: list[dict]) -> dict[int, float]:
+    """id(sample) → its canary ÷ the median canary of every ok sample of the run (1.0 = usual speed)."""
+    ok = [s for s in samples if str(s.get("status")) == "ok" and _f(s.get("canary_flops_per_s")) > 0]
+    if not ok:
+        return {}
+    mid = statistics.median(_f(s["canary_flops_per_s"]) for s in ok)
+    return {id(s): _f(s["canary_flops_per_s"]) / mid for s in ok}
+
+
+def disturbed(s: dict, speed: dict[int, float]) -> bool:
+    """Other processes or steal above the threshold, or the machine itself ran slow (canary)."""
+    return _true(s.get("busy")) or speed.get(id(s), 1.0) < SLOW
 
 
 def used(samples: list[dict]) -> dict[str, dict[int, dict]]:
@@ -82,6 +97,7 @@ def _match_full(key: str, keys: list[str]) -> str | None:
 def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:
     """metrics.csv rows with their repeat-level columns filled from the samples."""
     by_key = used(samples)
+    speed = speeds(samples)
     original = {s["cell_key"]: _f(s["step_time_s"]) for s in samples
                 if str(s.get("status")) == "ok" and int(s["repeat"]) == 0 and not _true(s.get("remeasured"))}
     keys = [r["cell_key"] for r in rows]
@@ -117,7 +133,8 @@ def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:
         row.update(other_cpu_pct=max(_f(s["other_cpu_pct"]) for s in got.values()),
                    cpu_steal_pct=max(_f(s["cpu_steal_pct"]) for s in got.values()),
                    load_avg_1m=max(_f(s["load_avg_1m"]) for s in got.values()),
-                   interference_repeats=sum(_true(s["busy"]) for s in got.values()),
+                   interference_repeats=sum(disturbed(s, speed) for s in got.values()),
+                   machine_speed=min(speed.get(id(s), float("nan")) for s in got.values()),
                    remeasured=sum(_true(s["remeasured"]) for s in got.values()))
         out.append(row)
     return out

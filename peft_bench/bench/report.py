@@ -251,7 +251,11 @@ def _ratio_cell(r, floor: float) -> str:
     if v != v:
         return ""
     est = Estimate(v, _num(r, "step_time_vs_full_ci_low"), _num(r, "step_time_vs_full_ci_high"), int(_num(r, "repeats") or 1))
-    same = verdict(est, floor) == "no measurable difference" and est.n > 1
+    if r.method == "full" and v == 1.0:
+        return "1 (reference)"
+    if est.n <= 1:  # one repeat: no interval, so no ranking either
+        return ci(v, est.low, est.high, suffix="×") + " †"
+    same = verdict(est, floor) == "no measurable difference"
     return ("≈ " if same else "") + ci(v, est.low, est.high, suffix="×")
 
 
@@ -440,8 +444,9 @@ def update_readme(readme: Path, block: str) -> None:
 
 def noise_section(aa, floor: float, df) -> list[str]:
     if aa is None:
-        return ["**Noise floor:** not measured (one repeat per cell): differences between cells are not judged "
-                "against it; run with `--repeats 3` for CIs and an A/A noise floor.", ""]
+        return ["**Noise floor:** not measured (one repeat per cell). † marks a ratio from one process per cell: "
+                "it has no confidence interval and between processes the same cell moves by about ±10 % on a small "
+                "machine, so it is not a ranking; run with `--repeats 3` for CIs and an A/A noise floor.", ""]
     rep = df[df.replica.fillna(0) == 1].iloc[0] if "replica" in df.columns else None
     who = f"`{rep.method}` on `{rep.workload}`" if rep is not None else "one cell"
     return [f"**Noise floor (A/A):** {who} was measured a second time as an independent cell (its own processes, "

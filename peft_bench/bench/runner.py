@@ -191,14 +191,17 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
                 if base is None or base.get("status") != "ok":
                     continue  # unsupported or failed in the first round: nothing to repeat
             measure(spec, r, label)
-    if n_rounds > 1:  # a repeat that saw interference is measured once more; the new one counts
-        for s in [s for s in samples if s.get("status") == "ok" and str(s.get("used")) in ("True", "true")
-                  and str(s.get("busy")) in ("True", "true") and str(s.get("remeasured")) not in ("True", "true")]:
+    if n_rounds > 1:  # a disturbed repeat (other processes, steal, or a slow machine) is measured once more
+        speed = rep.speeds(samples)
+        for s in [s for s in samples if s.get("status") == "ok" and rep._true(s.get("used"))
+                  and rep.disturbed(s, speed) and not rep._true(s.get("remeasured"))]:
             spec = next((c for c in cells if c.key() == s["cell_key"]), None)
             if spec is None:
                 continue
+            why = "other processes" if rep._true(s.get("busy")) else \
+                f"machine at {speed.get(id(s), float('nan')):.2f}× its usual speed"
             row = measure(spec, int(s["repeat"]), f"re-measure {spec.method} × {spec.workload}, repeat "
-                                                  f"{int(s['repeat']) + 1} (interference)", remeasure=True)
+                                                  f"{int(s['repeat']) + 1} ({why})", remeasure=True)
             if row["status"] == "ok":
                 s["used"] = False
         save()

@@ -69,6 +69,8 @@ class TimingRecord:
     padded_tokens_per_s: float = metric("tokens per second as computed, padding included (batch × length)")
     first_losses: str = metric("training losses of the first three steps (JSON)")
     final_loss: float = metric("training loss of the last step")
+    canary_flops_per_s: float = metric("the slower of two readings, just before and just after the timed steps, of "
+                                       "a fixed float32 1024² matmul probe (median of 5): how fast the machine ran")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class InterferenceRecord:
     load_avg_1m: float = metric("largest 1-minute load average at the end of a repeat")
     interference_repeats: int = metric("repeats used that saw other_cpu_pct or cpu_steal_pct above 10 % (flagged; "
                                        "each was re-measured once when repeats > 1)")
+    machine_speed: float = metric("slowest canary_flops_per_s of the repeats used ÷ the run's median canary (1.0: "
+                                  "the machine ran at its usual speed; below 0.85 the repeat is flagged as "
+                                  "interference, e.g. a noisy neighbour that no process list shows)")
     remeasured: int = metric("repeats measured again because the first measurement saw interference")
 
 

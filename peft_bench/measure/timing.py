@@ -78,6 +78,17 @@ class StepClock:
         return wall, parts
 
 
+def canary_flops(device: str, n: int = 1024, reps: int = 5) -> float:
+    """Median FLOP/s of `reps` float32 n×n matmuls: a fixed probe of how fast the machine runs right now. Read
+    just before and after a cell's timed steps, it exposes slow periods that no process list shows (a noisy
+    neighbour on the host, frequency changes) — compared against the run's median in `peft_bench.bench.repeats`."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    timed(lambda: a @ b, device)  # warm-up
+    times = sorted(timed(lambda: a @ b, device)[1] for _ in range(reps))
+    return 2 * n**3 / times[len(times) // 2]
+
+
 def latency(fn: Callable[[], object], device: str, min_run_time: float) -> Stats:
     """Median and IQR of `fn`'s latency from `torch.utils.benchmark.Timer.blocked_autorange`, which picks a
     per-block repeat count, synchronises CUDA, and runs blocks until `min_run_time` seconds have passed."""
