@@ -36,7 +36,7 @@ BAD = [
     (["--batch-size", "0"], "--batch-size must be a positive int"),
     (["--seq-len", "-4"], "--seq-len must be a positive int"),
     (["--steps", "0"], "--steps must be a positive int"),
-    (["--steps", "2"], "--steps must be at least 3: steps 0 and 1 are instrumented"),
+    (["--steps", "3"], "--steps must be at least 4: one warm-up step, at least one timed step, then 2 instrumented"),
     (["--alpha", "inf"], "--alpha must be a positive float, got 'inf'"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (["--cell-timeout", "0"], "--cell-timeout must be a positive float"),

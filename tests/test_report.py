@@ -32,7 +32,7 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["t5-tiny", "mlp-mnist-tiny"],
-                      out=out, train_steps=3)
+                      out=out, train_steps=4)
     assert run_suite(opts, ["run"]) == 0
     return out
 

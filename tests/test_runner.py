@@ -15,7 +15,7 @@ from peft_bench.bench import report
 from peft_bench.bench.cell import CellSpec, run_cell
 from peft_bench.bench.runner import RunOptions, _run_isolated, run_suite
 
-FAST = dict(train_steps=3, warmup_steps=1, timed_steps=2, latency_seconds=0.02)
+FAST = dict(train_steps=4, warmup_steps=1, timed_steps=1, latency_seconds=0.02)
 
 
 def rows(path):
@@ -51,7 +51,7 @@ def test_run_goes_on_after_failures_and_exit_code_says_so(tmp_path, monkeypatch)
 
     monkeypatch.setattr(runner, "_run_isolated", flaky)
     opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["mlp-mnist-tiny"], out=tmp_path,
-                      train_steps=3)
+                      train_steps=4)
     assert run_suite(opts) == 1
     got = {(r["method"], r["status"]) for r in rows(tmp_path / "metrics.csv")}
     assert got == {("full", "error"), ("lora", "ok"), ("prefix", "unsupported")}
@@ -62,7 +62,7 @@ def test_run_goes_on_after_failures_and_exit_code_says_so(tmp_path, monkeypatch)
 def test_killed_run_keeps_a_valid_csv_and_resume_completes_it(tmp_path):
     """SIGKILL the whole run after its second row, then --resume: no row lost, none duplicated."""
     cmd = [sys.executable, "-m", "peft_bench.cli", "run", "--suite", "smoke", "--workloads", "mlp-mnist-tiny,t5-tiny",
-           "--methods", "full,lora", "--steps", "3", "--out", str(tmp_path)]
+           "--methods", "full,lora", "--steps", "4", "--out", str(tmp_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = tmp_path / "metrics.csv"

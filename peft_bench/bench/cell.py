@@ -3,11 +3,15 @@
 The suite runs each cell in a fresh process (forked from the runner's fork server, or
 `python -m peft_bench.bench.cell SPEC OUT`) so that process-level memory belongs to that cell alone. Order:
 
-    data → process baseline → build base → base output, base latency, base accuracy → apply → parameter counts
-    → training: step 0 counts FLOPs (and the formula's), step 1 runs under the tensor-memory tracker, the rest are
-      warm-up and timed steps; the process peak covers steps 1..N → checks (disabled = base, merge = unmerged,
-      unmerge restores) → accuracy → latency unmerged / merged → checkpoint: save, restore on a fresh base cold
-      and warm, round-trip output, whole-model load cold and warm
+    data → process baseline → build base → base output → apply → parameter counts → training: warm-up steps,
+      timed steps (a matmul canary before and after), one step under the FLOP counter, one under the tensor-memory
+      tracker, the rest of the budget; the process peak covers steps 1..N → checks (disabled = base, merge =
+      unmerged, unmerge restores) → accuracy → latency unmerged / merged → checkpoint: save, restore on a fresh
+      base cold and warm, round-trip output, whole-model load cold and warm → the base rebuilt: its latency and
+      accuracy
+
+A further repeat (`probes="timing"`) runs the same process up to the training and stops after its last timed
+step, so every repeat times its steps in the same state.
 
 The row is the union of the records (`peft_bench.measure.records`) plus the cell's identity.
 """
@@ -35,7 +39,7 @@ from ..methods.base import Method, unique_named_parameters
 from ..workloads import resolve
 from ..workloads.tasks import accuracy, endless, model_inputs
 
-INSTRUMENTED_STEPS = 2  # step 0: FLOP count; step 1: tensor-memory tracker. Neither is timed.
+INSTRUMENTED_STEPS = 2  # after the timed steps: one under the FLOP counter, one under the tensor-memory tracker
 
 
 @dataclass
@@ -97,24 +101,33 @@ def run_cell(spec: CellSpec) -> dict:
     baseline = memory.process_footprint(spec.device)
 
     build = _builder(w, spec)
-    if spec.probes == "timing":
-        return timing_only(spec, method, build, data, form, w)
     model = build()
     check_batch = _on(next(endless(data.test, form, w.batch_size, spec.seed)), spec)
     base_out = _logits(model, check_batch)
-    base_latency = timing.latency(_forward(model, check_batch), spec.device, spec.latency_seconds)
-    test = _to(data.test, spec)
-    base_acc = accuracy(model, test, form, w.batch_size)
     base_bytes = _state_bytes(model)
-
     model = method.apply(model).to(spec.device)
+    if spec.probes == "timing":  # a further repeat: the same process up to here, then only the timed steps
+        _, tim, _ = train_probe(spec, method, model, data, form, w.batch_size, 0, 0, None, w.name, instrument=False)
+        return {**R.as_row(tim), "replica": spec.replica, "status": "ok", "reason": ""}
+
     params = params_probe(method, model)
     mem, tim, flo = train_probe(spec, method, model, data, form, w.batch_size, baseline, base_bytes, params, w.name)
     checks = checks_probe(method, model, check_batch, base_out)
-    acc = R.AccuracyRecord(accuracy(model, test, form, w.batch_size), base_acc, len(data.test))
-    infer = inference_probe(spec, method, model, check_batch, base_latency)
+    test = _to(data.test, spec)
+    trained_acc = accuracy(model, test, form, w.batch_size)
+    unmerged, merged = inference_probe(spec, method, model, check_batch)
     ckpt, roundtrip = checkpoint_probe(spec, method, model, build, check_batch, base_out, checks.check_tolerance)
     checks = dataclasses.replace(checks, roundtrip_max_abs_diff=roundtrip)
+    # The base model, rebuilt (seeded: the same weights the method was applied to), measured last so that no
+    # probe runs in the process before the timed steps that a further repeat does not also run.
+    del model
+    base = build()
+    base_latency = timing.latency(_forward(base, check_batch), spec.device, spec.latency_seconds)
+    base_acc = accuracy(base, test, form, w.batch_size)
+    del base
+    acc = R.AccuracyRecord(trained_acc, base_acc, len(data.test))
+    infer = R.InferenceRecord(base_latency.median, base_latency.iqr, unmerged.median, unmerged.iqr, merged.median,
+                              merged.iqr)
 
     row = {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
            "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length, "lr": spec.lr,
@@ -147,13 +160,6 @@ def method_config(method: Method, build) -> str:
             v = f"{v:g}"
         parts.append(f"{k}={v}")
     return " ".join(parts)
-
-
-def timing_only(spec: CellSpec, method: Method, build, data, form, w) -> dict:
-    """A further repeat of a cell: the same model, data order and steps up to the last timed one, nothing else."""
-    model = method.apply(build()).to(spec.device)
-    _, tim, _ = train_probe(spec, method, model, data, form, w.batch_size, 0, 0, None, w.name, instrument=False)
-    return {**R.as_row(tim), "replica": spec.replica, "status": "ok", "reason": ""}
 
 
 def _workload(spec: CellSpec):
@@ -233,11 +239,14 @@ def params_probe(method: Method, model: nn.Module) -> R.ParamsRecord:
 
 def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, batch_size: int, baseline: int,
                 base_bytes: int, params: R.ParamsRecord | None, label: str, instrument: bool = True):
-    """The training steps: FLOPs on step 0, tensor memory on step 1, then warm-up and timed steps.
+    """The training steps: warm-up, the timed steps, then one step under the FLOP counter and one under the
+    tensor-memory tracker, then the rest of the budget.
 
-    Each step is timed whole (one synchronisation at its end) and split by marks between forward, backward and
-    optimizer. `instrument=False` (a further repeat): steps 0 and 1 are plain warm-up and the loop ends after the
-    last timed step. Returns (memory, timing, FLOPs), memory and FLOPs None when not instrumented."""
+    The instrumented steps come after the timed ones so that the timed steps run in the same process state in every
+    repeat (a further repeat, `instrument=False`, ends after its last timed step). Each timed step is timed whole
+    (one synchronisation at its end) and split by marks between forward, backward and optimizer; a matmul canary is
+    read just before and after them. Returns (memory, timing, FLOPs); memory and FLOPs are None when not
+    instrumented."""
     device = spec.device
     trainable = method.trainable_parameters(model)
     opt = torch.optim.AdamW(trainable.values(), lr=spec.lr)
@@ -264,47 +273,42 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         return wall, split
 
     _inject(spec.inject_fault, model)
-    if spec.train_steps < INSTRUMENTED_STEPS + 1:
-        raise CellError(f"train_steps {spec.train_steps} leaves no timed step ({INSTRUMENTED_STEPS} are instrumented)")
-    start = max(spec.warmup_steps, INSTRUMENTED_STEPS)
-    last = spec.train_steps if instrument else min(spec.train_steps, start + spec.timed_steps)
+    start, end = spec.warmup_steps, spec.warmup_steps + spec.timed_steps
+    last = end + INSTRUMENTED_STEPS if instrument else end
+    if start < 1 or spec.timed_steps < 1 or spec.train_steps < last:
+        raise CellError(f"train_steps {spec.train_steps} cannot hold {spec.warmup_steps} warm-up, {spec.timed_steps} "
+                        f"timed and {INSTRUMENTED_STEPS} instrumented steps (at least one warm-up and one timed)")
+    last = spec.train_steps if instrument else end
     bar = _progress(last, f"{spec.method} × {label}")
-    batch = _on(next(stream), spec)
-    padded = batch["input_ids"].numel() if "input_ids" in batch else batch_size
-    counted = analytic = 0
+    counted = analytic = padded = 0
     tracker = None
     canary = float("nan")
-    if instrument:
-        box: dict[str, int] = {}
-        counted = count_flops(lambda: box.update(analytic=analytic_flops(
-            model, lambda: step(batch), getattr(model, "config", None), batch, method.extra_input_tokens,
-            method.extra_key_tokens)))
-        analytic = box["analytic"]
-    else:
-        step(batch)
+    step(_on(next(stream), spec))  # step 0: first-call allocations and the optimizer state
     bar.update()
     with memory.track_process_peak(device) as proc:
-        batch = _on(next(stream), spec)
-        opt.zero_grad(set_to_none=True)
-        if instrument:
-            with memory.StepMemoryTracker(model, opt) as tracker:
-                step(batch)
-        else:
-            step(batch)
-        del batch
-        bar.update()
-        for i in range(INSTRUMENTED_STEPS, last):
+        for i in range(1, last):
             batch = _on(next(stream), spec)
             if i == start:
                 canary = timing.canary_flops(device)
-            wall, (tf, tb, to) = step(batch)
-            if start <= i < start + spec.timed_steps:
-                walls.append(wall)
-                for k, v in zip(parts, (tf, tb, to)):
-                    parts[k].append(v)
-                real_tokens.append(form.tokens(batch))
-                if i == start + spec.timed_steps - 1 or i == last - 1:
-                    canary = min(canary, timing.canary_flops(device))
+            if instrument and i == end:  # the FLOP count: a real step under torch.utils.flop_counter
+                padded = batch["input_ids"].numel() if "input_ids" in batch else batch_size
+                counted, analytic = _counted_step(model, method, step, batch)
+            elif instrument and i == end + 1:  # the tensor-memory tracker on a steady-state step
+                opt.zero_grad(set_to_none=True)
+                with memory.StepMemoryTracker(model, opt) as tracker:
+                    step(batch)
+            else:
+                wall, (tf, tb, to) = step(batch)
+                if start <= i < end:
+                    walls.append(wall)
+                    for k, v in zip(parts, (tf, tb, to)):
+                        parts[k].append(v)
+                    real_tokens.append(form.tokens(batch))
+                    if i == end - 1:
+                        canary = min(canary, timing.canary_flops(device))
+                    if not padded:
+                        padded = batch["input_ids"].numel() if "input_ids" in batch else batch_size
+            del batch
             bar.update()
     bar.close()
     if not all(math.isfinite(x) for x in losses):
@@ -328,6 +332,15 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     flo = R.FlopsRecord(counted, analytic, counted / analytic if analytic else float("nan"), counted / st.median, peak,
                         100 * counted / st.median / peak)
     return mem, tim, flo
+
+
+def _counted_step(model: nn.Module, method: Method, step, batch: dict) -> tuple[int, int]:
+    """Run one training step under the FLOP counter; (FLOPs counted, FLOPs by formula)."""
+    box: dict[str, int] = {}
+    counted = count_flops(lambda: box.update(analytic=analytic_flops(
+        model, lambda: step(batch), getattr(model, "config", None), batch, method.extra_input_tokens,
+        method.extra_key_tokens)))
+    return counted, box["analytic"]
 
 
 def _first_bad(xs: list[float]) -> int:
@@ -398,8 +411,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def inference_probe(spec: CellSpec, method: Method, model: nn.Module, batch: dict,
-                    base: timing.Stats) -> R.InferenceRecord:
+def inference_probe(spec: CellSpec, method: Method, model: nn.Module, batch: dict) -> tuple[timing.Stats, timing.Stats]:
+    """Forward latency of the trained model unmerged, and merged where the method can merge."""
     model.eval()
     fwd = _forward(model, batch)
     unmerged = timing.latency(fwd, spec.device, spec.latency_seconds)
@@ -408,7 +421,7 @@ def inference_probe(spec: CellSpec, method: Method, model: nn.Module, batch: dic
         method.merge(model)
         merged = timing.latency(fwd, spec.device, spec.latency_seconds)
         method.unmerge(model)
-    return R.InferenceRecord(base.median, base.iqr, unmerged.median, unmerged.iqr, merged.median, merged.iqr)
+    return unmerged, merged
 
 
 def checkpoint_probe(spec: CellSpec, method: Method, model: nn.Module, build: Callable[[], nn.Module], batch: dict,

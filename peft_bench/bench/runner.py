@@ -83,9 +83,10 @@ def plan(opts: RunOptions) -> list[CellSpec]:
 
         resolve(None, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
                 allow_pickle=opts.allow_pickle)
-    if opts.train_steps is not None and opts.train_steps < INSTRUMENTED_STEPS + 1:
-        raise UserError(f"--steps must be at least {INSTRUMENTED_STEPS + 1}: steps 0 and 1 are instrumented (FLOP "
-                        f"count, tensor-memory tracker) and timing starts at step 2, got {opts.train_steps}")
+    if opts.train_steps is not None and opts.train_steps < INSTRUMENTED_STEPS + 2:
+        raise UserError(f"--steps must be at least {INSTRUMENTED_STEPS + 2}: one warm-up step, at least one timed "
+                        f"step, then {INSTRUMENTED_STEPS} instrumented steps (FLOP count, tensor-memory tracker), got "
+                        f"{opts.train_steps}")
     cells = []
     for w in workloads:
         b = budget(suite, w or "*")
@@ -96,7 +97,8 @@ def plan(opts: RunOptions) -> list[CellSpec]:
                 method=m, workload=w or "", device=opts.device, seed=opts.seed,
                 method_options=_options_for(m, opts.method_options or {}), batch_size=opts.batch_size,
                 max_length=opts.max_length, dtype=opts.dtype, lr=learning_rate(m, family),
-                warmup_steps=min(b.warmup_steps, steps - 1), timed_steps=max(1, min(b.timed_steps, steps - b.warmup_steps)),
+                warmup_steps=(wu := max(1, min(b.warmup_steps, steps - INSTRUMENTED_STEPS - 1))),
+                timed_steps=max(1, min(b.timed_steps, steps - wu - INSTRUMENTED_STEPS)),
                 train_steps=steps, latency_seconds=b.latency_seconds, model=opts.model, dataset=opts.dataset,
                 trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
     for c in cells:  # options are validated here, before the first cell runs

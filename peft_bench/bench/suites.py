@@ -17,7 +17,7 @@ from ..registry import Registry
 @dataclass(frozen=True)
 class Budget:
     train_steps: int
-    warmup_steps: int = 2  # steps before the first timed one (the two instrumented steps count here)
+    warmup_steps: int = 2  # steps before the first timed one (the two instrumented steps follow the timed ones)
     timed_steps: int = 5
     latency_seconds: float = 0.5  # min_run_time of each inference latency (base, unmerged, merged)
 
@@ -42,13 +42,13 @@ def learning_rate(method: str, family: str) -> float:
 SUITES: Registry[Suite] = Registry("suite")
 for _suite in (
     Suite("smoke", ("mlp-mnist-tiny", "minilm-sentiment-tiny", "gpt-neo-tiny", "t5-tiny"),
-                   {"*": Budget(train_steps=8, warmup_steps=3, timed_steps=5, latency_seconds=0.2)},
+                   {"*": Budget(train_steps=8, warmup_steps=1, timed_steps=5, latency_seconds=0.2)},
           aa=("lora", "gpt-neo-tiny")),
     Suite("default", ("mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                      {"mlp-mnist": Budget(train_steps=400, warmup_steps=5, timed_steps=50),  # one epoch, batch 10
                       "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
-                      "gpt-neo-125m-arch": Budget(train_steps=11, warmup_steps=3, timed_steps=8, latency_seconds=1),
-                      "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=10, latency_seconds=1)},
+                      "gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=8, latency_seconds=1),
+                      "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=8, latency_seconds=1)},
           repeats=3, aa=("lora", "gpt-neo-125m-arch")),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
           {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, latency_seconds=2)},
