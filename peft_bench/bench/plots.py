@@ -68,7 +68,7 @@ def trainable_params(groups, path: Path) -> None:
 
 
 def peak_memory(groups, path: Path) -> None:
-    fig, axes = _grid(len(groups))
+    fig, axes = _grid(len(groups), width=4.8)
     for ax, (wl, g) in zip(axes, groups):
         left = [0.0] * len(g)
         for col, label in COMPONENTS:  # parts of the tensor peak: ≥ 0 and summing to it exactly
@@ -79,7 +79,7 @@ def peak_memory(groups, path: Path) -> None:
                    label="process peak", zorder=3)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
-        ax.set_xlabel("MiB (bars: tensor peak by part; |: process peak)")
+        ax.set_xlabel("MiB (bars: tensor peak; |: process peak)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
     fig.suptitle("Peak training memory by component")

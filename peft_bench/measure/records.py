@@ -123,8 +123,9 @@ class FlopsRecord:
 
 @dataclass(frozen=True)
 class InferenceRecord:
-    inference_base_s: float = metric("median forward latency of the base model before the method was applied "
-                                     "(torch.utils.benchmark blocked_autorange)", "lower")
+    inference_base_s: float = metric("median forward latency of the base model as built, without the method "
+                                     "(rebuilt with the same seed at the end of the cell; torch.utils.benchmark "
+                                     "blocked_autorange)", "lower")
     inference_base_iqr_s: float = metric("IQR of the base model's forward latency")
     inference_adapter_s: float = metric("median forward latency of the trained model, adapter unmerged", "lower")
     inference_adapter_iqr_s: float = metric("IQR of the unmerged forward latency")
@@ -166,7 +167,8 @@ class CheckpointRecord:
 @dataclass(frozen=True)
 class AccuracyRecord:
     accuracy: float = metric("share of the held-out split labelled correctly after the training budget", "higher")
-    base_accuracy: float = metric("the same before training (the base model as built)")
+    base_accuracy: float = metric("the same for the base model as built, before any training (rebuilt with the "
+                                  "same seed at the end of the cell)")
     test_examples: int = metric("size of the held-out split")
 
 
