@@ -29,6 +29,16 @@ def _save(fig, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _save_legend_below(fig, ax, path: Path, title: str, ncol: int, bottom: tuple[float, float], panels: int) -> None:
+    """Save with `ax`'s legend below the panels (never over data); `bottom` reserves room for one or two rows."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=ncol)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, bottom[0] if panels <= 2 else bottom[1], 1, 1))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def make_all(df, out: Path) -> None:
     ok = df[df.status == "ok"]
     if ok.empty:
@@ -80,12 +90,7 @@ def peak_memory(groups, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel("MiB (bars: tensor peak; |: process peak)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3)
-    fig.suptitle("Peak training memory by component")
-    fig.tight_layout(rect=(0, 0.14 if len(groups) <= 2 else 0.07, 1, 1))
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save_legend_below(fig, axes[0], path, "Peak training memory by component", 3, (0.14, 0.07), len(groups))
 
 
 def reference(g) -> tuple[str, float]:
@@ -117,12 +122,8 @@ def step_time(groups, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel(f"step time ÷ {name}'s ({_sig(ref * 1e3)} ms)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
-    fig.suptitle("Training step time relative to a reference (full fine-tuning where present)")
-    fig.tight_layout(rect=(0, 0.08 if len(groups) <= 2 else 0.05, 1, 1))
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save_legend_below(fig, axes[0], path, "Training step time relative to a reference (full fine-tuning where "
+                       "present)", 4, (0.08, 0.05), len(groups))
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:

@@ -68,17 +68,22 @@ def write_samples(path: Path, samples: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def read_samples(path: Path) -> list[dict]:
-    """Rows of an existing repeats.csv ([] if none); a file that is not one of ours is refused, untouched."""
-    if not path.exists():
-        return []
+def _read_csv(path: Path) -> tuple[set[str], list[dict]]:
+    """(header, rows) of a CSV; one that does not parse is refused, untouched."""
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
-            header = set(reader.fieldnames or [])
+            return set(reader.fieldnames or []), rows
     except (csv.Error, UnicodeDecodeError) as e:
         raise _malformed(path, str(e)) from None
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Rows of an existing repeats.csv ([] if none); a file that is not one of ours is refused, untouched."""
+    if not path.exists():
+        return []
+    header, rows = _read_csv(path)
     if not {"cell_key", "repeat", "step_time_s"} <= header or any(None in r for r in rows):
         raise _malformed(path, "not a repeats file")
     return rows
@@ -88,13 +93,7 @@ def read_rows(path: Path) -> list[dict]:
     """Rows of an existing metrics.csv ([] if none). A file that is not one of ours is refused, untouched."""
     if not path.exists():
         return []
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            header = set(reader.fieldnames or [])
-            rows = list(reader)
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise _malformed(path, str(e)) from None
+    header, rows = _read_csv(path)
     if not REQUIRED <= header:
         raise _malformed(path, f"missing columns {', '.join(sorted(REQUIRED - header))}")
     if any(None in r or not r.get("cell_key") for r in rows):
