@@ -206,7 +206,7 @@ def test_summary_states_the_noise_floor_and_renders(repeated):
     assert len(found) >= 3
     main_table = found[0]
     assert "options" in main_table[0] and any("r=8" in c for row in main_table for c in row)
-    assert any("n=200" in c for row in main_table for c in row)  # accuracy with its n
+    assert any(c == "n/a: random weights" for row in main_table for c in row)  # no accuracy on random weights
 
 
 def test_compare_same_results_is_zero_and_a_slower_method_is_named(repeated, tmp_path, capsys):
@@ -286,3 +286,20 @@ def test_a_repeat_on_a_slow_machine_is_flagged_by_its_canary():
 def test_canary_measures_matmul_speed():
     flops = timing.canary_flops("cpu", n=256, reps=3)
     assert 1e8 < flops < 1e14
+
+
+def test_wilson_interval_matches_its_closed_form():
+    lo, hi = stats.wilson(8, 10)  # the textbook example: 8 of 10, 95 %: 0.4902–0.9433
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert stats.wilson(0, 10)[0] == 0 and round(stats.wilson(0, 10)[1], 4) == 0.2775
+    assert stats.wilson(10, 10)[1] == 1
+
+
+def test_accuracy_is_shown_with_its_interval_only_on_pretrained_bases_and_never_for_a_cell_that_did_not_learn():
+    base = {"method": "lora", "accuracy": 0.75, "base_accuracy": 0.5, "test_examples": 600, "final_loss": 0.4,
+            "first_losses": "[0.7, 0.69, 0.68]", "pretrained": "True"}
+    row = pd.Series(base)
+    assert report._accuracy_cell(row) == "0.750 (0.714–0.783), n=600; base 0.500"
+    assert report._accuracy_cell(pd.Series({**base, "pretrained": "False"})) == "n/a: random weights"
+    stuck = pd.Series({**base, "final_loss": 0.71})
+    assert report._accuracy_cell(stuck).startswith("did not learn: ") and "not ranked" in report._notes(stuck)

@@ -38,12 +38,13 @@ def run_dir(tmp_path_factory):
 
 
 def test_report_command_rebuilds_plots_and_summary_from_the_csv(run_dir, capsys):
-    made = ["summary.md", "trainable_params.png", "peak_memory.png", "step_time.png", "accuracy_vs_memory.png"]
+    made = ["summary.md", "trainable_params.png", "peak_memory.png", "step_time.png"]
     for name in made:
         (run_dir / name).unlink()
     assert main(["report", str(run_dir)]) == 0
     for name in made:
         assert (run_dir / name).stat().st_size > 0
+    assert not (run_dir / "accuracy_vs_memory.png").exists()  # random-weight workloads only: no accuracy plot
     text = (run_dir / "summary.md").read_text()
     assert "Made by `peft-bench run`" in text and "## t5-tiny" in text and "## mlp-mnist-tiny" in text
     assert "prefix |" in text and "unsupported: prefix needs a transformer" in text

@@ -47,7 +47,11 @@ def make_all(df, out: Path) -> None:
     trainable_params(groups, out / "trainable_params.png")
     peak_memory(groups, out / "peak_memory.png")
     step_time(groups, out / "step_time.png")
-    accuracy_vs_memory(groups, out / "accuracy_vs_memory.png")
+    trained = [(wl, g) for wl, g in groups if str(g.pretrained.iloc[0]).lower() == "true"]
+    if trained:  # accuracy on a random-weight base is noise: never plotted, never on a Pareto front
+        accuracy_vs_memory(trained, out / "accuracy_vs_memory.png")
+    else:
+        (out / "accuracy_vs_memory.png").unlink(missing_ok=True)
 
 
 def _sig(x: float) -> str:
@@ -136,33 +140,41 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 
 def accuracy_vs_memory(groups, path: Path) -> None:
-    """One marker per method (same colour in every panel, named in the legend); the Pareto front ringed in red."""
+    """Pretrained workloads only. One marker per method (same colour in every panel, named in the legend) with its
+    95 % Wilson interval; the Pareto front ringed in red, drawn over the cells that learned."""
+    from ..measure.stats import wilson
+    from .report import learned
+
     methods = list(dict.fromkeys(m for _, g in groups for m in g.method))
-    colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
-    markers = dict(zip(methods, "osD^vP*X"))
-    fig, axes = _grid(len(groups))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    markers = {m: "osD^vP*Xph<>"[i % 12] for i, m in enumerate(methods)}
+    fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.6, height=4.0)
     for ax, (wl, g) in zip(axes, groups):
-        mem = (g.tensor_peak_bytes / 2**20).tolist()
-        acc = g.accuracy.tolist()
-        for m, a, name in zip(mem, acc, g.method):
-            ax.scatter([m], [a], color=colours[name], marker=markers[name], s=40, zorder=3, label=name)
-        front = pareto(list(zip(mem, acc)))
-        ax.plot([mem[i] for i in front], [acc[i] for i in front], color="tab:red", lw=1, zorder=2)
-        ax.scatter([mem[i] for i in front], [acc[i] for i in front], s=140, facecolors="none", edgecolors="tab:red",
-                   zorder=4, label="Pareto front")
+        rows = [r for _, r in g.iterrows()]
+        for r in rows:
+            mem, a, n = r.tensor_peak_bytes / 2**20, r.accuracy, r.test_examples
+            lo, hi = wilson(round(a * n), n)
+            ax.errorbar([mem], [a], yerr=[[a - lo], [hi - a]], color=colours[r.method], marker=markers[r.method],
+                        ms=6, capsize=2, lw=0.8, zorder=3, label=r.method,
+                        mfc="none" if not learned(r) else colours[r.method])
+        ok = [r for r in rows if learned(r)]
+        pts = [(r.tensor_peak_bytes / 2**20, r.accuracy) for r in ok]
+        front = pareto(pts)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", lw=1, zorder=2)
+        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=160, facecolors="none",
+                   edgecolors="tab:red", zorder=4, label="Pareto front (cells that learned)")
         base = g.base_accuracy.dropna()
         if len(base):
             ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base, before training")
-        pre = str(g.pretrained.iloc[0]).lower() == "true"
-        ax.set_title(f"{wl}{'' if pre else ' (base not pretrained)'}", fontsize=10)
+        ax.set_title(f"{wl} (n={int(rows[0].test_examples):,})", fontsize=10)
         ax.set_xlabel("tensor peak of a training step (MiB)")
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel("held-out accuracy (95% Wilson CI)")
     handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(len(handles), 5))
-    fig.suptitle("Accuracy vs peak memory")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(len(handles), 3))
+    fig.suptitle("Accuracy vs peak memory\n(hollow marker: training loss did not go down)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.16 if len(groups) <= 2 else 0.08, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -238,7 +238,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 MAIN = ["method", "options", "trainable params (% of total)", "tensor peak MiB",
         "weights / grads / optim / activations / temps MiB", "process peak MiB", "step ms (95% CI)",
         "step vs full (95% CI)", "fwd / bwd / opt ms", "samples/s", "% of matmul peak",
-        "inference base / unmerged / merged ms", "accuracy (base), n", "notes"]
+        "inference base / unmerged / merged ms", "accuracy (95% Wilson CI), n; base", "notes"]
 CKPT = ["method", "checkpoint", "holds", "trainable tensors", "restore cold / warm ms",
         "whole-model load cold / warm ms", "round-trip max abs diff"]
 
@@ -270,6 +270,9 @@ def _notes(r) -> str:
     if _num(r, "interference_repeats") > 0:
         notes.append(f"interference in {int(_num(r, 'interference_repeats'))} repeat(s) (others used up to "
                      f"{sig(_num(r, 'other_cpu_pct'))}% CPU)")
+    if not learned(r):
+        notes.append(f"did not learn (training loss {sig(json.loads(r.first_losses)[0])} → {sig(_num(r, 'final_loss'))}"
+                     "): not ranked")
     if _num(r, "remeasured") > 0:
         notes.append(f"{int(_num(r, 'remeasured'))} repeat(s) re-measured")
     return "; ".join(notes)
@@ -280,7 +283,6 @@ def _main_row(r, floor: float) -> list[str]:
         return [r.method, str(r.get("method_config") or "")] + [""] * (len(MAIN) - 3) + [f"{r.status}: {r.reason}"]
     parts = " / ".join(_mib(r[c]) for c in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
                                             "temporaries_bytes"))
-    n = _num(r, "test_examples")
     return [r.method, str(r.get("method_config") or "") or "–",
             f"{int(r.trainable_params):,} ({sig(r.trainable_pct)}%)", _mib(r.tensor_peak_bytes), parts,
             _mib(r.process_peak_bytes),
@@ -289,7 +291,35 @@ def _main_row(r, floor: float) -> list[str]:
             f"{_ms(r.forward_s)} / {_ms(r.backward_s)} / {_ms(r.optimizer_s)}", sig(r.samples_per_s),
             sig(r.pct_of_matmul_peak),
             f"{_ms(r.inference_base_s)} / {_ms(r.inference_adapter_s)} / {_ms(r.inference_merged_s) or '–'}",
-            f"{r.accuracy:.3f} ({r.base_accuracy:.3f}), n={int(n):,}" if n == n else "", _notes(r) or "ok"]
+            _accuracy_cell(r), _notes(r) or "ok"]
+
+
+def pretrained(r) -> bool:
+    return str(r.get("pretrained", "")).lower() == "true"
+
+
+def learned(r) -> bool:
+    """The training loss at the last step is below the first step's (a method whose loss never moved learned
+    nothing, whatever its accuracy)."""
+    try:
+        first = json.loads(r.get("first_losses") or "[]")[0]
+    except (ValueError, IndexError, TypeError):
+        return True
+    return _num(r, "final_loss") < first
+
+
+def _accuracy_cell(r) -> str:
+    """Accuracy with its 95 % Wilson interval and n; none on a random-weight base (it would be noise)."""
+    from ..measure.stats import wilson
+
+    n = _num(r, "test_examples")
+    if not pretrained(r):
+        return "n/a: random weights"
+    if n != n:
+        return ""
+    lo, hi = wilson(round(r.accuracy * n), n)
+    text = f"{r.accuracy:.3f} ({lo:.3f}–{hi:.3f}), n={int(n):,}; base {r.base_accuracy:.3f}"
+    return text if learned(r) else f"did not learn: {text}"
 
 
 def _ckpt_row(r) -> list[str]:
@@ -380,7 +410,11 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
         "temporaries_bytes", "process_peak_bytes", "step_time_s", "step_time_ci_low_s", "step_time_vs_full",
         "step_time_split_s", "aa_ratio", "other_cpu_pct", "pct_of_matmul_peak", "inference_base_s",
         "checkpoint_bytes", "adapter_switch_cold_s", "full_model_load_cold_s", "check_tolerance")] + [""]
-    lines += ["Plots: `trainable_params.png`, `peak_memory.png`, `step_time.png`, `accuracy_vs_memory.png`. Every "
+    lines += ["Accuracy is shown only on pretrained bases, with its 95 % Wilson interval and the number of held-out "
+              "examples; a cell whose training loss did not go down is marked \"did not learn\", not ranked.", ""]
+    lines += ["Plots: `trainable_params.png`, `peak_memory.png`, `step_time.png`"
+              + (", `accuracy_vs_memory.png` (pretrained workloads)" if main.pretrained.astype(str).str.lower()
+                 .eq("true").any() else "") + ". Every "
               "step time of every repeat: `repeats.csv`.", ""]
     return "\n".join(lines)
 

@@ -88,3 +88,15 @@ def verdict(ratio: Estimate, floor: float = 0.0, lower_is_better: bool = True) -
     if lower_is_better:
         return "faster" if ratio.value < 1 else "slower"
     return "higher" if ratio.value > 1 else "lower"
+
+
+def wilson(correct: float, n: float, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion correct / n (stays inside [0, 1] and is sound at 0 or n)."""
+    if not n or n != n or correct != correct:
+        return math.nan, math.nan
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low = 0.0 if correct <= 0 else max(0.0, centre - half)
+    high = 1.0 if correct >= n else min(1.0, centre + half)
+    return low, high
