@@ -55,8 +55,9 @@ def test_run_goes_on_after_failures_and_exit_code_says_so(tmp_path, monkeypatch)
     assert run_suite(opts) == 1
     got = {(r["method"], r["status"]) for r in rows(tmp_path / "metrics.csv")}
     assert got == {("full", "error"), ("lora", "ok"), ("prefix", "unsupported")}
-    for name in ["summary.md", "environment.json", "peak_memory.png", "accuracy_vs_memory.png"]:
+    for name in ["summary.md", "environment.json", "peak_memory.png", "step_time.png"]:
         assert (tmp_path / name).is_file()
+    assert not (tmp_path / "accuracy_vs_memory.png").exists()  # random weights: accuracy is never plotted
 
 
 def test_killed_run_keeps_a_valid_csv_and_resume_completes_it(tmp_path):
