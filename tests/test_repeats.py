@@ -271,7 +271,7 @@ def test_repeats_must_be_a_positive_integer(value, tmp_path, capsys):
 
 def test_a_repeat_on_a_slow_machine_is_flagged_by_its_canary():
     """No process list shows a noisy neighbour on the host; the matmul canary does."""
-    from peft_bench.bench.repeats import disturbed, speeds
+    from peft_bench.bench.repeats import disturbed, speeds, to_remeasure
 
     rows = [_row("lora")]
     samples = _samples("lora", [1.0, 1.6, 1.05])
@@ -279,6 +279,7 @@ def test_a_repeat_on_a_slow_machine_is_flagged_by_its_canary():
         s["canary_flops_per_s"] = c
     speed = speeds(samples)
     assert [disturbed(s, speed) for s in samples] == [False, True, False]
+    assert [(s["repeat"], why) for s, why in to_remeasure(samples)] == [(1, "machine at 0.67× its usual speed")]
     (row,) = aggregate(rows, samples)
     assert row["interference_repeats"] == 1 and row["machine_speed"] == pytest.approx(100 / 150)
 

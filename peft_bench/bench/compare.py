@@ -116,9 +116,8 @@ def _fmt(metric: str, x: float) -> str:
 
 def judge(base_rows: list[dict], base_env: dict, new_rows: list[dict], new_env: dict,
           exact_only: bool = False) -> list[Line]:
-    floor = max(floor_of(base_rows)[0], floor_of(new_rows)[0])
-    if floor_of(base_rows)[1] is None and floor_of(new_rows)[1] is None:
-        floor = DEFAULT_FLOOR
+    (base_floor, base_aa), (new_floor, new_aa) = floor_of(base_rows), floor_of(new_rows)
+    floor = DEFAULT_FLOOR if base_aa is None and new_aa is None else max(base_floor, new_floor)
     versions = _diff(base_env, new_env, VERSIONS) if base_env and new_env else ""
     machine = _diff(base_env, new_env, MACHINE) if base_env and new_env else ""
     base = {_identity(r)[0]: r for r in base_rows}

@@ -12,7 +12,6 @@ import json
 import statistics
 from collections import defaultdict
 
-from ..measure.interference import THRESHOLD_PCT
 from ..measure.stats import Estimate, bootstrap, noise_floor, paired_ratio
 
 TIMES = ("step_time_s", "step_time_split_s", "forward_s", "backward_s", "optimizer_s")
@@ -25,7 +24,7 @@ SLOW = 0.85  # a repeat whose canary ran below this share of the run's median ca
 def sample(row: dict, key: str, repeat: int, remeasured: bool = False) -> dict:
     """One repeat's timing, from a cell row (full or timing-only)."""
     s = {c: row.get(c, "") for c in SAMPLE_COLUMNS}
-    busy = _f(row.get("other_cpu_pct")) > THRESHOLD_PCT or _f(row.get("cpu_steal_pct")) > THRESHOLD_PCT
+    busy = _int0(row.get("interference_repeats")) > 0  # the runner's verdict (`interference.Load.busy`)
     s.update(cell_key=key, repeat=repeat, used=True, remeasured=remeasured, busy=busy, replica=row.get("replica", 0))
     return s
 
@@ -58,6 +57,15 @@ def speeds(samples: list[dict]) -> dict[int, float]:
 def disturbed(s: dict, speed: dict[int, float]) -> bool:
     """Other processes or steal above the threshold, or the machine itself ran slow (canary)."""
     return _true(s.get("busy")) or speed.get(id(s), 1.0) < SLOW
+
+
+def to_remeasure(samples: list[dict]) -> list[tuple[dict, str]]:
+    """The samples that count but were disturbed and not yet measured again, each with why."""
+    speed = speeds(samples)
+    return [(s, "other processes" if _true(s.get("busy")) else
+             f"machine at {speed.get(id(s), float('nan')):.2f}× its usual speed")
+            for s in samples if str(s.get("status")) == "ok" and _true(s.get("used")) and disturbed(s, speed)
+            and not _true(s.get("remeasured"))]
 
 
 def used(samples: list[dict]) -> dict[str, dict[int, dict]]:

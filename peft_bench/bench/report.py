@@ -354,11 +354,9 @@ def pairwise(g, samples: list[dict], floor: float) -> list[str]:
 
 
 def summary(df, env: dict, samples: list[dict] | None = None) -> str:
-    from .repeats import floor_of
-
     samples = samples or []
     rows = [r for _, r in df.iterrows()]
-    floor, aa = floor_of([r.to_dict() for r in rows])
+    floor, aa = floor_of_frame(df)
     lines = ["# peft-bench results", ""]
     if env:
         lines += [f"Made by `{env.get('command', '?')}` on {env.get('date_utc', '?')}: {env.get('cpu', '?')}, "

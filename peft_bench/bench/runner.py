@@ -174,7 +174,7 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
             samples.append(rep.sample(row, key, r, remeasured=remeasure))
         save()
         flag = " [interference: other processes used {:.0f}% of the CPU]".format(float(row["other_cpu_pct"])) \
-            if row["status"] == "ok" and rep.sample(row, key, r)["busy"] else ""
+            if row["status"] == "ok" and row.get("interference_repeats") else ""
         print(f"{label}: {row['status']}{' — ' + row['reason'] if row.get('reason') else ''} ({seconds:.1f}s){flag}",
               file=sys.stderr)
         return row
@@ -194,14 +194,10 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
                     continue  # unsupported or failed in the first round: nothing to repeat
             measure(spec, r, label)
     if n_rounds > 1:  # a disturbed repeat (other processes, steal, or a slow machine) is measured once more
-        speed = rep.speeds(samples)
-        for s in [s for s in samples if s.get("status") == "ok" and rep._true(s.get("used"))
-                  and rep.disturbed(s, speed) and not rep._true(s.get("remeasured"))]:
+        for s, why in rep.to_remeasure(samples):
             spec = next((c for c in cells if c.key() == s["cell_key"]), None)
             if spec is None:
                 continue
-            why = "other processes" if rep._true(s.get("busy")) else \
-                f"machine at {speed.get(id(s), float('nan')):.2f}× its usual speed"
             row = measure(spec, int(s["repeat"]), f"re-measure {spec.method} × {spec.workload}, repeat "
                                                   f"{int(s['repeat']) + 1} ({why})", remeasure=True)
             if row["status"] == "ok":
