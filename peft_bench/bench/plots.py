@@ -178,3 +178,40 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.16 if len(groups) <= 2 else 0.08, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def accuracy_across_seeds(seeds, path: Path) -> None:
+    """One panel per pretrained workload: each method's mean accuracy over seeds with its 95 % t interval (bar),
+    every seed as a dot, the majority rate and the base model's zero-shot accuracy as lines."""
+    if seeds is None or not len(seeds):
+        path.unlink(missing_ok=True)
+        return
+    import json
+
+    groups = list(seeds.groupby("workload", sort=False))
+    fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.8, height=3.8)
+    for ax, (wl, g) in zip(axes, groups):
+        y = range(len(g))
+        for i, (_, r) in zip(y, g.iterrows()):
+            hollow = r.learned_seeds < len(str(r.seeds).split(","))
+            ax.errorbar([r.accuracy_mean], [i], xerr=[[r.accuracy_mean - r.accuracy_ci_low],
+                                                      [r.accuracy_ci_high - r.accuracy_mean]],
+                        fmt="o", color="tab:blue", mfc="none" if hollow else "tab:blue", capsize=3, zorder=3)
+            ax.scatter(json.loads(r.accuracies), [i] * len(json.loads(r.accuracies)), s=10, color="black", zorder=4)
+        ax.axvline(float(g.majority_rate.iloc[0]), color="tab:red", ls="--", lw=0.8, label="majority rate")
+        base = g.base_accuracy.dropna()
+        if len(base):
+            ax.axvline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base (zero-shot)")
+        ax.set_yticks(list(y), list(g.method))
+        ax.invert_yaxis()
+        ax.set_title(f"{wl} (test n={int(g.test_examples.iloc[0]):,}, {int(g.train_steps.iloc[0])} steps)", fontsize=9)
+        ax.set_xlabel("test accuracy: mean over seeds, 95% CI; dots = seeds")
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=len(handles) or 1)
+    fig.suptitle("Accuracy across training seeds (hollow: did not learn in some seed)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

@@ -21,10 +21,11 @@ from ..measure import records
 
 # The cell's identity first, then every record's fields (`peft_bench.measure.records`), then bookkeeping.
 IDENTITY = ["method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task",
-            "family", "batch_size", "seq_len", "lr", "seed", "train_steps", "tokenizer"]
+            "family", "batch_size", "seq_len", "lr", "seed", "train_steps", "split", "tokenizer"]
 BOOKKEEPING = ["suite", "cell_seconds", "cell_key"]
 COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
 TEXT = {"method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task", "family",
+        "split",
         "tokenizer", "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format",
         "static_matches_closed_form"}
 REQUIRED = {"method", "workload", "status", "cell_key"}
@@ -115,7 +116,7 @@ def environment(opts, peak: float, argv: list[str] | None) -> dict:
     env = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "peft-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "suite": opts.suite, "seed": opts.seed, "device": opts.device, "dtype": getattr(opts, "dtype", "float32"),
+        "suite": opts.suite, "seeds": list(opts.seeds or ()), "device": opts.device, "dtype": getattr(opts, "dtype", "float32"),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "platform": platform.platform(), "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -169,10 +170,150 @@ def build(out: Path) -> None:
 
     df = load_frame(out)
     samples = read_samples(out / "repeats.csv")
-    plots.make_all(cells(df), out)
     env_path = out / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    seeds = across_seeds(df)
+    if len(seeds):
+        seeds.to_csv(out / "summary_seeds.csv", index=False)
+    else:
+        (out / "summary_seeds.csv").unlink(missing_ok=True)
+    if accuracy_only(df):
+        plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
+        atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))
+        return
+    plots.make_all(first_seed(cells(df)), out)
     atomic_write_text(out / "summary.md", summary(df, env, samples))
+
+
+def accuracy_only(df) -> bool:
+    """A run of accuracy probes only (the accuracy suite, tune): no memory or timing probe ran."""
+    return "tensor_peak_bytes" not in df.columns or df.loc[df.status == "ok", "tensor_peak_bytes"].isna().all()
+
+
+def first_seed(df):
+    """One row per (method, workload): the first seed's (tables and plots of cost; accuracy over seeds is apart)."""
+    if "seed" not in df.columns or df.seed.nunique() <= 1:
+        return df
+    return df[df.seed == df.seed.min()]
+
+
+SEED_COLUMNS = ["workload", "method", "lr", "train_steps", "seeds", "test_examples", "majority_rate", "accuracy_mean",
+                "accuracy_ci_low", "accuracy_ci_high", "accuracy_sd", "accuracies", "base_accuracy", "learned_seeds",
+                "forgetting_mean", "forgetting_ci_low", "forgetting_ci_high", "forgetting_tokens"]
+
+
+def across_seeds(df):
+    """Accuracy per (workload, method) over its training seeds, on pretrained workloads: mean with its Student-t
+    95 % CI across seeds (the spread training randomness gives; each seed's own Wilson interval is in
+    metrics.csv), how many seeds learned, and the forgetting likewise. Empty unless some cell has 2+ seeds."""
+    import pandas as pd
+
+    from ..measure.stats import mean_ci
+
+    if "seed" not in df.columns or "accuracy" not in df.columns:
+        return pd.DataFrame(columns=SEED_COLUMNS)
+    ok = cells(df)
+    ok = ok[(ok.status == "ok") & ok.apply(pretrained, axis=1)]
+    out = []
+    for (wl, m, lr), g in ok.groupby(["workload", "method", "lr"], sort=False):
+        if g.seed.nunique() < 2:
+            continue
+        g = g.sort_values("seed")
+        acc, forget = mean_ci(g.accuracy.tolist()), mean_ci(g.get("forgetting", pd.Series(dtype=float)).tolist())
+        out.append({"workload": wl, "method": m, "lr": lr, "train_steps": int(g.train_steps.iloc[0]),
+                    "seeds": ",".join(str(int(x)) for x in g.seed), "test_examples": int(g.test_examples.iloc[0]),
+                    "majority_rate": _num(g.iloc[0], "majority_rate"), "accuracy_mean": acc.value,
+                    "accuracy_ci_low": acc.low, "accuracy_ci_high": acc.high, "accuracy_sd": g.accuracy.std(),
+                    "accuracies": json.dumps([round(float(x), 4) for x in g.accuracy]),
+                    "base_accuracy": _base_of(ok, wl, g),
+                    "learned_seeds": int(sum(learned(r) for _, r in g.iterrows())), "forgetting_mean": forget.value,
+                    "forgetting_ci_low": forget.low, "forgetting_ci_high": forget.high,
+                    "forgetting_tokens": _num(g.iloc[0], "forgetting_tokens")})
+    return pd.DataFrame(out, columns=SEED_COLUMNS)
+
+
+def _base_of(ok, workload: str, g) -> float:
+    """The base model's accuracy: this method's rows, else any row of the workload (a pretrained base is scored
+    once per run in accuracy-only runs)."""
+    for frame in (g, ok[ok.workload == workload]):
+        if "base_accuracy" in frame and frame.base_accuracy.notna().any():
+            return float(frame.base_accuracy.dropna().mean())
+    return float("nan")
+
+
+SAME_MATH = ("lora", "lora-parametrize", "hf-lora")  # one parametrisation, three implementations
+
+
+def seeds_section(seeds) -> list[str]:
+    """Markdown: accuracy over seeds per workload, each method judged against the majority rate, and the LoRA
+    implementations compared with each other."""
+    from ..measure.stats import welch_difference
+
+    if seeds is None or not len(seeds):
+        return []
+    lines = ["## Accuracy across training seeds", "",
+             "Mean test accuracy over the seeds with its 95 % Student-t interval across seeds (training randomness: "
+             "initialisation and batch order; the test split is the same for every seed). ‘above majority’: the "
+             "interval lies above the majority-label rate; ‘did not learn’: the training loss did not go down "
+             "beyond batch noise in at least one seed (see `loss_drop_ci_low`), so the accuracy is not ranked.", ""]
+    for wl, g in seeds.groupby("workload", sort=False):
+        first = g.iloc[0]
+        lines += [f"### {wl}", "", f"{int(first.train_steps)} training steps per seed; test n = "
+                  f"{int(first.test_examples):,}; majority rate {first.majority_rate:.3f}"
+                  + (f"; zero-shot (base) accuracy {first.base_accuracy:.3f}" if first.base_accuracy == first.base_accuracy
+                     else "") + ".", ""]
+        rows = []
+        for _, r in g.iterrows():
+            k = len(str(r.seeds).split(","))
+            if r.learned_seeds < k:
+                verdict = f"did not learn ({k - int(r.learned_seeds)} of {k} seeds; {int(r.train_steps)} steps)"
+            elif r.accuracy_ci_low > r.majority_rate:
+                verdict = "above majority"
+            else:
+                verdict = "not clear of majority"
+            forget = (ci(r.forgetting_mean, r.forgetting_ci_low, r.forgetting_ci_high) if r.forgetting_mean ==
+                      r.forgetting_mean else "–")
+            rows.append([r.method, f"{r.lr:g}", f"{r.accuracy_mean:.3f} ({r.accuracy_ci_low:.3f}–{r.accuracy_ci_high:.3f})",
+                         ", ".join(f"{x:.3f}" for x in json.loads(r.accuracies)), verdict, forget])
+        lines += table(["method", "lr", f"accuracy, mean of {k} seeds (95% CI)", "per seed", "verdict",
+                        "forgetting Δ nats/token (95% CI)"], rows) + [""]
+        per = {r.method: json.loads(r.accuracies) for _, r in g.iterrows()}
+        same = [m for m in SAME_MATH if m in per]
+        if "lora" in per and len(same) > 1:
+            parts = []
+            for m in same[1:]:
+                d = welch_difference(per[m], per["lora"])
+                word = "indistinguishable" if d.low <= 0 <= d.high else "DIFFERENT"
+                parts.append(f"`{m}` − `lora` = {d.value:+.3f} ({d.low:+.3f} to {d.high:+.3f}): {word}")
+            lines += ["The three LoRA implementations train the same function of the same numbers, so their "
+                      "accuracies must agree (difference of means, 95 % Welch interval): " + "; ".join(parts) + ".", ""]
+    return lines
+
+
+def accuracy_summary(df, env: dict, seeds) -> str:
+    """summary.md of an accuracy-only run (the accuracy suite)."""
+    lines = ["# peft-bench accuracy", ""]
+    if env:
+        lines += [f"Made by `{env.get('command', '?')}` on {env.get('date_utc', '?')} at commit "
+                  f"{str(env.get('git_commit', ''))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
+                  f"{_seeds_text(env)}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+                  f"peft {env.get('peft')}. Accuracy probes only (no memory, timing or checkpoint probes: see the "
+                  "default suite for those).", ""]
+    lines += seeds_section(seeds)
+    ok = cells(df)
+    rows = [[r.workload, r.method, str(int(r.seed)), f"{r.lr:g}", _accuracy_cell(r),
+             f"{_num(r, 'forgetting'):+.4f}" if _num(r, "forgetting") == _num(r, "forgetting") else "–",
+             f"{_num(r, 'loss_start'):.3f} → {_num(r, 'loss_end'):.3f}"]
+            for _, r in ok.iterrows() if r.status == "ok"]
+    rows += [[r.workload, r.method, str(int(r.seed)) if r.seed == r.seed else "", "", r.status, "", str(r.reason)]
+             for _, r in ok.iterrows() if r.status != "ok"]
+    lines += ["## Every cell", ""] + table(["workload", "method", "seed", "lr", "accuracy (95% Wilson CI), n; base",
+                                            "forgetting Δ", "training loss first → last window"], rows) + [""]
+    defs = records.definitions()
+    lines += ["Definitions:", ""] + [f"- `{k}`: {defs[k]}" for k in (
+        "accuracy", "accuracy_ci_low", "base_accuracy", "majority_rate", "forgetting", "loss_drop_ci_low")] + [""]
+    lines += ["Plot: `accuracy_seeds.png`. Per-seed rows: `metrics.csv`; across seeds: `summary_seeds.csv`.", ""]
+    return "\n".join(lines)
 
 
 def cells(df):
@@ -299,8 +440,12 @@ def pretrained(r) -> bool:
 
 
 def learned(r) -> bool:
-    """The training loss at the last step is below the first step's (a method whose loss never moved learned
-    nothing, whatever its accuracy)."""
+    """The training loss went down beyond batch-to-batch noise (the Welch interval of first-window minus
+    last-window mean loss lies above 0); rows from before that column: the last step's loss below the first's.
+    A method whose loss never moved learned nothing, whatever its accuracy."""
+    drop = _num(r, "loss_drop_ci_low")
+    if drop == drop:
+        return drop > 0
     try:
         first = json.loads(r.get("first_losses") or "[]")[0]
     except (ValueError, IndexError, TypeError):
@@ -317,8 +462,11 @@ def _accuracy_cell(r) -> str:
         return "n/a: random weights"
     if n != n:
         return ""
-    lo, hi = wilson(round(r.accuracy * n), n)
-    text = f"{r.accuracy:.3f} ({lo:.3f}–{hi:.3f}), n={int(n):,}; base {r.base_accuracy:.3f}"
+    lo, hi = _num(r, "accuracy_ci_low"), _num(r, "accuracy_ci_high")
+    if lo != lo:  # rows from before the CI columns
+        lo, hi = wilson(round(r.accuracy * n), n)
+    base = f"; base {r.base_accuracy:.3f}" if _num(r, "base_accuracy") == _num(r, "base_accuracy") else ""
+    text = f"{r.accuracy:.3f} ({lo:.3f}–{hi:.3f}), n={int(n):,}{base}"
     return text if learned(r) else f"did not learn: {text}"
 
 
@@ -365,7 +513,7 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
                   + (f", GPU {env['gpu']}" if env.get("gpu") else "")
                   + f"; torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}; "
                   f"commit {str(env.get('git_commit', ''))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
-                  f"seed {env.get('seed')}; dtype {env.get('dtype', 'float32')}; {_plural(env.get('repeats', 1), 'repeat')} "
+                  f"{_seeds_text(env)}; dtype {env.get('dtype', 'float32')}; {_plural(env.get('repeats', 1), 'repeat')} "
                   f"per cell, round-robin. Measured matmul peak: "
                   f"{sig((env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9)} GFLOP/s "
                   f"({env.get('dtype', 'float32')}).", ""]
@@ -383,7 +531,10 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
         lines += [f"**Interference:** {len(busy)} cell(s) had repeats measured while other processes used more than "
                   "10 % of the CPU (see the notes column); those repeats were measured again and the re-measurement "
                   "counts, unless it too was disturbed.", ""]
-    main = cells(df)
+    main = first_seed(cells(df))
+    if len(main) < len(cells(df)):
+        lines += [f"Tables and plots of cost show seed {int(main.seed.min())}; accuracy over every seed is in its own "
+                  "section below.", ""]
     for wl, g in main.groupby("workload", sort=False):
         ok = g[g.status == "ok"]
         first = ok.iloc[0] if len(ok) else g.iloc[0]
@@ -402,6 +553,7 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
             lines += pairs + [""]
         if len(ok):
             lines += table(CKPT, [_ckpt_row(r) for _, r in ok.iterrows()]) + [""]
+    lines += seeds_section(across_seeds(df))
     defs = records.definitions()
     lines += ["Definitions:", ""] + [f"- `{k}`: {defs[k]}" for k in (
         "tensor_peak_bytes", "weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
@@ -452,6 +604,11 @@ def readme_block(out: Path, workload: str = README_WORKLOAD) -> str:
              + (f" Noise floor (A/A): identical cells land up to {sig(100 * floor)} % apart." if aa else ""), ""]
     lines += table(header, body) + ["", README_END]
     return "\n".join(lines)
+
+
+def _seeds_text(env: dict) -> str:
+    seeds = env.get("seeds") if env.get("seeds") is not None else [env.get("seed", 0)]
+    return f"seed{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds))}"
 
 
 def _plural(n, word: str) -> str:

@@ -14,6 +14,7 @@ is flagged and, after the rounds, measured once more.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -45,7 +46,10 @@ class RunOptions:
     out: Path | None = None
     resume: bool = False
     cell_timeout: float | None = None
-    seed: int = 0
+    seeds: tuple[int, ...] | None = None  # None: the suite's; each cell runs once per seed
+    lrs: tuple[float, ...] | dict | None = None  # None: the suite's rate; else each cell per rate (or per-method grids)
+    split: str = "test"  # "validation": peft-bench tune
+    probes: str | None = None  # None: the suite's; "accuracy": no timing/memory/checkpoint probes (tune)
     method_options: dict | None = None
     batch_size: int | None = None
     max_length: int | None = None
@@ -87,25 +91,53 @@ def plan(opts: RunOptions) -> list[CellSpec]:
         raise UserError(f"--steps must be at least {INSTRUMENTED_STEPS + 2}: one warm-up step, at least one timed "
                         f"step, then {INSTRUMENTED_STEPS} instrumented steps (FLOP count, tensor-memory tracker), got "
                         f"{opts.train_steps}")
+    seeds = seeds_of(opts)
+    grids = opts.lrs if isinstance(opts.lrs, dict) else {m: opts.lrs for m in methods} if opts.lrs else {}
+    for grid in grids.values():
+        if not grid or any(not (0 < x < 1) for x in grid):
+            raise UserError(f"--lr takes learning rates in (0, 1), e.g. 1e-4,3e-4; got {','.join(map(str, grid))}")
     cells = []
-    for w in workloads:
-        b = budget(suite, w or "*")
-        family = get_workload(w).family if w else "transformer"
-        steps = opts.train_steps or b.train_steps
-        for m in methods:
+    for w, m, seed in itertools.product(workloads, methods, seeds):
+        for lr in grids.get(m) or (None,):
+            b = budget(suite, w or "*")
+            family = get_workload(w).family if w else "transformer"
+            steps = opts.train_steps or b.train_steps
             cells.append(CellSpec(
-                method=m, workload=w or "", device=opts.device, seed=opts.seed,
+                method=m, workload=w or "", device=opts.device, seed=seed, split=opts.split, probes=opts.probes or suite.probes,
                 method_options=_options_for(m, opts.method_options or {}), batch_size=opts.batch_size,
-                max_length=opts.max_length, dtype=opts.dtype, lr=learning_rate(m, family),
+                max_length=opts.max_length, dtype=opts.dtype, lr=lr or learning_rate(m, w or "", family),
                 warmup_steps=(wu := max(1, min(b.warmup_steps, steps - INSTRUMENTED_STEPS - 1))),
                 timed_steps=max(1, min(b.timed_steps, steps - wu - INSTRUMENTED_STEPS)),
                 train_steps=steps, latency_seconds=b.latency_seconds, model=opts.model, dataset=opts.dataset,
                 trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
     for c in cells:  # options are validated here, before the first cell runs
         get_method(c.method, **c.method_options)
+    cells = _base_once(cells)
     if repeats_of(opts) > 1 and cells:
         cells.append(dataclasses.replace(_aa_cell(cells, suite), replica=1))
     return cells
+
+
+def _base_once(cells: list[CellSpec]) -> list[CellSpec]:
+    """Accuracy probes score the base model once per pretrained workload (per seed on random weights): it depends on
+    neither the method nor, for pretrained weights, the seed."""
+    seen = set()
+    out = []
+    for c in cells:
+        if c.probes != "accuracy" or not c.workload:
+            out.append(c)
+            continue
+        key = (c.workload, None if get_workload(c.workload).pretrained else c.seed)
+        out.append(dataclasses.replace(c, base_probe=key not in seen))
+        seen.add(key)
+    return out
+
+
+def seeds_of(opts: RunOptions) -> tuple[int, ...]:
+    seeds = opts.seeds if opts.seeds is not None else get_suite(opts.suite).seeds
+    if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise UserError(f"--seeds takes distinct non-negative integers, e.g. 0,1,2; got {','.join(map(str, seeds))}")
+    return tuple(seeds)
 
 
 def repeats_of(opts: RunOptions) -> int:
@@ -150,6 +182,7 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
     cells = [dataclasses.replace(c, matmul_peak_flops=peak) for c in cells]
     env = report.environment(opts, peak, argv)
     env["repeats"] = n_rounds
+    env["seeds"] = list(seeds_of(opts))
     report.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")
     done = {r.get("cell_key"): r for r in rows if r.get("status") in FINISHED}
     have = {(s["cell_key"], int(s["repeat"])) for s in samples if s.get("status") == "ok"}

@@ -2,6 +2,7 @@
 
 * smoke   — the tiny workloads, every method; a couple of minutes on 2 CPU cores.
 * default — the embedded workloads at their real sizes on CPU, 3 repeats; under 30 minutes on 2 cores.
+* accuracy — the pretrained workloads, every method, 3 seeds, accuracy probes only: mean accuracy with its CI.
 * gpu     — the embedded workloads at real size with larger budgets, for CUDA; the tutorial's hub models
             run on top with `--model EleutherAI/gpt-neo-125m --dataset stanfordnlp/imdb` (hub or local copy).
 """
@@ -30,26 +31,56 @@ class Suite:
     methods: tuple[str, ...] = field(default_factory=lambda: tuple(list_methods()))
     repeats: int = 1  # fresh processes per cell, run round-robin (`--repeats` overrides)
     aa: tuple[str, str] | None = None  # (method, workload) measured twice for the noise floor when repeats > 1
+    seeds: tuple[int, ...] = (0,)  # each cell once per seed (`--seeds` overrides)
+    probes: str = "all"  # "accuracy": training and accuracy only (see cell.CellSpec.probes)
 
 
-def learning_rate(method: str, family: str) -> float:
-    """Fixed, conventional rates: small for full fine-tuning of a transformer, larger for adapters and prompts."""
+# AdamW learning rates chosen by `peft-bench tune` (highest validation accuracy, on a validation split held apart
+# from the test split) — see results/tune/summary.md for every rate tried, the budget and the commit. Workloads
+# absent here use the conventional rates below.
+TUNED: dict[str, dict[str, float]] = {}
+TUNED_SOURCE = "results/tune/summary.md"
+# The rates `peft-bench tune` tries by default, around each method's conventional rate (a factor ~3 apart).
+LR_GRID = {"full": (1e-5, 3e-5, 1e-4), "prefix": (3e-3, 1e-2, 3e-2), "p-tuning": (3e-3, 1e-2, 3e-2)}
+LR_GRID_ADAPTERS = (3e-4, 1e-3, 3e-3)
+
+
+def lr_grid(method: str) -> tuple[float, ...]:
+    return LR_GRID.get(method, LR_GRID_ADAPTERS)
+
+
+def learning_rate(method: str, workload: str, family: str) -> float:
+    """The tuned rate of (method, workload) when there is one; else fixed, conventional rates: small for full
+    fine-tuning of a transformer, larger for adapters and prompts, the tutorial's Adam rate on the MLP."""
+    from ..methods import method_class
+
+    tuned = TUNED.get(workload, {})
+    for name in (method, method_class(method).tunes_like):
+        if name in tuned:
+            return tuned[name]
     if family == "mlp":
         return 1e-3  # the tutorial's Adam rate, for every method
     return {"full": 5e-5, "prefix": 5e-3, "p-tuning": 5e-3}.get(method, 1e-3)
 
+
+SMOLLM2_BUDGET = Budget(train_steps=40, warmup_steps=3, timed_steps=8, latency_seconds=1)  # 320 reviews, batch 8
 
 SUITES: Registry[Suite] = Registry("suite")
 for _suite in (
     Suite("smoke", ("mlp-mnist-tiny", "minilm-sentiment-tiny", "gpt-neo-tiny", "t5-tiny"),
                    {"*": Budget(train_steps=8, warmup_steps=1, timed_steps=5, latency_seconds=0.2)},
           aa=("lora", "gpt-neo-tiny")),
-    Suite("default", ("mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
+    Suite("default", ("mlp-mnist", "minilm-sentiment", "smollm2-135m-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                      {"mlp-mnist": Budget(train_steps=400, warmup_steps=5, timed_steps=50),  # one epoch, batch 10
                       "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
+                      "smollm2-135m-sentiment": SMOLLM2_BUDGET,
                       "gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=8, latency_seconds=1),
                       "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=8, latency_seconds=1)},
           repeats=3, aa=("lora", "gpt-neo-125m-arch")),
+    # Accuracy only, with its spread over training seeds: the pretrained workloads, every method, 3 seeds.
+    Suite("accuracy", ("minilm-sentiment", "smollm2-135m-sentiment"),
+          {"minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8), "smollm2-135m-sentiment":
+           SMOLLM2_BUDGET}, seeds=(0, 1, 2), probes="accuracy"),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
           {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, latency_seconds=2)},
           repeats=3, aa=("lora", "gpt-neo-125m-arch")),

@@ -69,6 +69,11 @@ class TimingRecord:
     padded_tokens_per_s: float = metric("tokens per second as computed, padding included (batch × length)")
     first_losses: str = metric("training losses of the first three steps (JSON)")
     final_loss: float = metric("training loss of the last step")
+    loss_start: float = metric("mean training loss over the first `loss_window` steps of the budget")
+    loss_end: float = metric("mean training loss over the last `loss_window` steps")
+    loss_drop_ci_low: float = metric("lower end of the 95 % Welch interval of loss_start − loss_end: > 0 means the "
+                                     "loss went down beyond batch-to-batch noise (the cell learned)")
+    loss_window: int = metric("steps in each window: a fifth of the budget, at least 3 (when the budget allows)")
     canary_flops_per_s: float = metric("the slower of two readings, just before and just after the timed steps, of "
                                        "a fixed float32 1024² matmul probe (median of 5): how fast the machine ran")
 
@@ -166,14 +171,40 @@ class CheckpointRecord:
 
 @dataclass(frozen=True)
 class AccuracyRecord:
-    accuracy: float = metric("share of the held-out split labelled correctly after the training budget", "higher")
-    base_accuracy: float = metric("the same for the base model as built, before any training (rebuilt with the "
-                                  "same seed at the end of the cell)")
-    test_examples: int = metric("size of the held-out split")
+    accuracy: float = metric("share of the held-out test split labelled correctly after the training budget", "higher")
+    accuracy_ci_low: float = metric("95 % Wilson score interval of `accuracy` over the test_examples (test-set "
+                                    "sampling only; the spread across training seeds is in summary_seeds.csv)")
+    accuracy_ci_high: float = metric("upper end of that interval")
+    base_accuracy: float = metric("the same for the base model as built, before any training (the zero-shot "
+                                  "accuracy of a pretrained LM; rebuilt with the same seed at the end of the cell)")
+    base_accuracy_ci_low: float = metric("95 % Wilson interval of `base_accuracy`")
+    base_accuracy_ci_high: float = metric("upper end of that interval")
+    test_examples: int = metric("size of the held-out test split")
+    majority_rate: float = metric("share of the test split's commonest label: what always answering it scores")
+
+    @classmethod
+    def of(cls, accuracy: float, base_accuracy: float, n: int, majority: float) -> AccuracyRecord:
+        from .stats import wilson
+
+        lo, hi = wilson(round(accuracy * n), n)
+        base_lo, base_hi = wilson(round(base_accuracy * n), n)
+        return cls(accuracy, lo, hi, base_accuracy, base_lo, base_hi, n, majority)
+
+
+@dataclass(frozen=True)
+class ForgettingRecord:
+    """Causal-LM workloads only (NaN elsewhere): how much training moved the model away from general text."""
+
+    forgetting: float = metric("language-model loss (nats per predicted token) on held-out general text after "
+                               "training minus the base model's on the same text: > 0 means the model forgot; "
+                               "for adapters this is enabled minus disabled", "lower")
+    forgetting_base_loss: float = metric("the base model's loss on that text (nats per token)")
+    forgetting_texts: int = metric("texts in the general-text sample (the workload's non-review rows)")
+    forgetting_tokens: int = metric("tokens predicted in it (the n of both losses)")
 
 
 RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, RepeatsRecord, InterferenceRecord, FlopsRecord, InferenceRecord,
-           ChecksRecord, CheckpointRecord, AccuracyRecord)
+           ChecksRecord, CheckpointRecord, AccuracyRecord, ForgettingRecord)
 
 
 def columns() -> list[str]:

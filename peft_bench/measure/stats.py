@@ -100,3 +100,37 @@ def wilson(correct: float, n: float, z: float = 1.959964) -> tuple[float, float]
     low = 0.0 if correct <= 0 else max(0.0, centre - half)
     high = 1.0 if correct >= n else min(1.0, centre + half)
     return low, high
+
+
+def mean_ci(values: Sequence[float], level: float = LEVEL) -> Estimate:
+    """Mean with its Student-t confidence interval (for a few independent runs, e.g. accuracy over seeds);
+    low == high == mean for a single value."""
+    xs = [float(x) for x in values if x == x]
+    if not xs:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return Estimate(mean, mean, mean, len(xs))
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return Estimate(mean, mean - half, mean + half, len(xs))
+
+
+def welch_difference(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Estimate:
+    """mean(a) - mean(b) with its Welch confidence interval (unequal variances); NaN interval with < 2 each."""
+    a, b = [float(x) for x in a if x == x], [float(x) for x in b if x == x]
+    if not a or not b:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    d = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return Estimate(d, math.nan, math.nan, min(len(a), len(b)))
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Estimate(d, d, d, min(len(a), len(b)))
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    from scipy.stats import t
+
+    half = t.ppf(0.5 + level / 2, df) * se
+    return Estimate(d, d - half, d + half, min(len(a), len(b)))

@@ -64,6 +64,9 @@ class Method:
     # Capabilities the engine asks instead of names:
     can_merge: bool = False  # adds a weight delta that can be folded into the base weights
     trains_everything: bool = False  # the base weights themselves train: no adapter to disable
+    # Another method with the same parametrisation and initialisation (the same function of the same trainable
+    # numbers): `peft-bench tune` sweeps that one and this method uses its learning rate.
+    tunes_like: str | None = None
     checkpoint_format: str = ""  # what `save` writes, in words
 
     # Virtual tokens the method adds to each sequence (prompt methods), for the analytic FLOP count.

@@ -48,6 +48,7 @@ def _peft():
 @register
 class HFLoRA(Method):
     name = "hf-lora"
+    tunes_like = "lora"
     Options = LoRAOptions
     can_merge = True
     checkpoint_format = PEFT_LORA_FORMAT

@@ -53,6 +53,7 @@ class LoRAParametrize(HandLoRA):
     so it cannot drop the adapter's input as `lora` and `hf-lora` do. With dropout 0 the three are equivalent."""
 
     name = "lora-parametrize"
+    tunes_like = "lora"
 
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)

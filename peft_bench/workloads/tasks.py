@@ -4,12 +4,17 @@
 * causal-lm — "<review> Sentiment: <label>", trained on the label token, scored by comparing the model's
   next-token logits of the label words after "Sentiment:" (not free generation);
 * seq2seq — "sentiment: <review>" → "<label>", scored by the decoder's first-step logits of the label words.
+
+A prompt longer than `max_length` loses the end of its review, never the template around it: the causal-LM
+prompt always ends in " Sentiment:" followed by the label token, the seq2seq one always starts with "sentiment:"
+and keeps the tokenizer's special tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +57,23 @@ class _Text(Formulation):
         if len(set(self.label_ids.tolist())) != len(label_words):
             raise ValueError(f"label words {label_words} do not start with distinct tokens")
 
+    def prompts(self, texts, prefix: str, suffix: str, room: int) -> list[list[int]]:
+        """Token ids of prefix + review + suffix, each at most `room` long: only the review is cut (at its end)."""
+        head = self.tok(prefix, add_special_tokens=False).input_ids if prefix else []
+        tail = self.tok(suffix, add_special_tokens=False).input_ids if suffix else []
+        keep = room - len(head) - len(tail)
+        if keep < 1:
+            raise ValueError(f"max_length {self.max_length} leaves no room for a review in the prompt template")
+        reviews = self.tok([str(t).strip() for t in texts], add_special_tokens=False).input_ids
+        return [head + r[:keep] + tail for r in reviews]
+
+    def special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after one sequence ([CLS] … [SEP] for BERT, … </s> for T5)."""
+        plain = self.tok("a", add_special_tokens=False).input_ids
+        full = self.tok("a").input_ids
+        at = next(i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain)
+        return full[:at], full[at + len(plain):]
+
 
 class TextClassification(_Text):
     task = "classification"
@@ -70,9 +92,10 @@ class CausalLMSentiment(_Text):
 
     task = "causal-lm"
 
+    SUFFIX = " Sentiment:"
+
     def collate(self, inputs, labels):
-        prompts = self.tok([f"{t} Sentiment:" for t in inputs], add_special_tokens=False, truncation=True,
-                           max_length=self.max_length - 1).input_ids
+        prompts = self.prompts(inputs, "", self.SUFFIX, self.max_length - 1)  # one position left for the label
         ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         target = torch.full_like(ids, -100)
@@ -92,12 +115,45 @@ class CausalLMSentiment(_Text):
         return scores.argmax(-1)
 
 
+    @torch.no_grad()
+    def general_loss(self, model: nn.Module, texts, batch_size: int) -> tuple[float, int]:
+        """Mean next-token loss (nats) over `texts` (each cut to max_length tokens) and the number of tokens
+        predicted: the language-modelling ability the sentiment training may have worn away."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(texts), batch_size):
+            rows = [r[: self.max_length] for r in
+                    self.tok([str(t) for t in texts[start : start + batch_size]], add_special_tokens=False).input_ids]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[i, : len(r)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = logits[:, logits.shape[1] - width :]  # prompt-learning methods prepend virtual tokens
+            target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                       target.reshape(-1), ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+        model.train(was_training)
+        return total / max(count, 1), count
+
+
 class Seq2SeqSentiment(_Text):
     task = "seq2seq"
 
+    PREFIX = "sentiment:"  # the review, tokenized on its own, starts at a word boundary
+
     def collate(self, inputs, labels):
-        enc = self.tok([f"sentiment: {t}" for t in inputs], truncation=True, max_length=self.max_length,
-                       padding="max_length", return_tensors="pt")
+        before, after = self.special_tokens()
+        prompts = [before + p + after
+                   for p in self.prompts(inputs, self.PREFIX, "", self.max_length - len(before) - len(after))]
+        enc = self.tok.pad({"input_ids": prompts}, padding="max_length", max_length=self.max_length,
+                           return_tensors="pt")
         eos = self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id
         target = torch.stack([self.label_ids[labels], torch.full_like(labels, eos)], dim=1)
         return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": target,
@@ -132,13 +188,34 @@ def endless(split: Split, form: Formulation, batch_size: int, seed: int) -> Iter
         epoch += 1
 
 
+def by_length(split: Split) -> Split:
+    """The split longest text first (images unchanged): evaluation batches then carry little padding."""
+    if torch.is_tensor(split.inputs):
+        return split
+    order = sorted(range(len(split)), key=lambda i: -len(split.inputs[i]))
+    return split.subset(np.asarray(order, dtype=np.int64))
+
+
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns that no row of a right-padded batch uses (outputs at real tokens unchanged)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return batch
+    used = int(mask.sum(1).max())
+    width = mask.shape[1]
+    return {k: v[:, :used] if v.dim() == 2 and v.shape[1] == width and k != "class_labels" else v
+            for k, v in batch.items()}
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, split: Split, form: Formulation, batch_size: int) -> float:
-    """Share of `split` the model labels correctly (eval mode, no dropout)."""
+    """Share of `split` the model labels correctly (eval mode, no dropout; batches by length, padding trimmed)."""
     was_training = model.training
     model.eval()
     correct = 0
-    for b in batches(split, form, batch_size, seed=0, shuffle=False):
+    device = next(model.parameters()).device
+    for b in batches(by_length(split), form, batch_size, seed=0, shuffle=False):
+        b = {k: v.to(device) for k, v in trim(b).items()}
         truth = b.get("class_labels", b["labels"])
         correct += int((form.predict(model, b) == truth).sum())
     model.train(was_training)

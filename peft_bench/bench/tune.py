@@ -1,0 +1,101 @@
+"""`peft-bench tune`: a learning rate per (method, workload), chosen on a validation split, never on the test split.
+
+    peft-bench tune                                   # the pretrained workloads, each method's grid, results/tune/
+    peft-bench tune --workloads minilm-sentiment --methods lora --lr 1e-4,3e-4,1e-3
+
+Each (method, workload, rate) cell trains for the accuracy suite's budget on the training split minus a stratified
+validation split (`Workload.validation_data`), then scores that validation split; no other probe runs. The rate with
+the highest validation accuracy is chosen (the lower rate on a tie). Methods with `tunes_like` (the same
+parametrisation as another method) are not swept; they take that method's rate. `summary.md` lists every rate
+tried with its Wilson interval, and `chosen.json` the choice, which `suites.TUNED` copies (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..methods import list_methods, method_class
+from ..workloads import get_workload
+from . import report
+from .runner import RunOptions, run_suite
+from .suites import get_suite, lr_grid
+
+SUITE = "accuracy"  # the budgets the chosen rates are for
+
+
+def default_workloads() -> list[str]:
+    return [w for w in get_suite(SUITE).workloads if get_workload(w).pretrained]
+
+
+def default_methods() -> list[str]:
+    return [m for m in list_methods() if method_class(m).tunes_like is None]
+
+
+def run(workloads: list[str] | None = None, methods: list[str] | None = None, lrs: list[float] | None = None,
+        steps: int | None = None, out: Path = Path("results/tune"), resume: bool = False,
+        argv: list[str] | None = None) -> int:
+    methods = methods or default_methods()
+    for m in methods:
+        method_class(m)
+    grids = {m: tuple(lrs) if lrs else lr_grid(m) for m in methods}
+    opts = RunOptions(suite=SUITE, methods=methods, workloads=workloads or default_workloads(), out=out, resume=resume,
+                      seeds=(0,), lrs=grids, split="validation", probes="accuracy", train_steps=steps, repeats=1,
+                      allow_busy=True)  # accuracy only: other processes cannot change it
+    status = run_suite(opts, argv)
+    chosen = choose(report.read_rows(out / "metrics.csv"))
+    report.atomic_write_text(out / "chosen.json", json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+    report.atomic_write_text(out / "summary.md", summary(out))
+    print(f"chosen rates: {out}/chosen.json (copy them into peft_bench/bench/suites.py TUNED)")
+    return status
+
+
+def choose(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{workload: {method: rate}}: the highest validation accuracy among the finished cells (lower rate on a tie)."""
+    best: dict[tuple[str, str], tuple[float, float]] = {}
+    for r in rows:
+        if r.get("status") != "ok" or r.get("split") != "validation":
+            continue
+        key, acc, lr = (r["workload"], r["method"]), float(r["accuracy"]), float(r["lr"])
+        if key not in best or (acc, -lr) > (best[key][0], -best[key][1]):
+            best[key] = (acc, lr)
+    chosen: dict[str, dict[str, float]] = {}
+    for (w, m), (_, lr) in sorted(best.items()):
+        chosen.setdefault(w, {})[m] = lr
+    return chosen
+
+
+def summary(out: Path) -> str:
+    df = report.load_frame(out)
+    if df.empty:
+        raise UserError(f"{out}/metrics.csv has no rows")
+    env_path = out / "environment.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    chosen = choose([r.to_dict() for _, r in df.iterrows()])
+    lines = ["# Learning-rate sweep", "",
+             f"Made by `{env.get('command', 'peft-bench tune')}` at commit {str(env.get('git_commit', ''))[:10]} "
+             f"({env.get('date_utc', '?')}). Each rate trains once (seed 0) for the `{SUITE}` suite's budget on the "
+             "training split minus a held-out validation split, and is scored on that validation split; the test "
+             "split is never read. The highest validation accuracy is chosen (**bold**); intervals are 95 % Wilson. "
+             "A chosen rate whose interval overlaps another's is a choice within the noise, not a ranking. "
+             "`lora-parametrize` and `hf-lora` take `lora`'s rate (the same parametrisation).", ""]
+    for wl, g in df.groupby("workload", sort=False):
+        first = g.iloc[0]
+        lines += [f"## {wl}", "", f"{report._int(first, 'train_steps')} steps, batch {report._int(first, 'batch_size')}"
+                  f", validation n = {report._int(first, 'test_examples')}.", ""]
+        rows = []
+        for _, r in g.sort_values(["method", "lr"]).iterrows():
+            if r.status != "ok":
+                rows.append([r.method, f"{r.lr:g}", r.status, "", ""])
+                continue
+            acc = f"{r.accuracy:.3f} ({r.accuracy_ci_low:.3f}–{r.accuracy_ci_high:.3f})"
+            if chosen.get(wl, {}).get(r.method) == r.lr:
+                acc = f"**{acc}**"
+            trend = f"{r.loss_start:.3f} → {r.loss_end:.3f}"
+            rows.append([r.method, f"{r.lr:g}", acc, trend, "yes" if report.learned(r) else "did not learn"])
+        lines += report.table(["method", "learning rate", "validation accuracy (95% CI)", "training loss first → last "
+                               "window", "loss went down"], rows) + [""]
+    lines += ["Chosen (`chosen.json`, copied into `peft_bench/bench/suites.py` `TUNED`):", "", "```json",
+              json.dumps(chosen, indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
