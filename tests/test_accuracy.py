@@ -149,10 +149,10 @@ def test_across_seeds_gives_mean_ci_and_learned_count():
 
 
 def test_tune_chooses_the_best_validation_rate_and_the_lower_on_a_tie():
-    rows = [dict(workload="w", method="lora", lr=lr, accuracy=a, status="ok", split="validation")
-            for lr, a in ((1e-4, 0.80), (3e-4, 0.85), (1e-3, 0.85))]
+    rows = [dict(workload="w", method="lora", lr=lr, accuracy=a, status="ok", split="validation", loss_drop_ci_low=d)
+            for lr, a, d in ((1e-4, 0.80, 0.1), (3e-4, 0.85, 0.1), (1e-3, 0.85, 0.1), (1e-2, 0.90, -0.1))]
     rows.append(dict(workload="w", method="lora", lr=3e-3, accuracy=0.99, status="ok", split="test"))  # never used
-    assert tune.choose(rows) == {"w": {"lora": 3e-4}}
+    assert tune.choose(rows) == {"w": {"lora": 3e-4}}  # 1e-2 scored higher but its loss did not go down
 
 
 def test_suite_rates_are_the_committed_tuning_choice():

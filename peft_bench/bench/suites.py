@@ -80,7 +80,8 @@ for _suite in (
     # Accuracy only, with its spread over training seeds: the pretrained workloads, every method, 3 seeds.
     Suite("accuracy", ("minilm-sentiment", "smollm2-135m-sentiment"),
           {"minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8), "smollm2-135m-sentiment":
-           SMOLLM2_BUDGET}, seeds=(0, 1, 2), probes="accuracy"),
+           SMOLLM2_BUDGET, "*": Budget(train_steps=40, warmup_steps=2, timed_steps=8)}, seeds=(0, 1, 2),
+          probes="accuracy"),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
           {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, latency_seconds=2)},
           repeats=3, aa=("lora", "gpt-neo-125m-arch")),

@@ -186,8 +186,11 @@ class AccuracyRecord:
     def of(cls, accuracy: float, base_accuracy: float, n: int, majority: float) -> AccuracyRecord:
         from .stats import wilson
 
-        lo, hi = wilson(round(accuracy * n), n)
-        base_lo, base_hi = wilson(round(base_accuracy * n), n)
+        def interval(a: float) -> tuple[float, float]:
+            return wilson(round(a * n), n) if a == a else (float("nan"), float("nan"))
+
+        lo, hi = interval(accuracy)
+        base_lo, base_hi = interval(base_accuracy)
         return cls(accuracy, lo, hi, base_accuracy, base_lo, base_hi, n, majority)
 
 
