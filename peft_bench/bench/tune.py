@@ -81,7 +81,8 @@ def summary(out: Path) -> str:
              f"Made by `{env.get('command', 'peft-bench tune')}` at commit {str(env.get('git_commit', ''))[:10]} "
              f"({env.get('date_utc', '?')}). Each rate trains once (seed 0) for the `{SUITE}` suite's budget on the "
              "training split minus a held-out validation split, and is scored on that validation split; the test "
-             "split is never read. The highest validation accuracy among rates whose loss went down is chosen (**bold**); intervals are 95 % Wilson. "
+             "split is never read. The highest validation accuracy among rates whose loss went down is chosen "
+             "(**bold**); intervals are 95 % Wilson. "
              "A chosen rate whose interval overlaps another's is a choice within the noise, not a ranking. "
              "`lora-parametrize` and `hf-lora` take `lora`'s rate (the same parametrisation).", ""]
     for wl, g in df.groupby("workload", sort=False):
