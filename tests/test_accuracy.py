@@ -262,3 +262,35 @@ def test_published_llama_3b_trainable_counts():
         method = get_method(name, **options)
         model = method.apply(model)
         assert sum(p.numel() for p in method.trainable_parameters(model).values()) == want, name
+
+
+def test_an_accuracy_only_run_reports_seeds_with_rendering_tables_and_a_plot(tmp_path):
+    from tests.markdown import tables
+
+    rows = []
+    for m, accs in (("lora", [0.80, 0.82, 0.84]), ("hf-lora", [0.81, 0.82, 0.83]), ("prefix", [0.59, 0.58, 0.60])):
+        for s, a in enumerate(accs):
+            lo, hi = stats.wilson(round(a * 1000), 1000)
+            rows.append(dict(method=m, workload="smollm2-135m-sentiment", status="ok", reason="", pretrained="true",
+                             seed=s, lr=1e-3, train_steps=40, split="test", cell_key=f"{m}{s}", replica=0,
+                             accuracy=a, accuracy_ci_low=lo, accuracy_ci_high=hi,
+                             base_accuracy=0.759 if (m, s) == ("lora", 0) else "", test_examples=1000,
+                             majority_rate=0.578, forgetting=0.01, forgetting_tokens=8000, loss_start=2.0,
+                             loss_end=0.6 if m != "prefix" else 2.0, loss_drop_ci_low=0.2 if m != "prefix" else -0.1))
+    report.write_rows(tmp_path / "metrics.csv", rows)
+    report.build(tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert tables(text)
+    assert "zero-shot (base) accuracy 0.759" in text  # scored once, shown for every method
+    assert "`hf-lora` − `lora` = +0.000" in text and "indistinguishable" in text
+    assert "did not learn (3 of 3 seeds; 40 steps)" in text
+    seeds = __import__("pandas").read_csv(tmp_path / "summary_seeds.csv")
+    assert list(seeds.method) == ["lora", "hf-lora", "prefix"] and (tmp_path / "accuracy_seeds.png").stat().st_size
+
+
+def test_a_workload_outside_the_suite_gets_its_own_budget():
+    from peft_bench.bench.suites import SMOLLM2_BUDGET, budget
+
+    assert budget(get_suite("smoke"), "smollm2-135m-sentiment") == SMOLLM2_BUDGET  # the done-when command
+    assert budget(get_suite("default"), "smollm2-135m-sentiment").test_examples == 300  # the cheaper cost suite
+    assert budget(get_suite("smoke"), "gpt-neo-tiny").train_steps == 8

@@ -70,7 +70,8 @@ class CellSpec:
     probes: str = "all"  # "all": every probe; "timing": only the training steps up to the last timed one (repeats);
     # "accuracy": the whole training budget, then accuracy and forgetting only (no memory, latency or checkpoint)
     split: str = "test"  # "validation": train without the validation split, score on it (peft-bench tune)
-    base_probe: bool = True  # "accuracy" probes: also score the base model (the runner asks once per pretrained base)
+    base_probe: bool = True  # score the base model's accuracy (the runner asks once per pretrained base and run)
+    test_examples: int | None = None  # cap on the test split (a suite's cheaper budget); None: the workload's
 
     def key(self) -> str:
         """Identity of a cell (--resume, compare): the same key means the same measurement."""
@@ -134,7 +135,7 @@ def run_cell(spec: CellSpec) -> dict:
     del model
     base = build()
     base_latency = timing.latency(_forward(base, check_batch), spec.device, spec.latency_seconds)
-    base_acc = accuracy(base, test, form, w.batch_size)
+    base_acc = accuracy(base, test, form, w.batch_size) if spec.base_probe else math.nan
     base_loss, _ = general_loss(base, form, data, w.batch_size)
     del base
     acc = R.AccuracyRecord.of(trained_acc, base_acc, len(data.test), majority(data.test))
@@ -210,7 +211,8 @@ def method_config(method: Method, default_targets: tuple[str, ...]) -> str:
 
 def _workload(spec: CellSpec):
     w = resolve(spec.workload, spec.model, spec.dataset, trust_remote_code=spec.trust_remote_code,
-                allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length)
+                allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length,
+                                                             test_limit=spec.test_examples)
     if spec.mnist_root and w.family == "mlp":
         from ..workloads.data import mnist_torchvision
 

@@ -196,8 +196,10 @@ def accuracy_across_seeds(seeds, path: Path) -> None:
             hollow = r.learned_seeds < len(str(r.seeds).split(","))
             ax.errorbar([r.accuracy_mean], [i], xerr=[[r.accuracy_mean - r.accuracy_ci_low],
                                                       [r.accuracy_ci_high - r.accuracy_mean]],
-                        fmt="o", color="tab:blue", mfc="none" if hollow else "tab:blue", capsize=3, zorder=3)
-            ax.scatter(json.loads(r.accuracies), [i] * len(json.loads(r.accuracies)), s=10, color="black", zorder=4)
+                        fmt="o", ms=7, color="tab:blue", mfc="none" if hollow else "tab:blue", capsize=3, zorder=3,
+                        label="mean, 95% CI over seeds")
+            per = json.loads(r.accuracies)
+            ax.scatter(per, [i + 0.2] * len(per), s=12, color="dimgrey", marker="|", zorder=4, label="one seed")
         ax.axvline(float(g.majority_rate.iloc[0]), color="tab:red", ls="--", lw=0.8, label="majority rate")
         base = g.base_accuracy.dropna()
         if len(base):
@@ -205,7 +207,7 @@ def accuracy_across_seeds(seeds, path: Path) -> None:
         ax.set_yticks(list(y), list(g.method))
         ax.invert_yaxis()
         ax.set_title(f"{wl} (test n={int(g.test_examples.iloc[0]):,}, {int(g.train_steps.iloc[0])} steps)", fontsize=9)
-        ax.set_xlabel("test accuracy: mean over seeds, 95% CI; dots = seeds")
+        ax.set_xlabel("test accuracy")
     handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):

@@ -241,6 +241,21 @@ def _base_of(ok, workload: str, g) -> float:
     return float("nan")
 
 
+def _base_line(ok, workload: str) -> str:
+    """' Base model (zero-shot) accuracy …' for a pretrained workload, scored once per run; '' otherwise."""
+    from ..measure.stats import wilson
+
+    if not len(ok) or not pretrained(ok.iloc[0]):
+        return ""
+    base = _base_of(ok, workload, ok)
+    n = _num(ok.iloc[0], "test_examples")
+    if base != base or n != n:
+        return ""
+    lo, hi = wilson(round(base * n), n)
+    return (f" Base model before training (zero-shot for a language model): accuracy {base:.3f} ({lo:.3f}–{hi:.3f}),"
+            f" n={int(n):,}.")
+
+
 SAME_MATH = ("lora", "lora-parametrize", "hf-lora")  # one parametrisation, three implementations
 
 
@@ -261,7 +276,9 @@ def seeds_section(seeds) -> list[str]:
         lines += [f"### {wl}", "", f"{int(first.train_steps)} training steps per seed; test n = "
                   f"{int(first.test_examples):,}; majority rate {first.majority_rate:.3f}"
                   + (f"; zero-shot (base) accuracy {first.base_accuracy:.3f}" if first.base_accuracy == first.base_accuracy
-                     else "") + ".", ""]
+                     else "")
+                  + (f"; forgetting on {int(first.forgetting_tokens):,} tokens of general text" if
+                     first.forgetting_tokens == first.forgetting_tokens and first.forgetting_tokens else "") + ".", ""]
         rows = []
         for _, r in g.iterrows():
             k = len(str(r.seeds).split(","))
@@ -545,7 +562,8 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
                   + f"; {_int(first, 'train_steps')} training steps, {_int(first, 'timed_steps')} timed per repeat"
                   + f"; device {first.get('device')}; dtype {first.get('dtype', '')}; tokenizer: "
                   f"{first.get('tokenizer') or 'none'}; AdamW learning rates: "
-                  + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + ".", ""]
+                  + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + "."
+                  + _base_line(ok, wl), ""]
         lines += table(MAIN, [_main_row(r, floor) for _, r in g.iterrows()]) + [""]
         pairs = pairwise(g, samples, floor)
         if pairs:

@@ -103,12 +103,14 @@ def plan(opts: RunOptions) -> list[CellSpec]:
             family = get_workload(w).family if w else "transformer"
             steps = opts.train_steps or b.train_steps
             cells.append(CellSpec(
-                method=m, workload=w or "", device=opts.device, seed=seed, split=opts.split, probes=opts.probes or suite.probes,
+                method=m, workload=w or "", device=opts.device, seed=seed, split=opts.split,
+                probes=opts.probes or suite.probes,
                 method_options=_options_for(m, opts.method_options or {}), batch_size=opts.batch_size,
                 max_length=opts.max_length, dtype=opts.dtype, lr=lr or learning_rate(m, w or "", family),
                 warmup_steps=(wu := max(1, min(b.warmup_steps, steps - INSTRUMENTED_STEPS - 1))),
                 timed_steps=max(1, min(b.timed_steps, steps - wu - INSTRUMENTED_STEPS)),
-                train_steps=steps, latency_seconds=b.latency_seconds, model=opts.model, dataset=opts.dataset,
+                train_steps=steps, latency_seconds=b.latency_seconds, test_examples=b.test_examples, model=opts.model,
+                dataset=opts.dataset,
                 trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
     for c in cells:  # options are validated here, before the first cell runs
         get_method(c.method, **c.method_options)
@@ -119,12 +121,12 @@ def plan(opts: RunOptions) -> list[CellSpec]:
 
 
 def _base_once(cells: list[CellSpec]) -> list[CellSpec]:
-    """Accuracy probes score the base model once per pretrained workload (per seed on random weights): it depends on
+    """The base model's accuracy is scored once per pretrained workload (per seed on random weights): it depends on
     neither the method nor, for pretrained weights, the seed."""
     seen = set()
     out = []
     for c in cells:
-        if c.probes != "accuracy" or not c.workload:
+        if not c.workload:
             out.append(c)
             continue
         key = (c.workload, None if get_workload(c.workload).pretrained else c.seed)
