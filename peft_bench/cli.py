@@ -133,8 +133,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         readme = Path(args.readme)
         if not readme.is_file():
             raise UserError(f"--readme {readme}: no such file")
-        block = report.readme_block(out)
-        report.update_readme(readme, block)
+        markers = report.readme_markers(out)
+        block = report.accuracy_readme_block(out) if markers[0] == report.ACCURACY_BEGIN else report.readme_block(out)
+        report.update_readme(readme, block, markers)
         print(f"updated the results section of {readme} from {out}/metrics.csv", file=sys.stderr)
         return 0
     report.build(out)
@@ -213,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="rebuild plots and summary.md from DIR/metrics.csv")
     rep.add_argument("dir")
-    rep.add_argument("--readme", help="instead: regenerate this README's results section (gpt-neo-125m-arch)")
+    rep.add_argument("--readme", help="instead: regenerate this README's section from DIR (results: gpt-neo-125m-arch; "
+                     "accuracy: an accuracy-only run)")
     rep.set_defaults(func=_cmd_report)
 
     c = sub.add_parser("compare", help="judge what changed between two result directories (exit 1 if worse)")

@@ -35,6 +35,16 @@ def test_readme_results_section_is_generated_from_results_default(monkeypatch):
         "README results section is stale: run `peft-bench report results/default --readme README.md`"
 
 
+def test_readme_accuracy_section_is_generated_from_results_accuracy(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    if not (ROOT / "results" / "accuracy" / "metrics.csv").exists():
+        pytest.skip("no committed accuracy results")
+    text = (ROOT / "README.md").read_text()
+    i, j = text.index(report.ACCURACY_BEGIN), text.index(report.ACCURACY_END) + len(report.ACCURACY_END)
+    assert text[i:j] == report.accuracy_readme_block(Path("results/accuracy")), \
+        "README accuracy section is stale: run `peft-bench report results/accuracy --readme README.md`"
+
+
 def test_pytest_benchmark_route_has_serialisable_params(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PEFT_BENCH_ALLOW_BUSY": "1", "HF_HUB_OFFLINE": "1"}
