@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -179,3 +181,14 @@ def test_list_metrics_defines_every_column(capsys):
     assert main(["list", "--metrics"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == len(records.columns()) and all(": " in line for line in printed)
+
+
+def test_rows_carry_wilson_columns_and_no_forgetting_on_random_weights(neo_rows):
+    from peft_bench.measure.stats import wilson
+
+    for row in neo_rows.values():
+        n = row["test_examples"]
+        assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == wilson(round(row["accuracy"] * n), n)
+        assert 0.5 <= row["majority_rate"] <= 1
+        assert math.isnan(row["forgetting"]) and row["forgetting_tokens"] == 0  # random weights: nothing to forget
+        assert row["loss_window"] >= 1 and row["split"] == "test"

@@ -126,7 +126,7 @@ def run_cell(spec: CellSpec) -> dict:
     checks = checks_probe(method, model, check_batch, base_out)
     test = _to(data.test, spec)
     trained_acc = accuracy(model, test, form, w.batch_size)
-    tuned_loss, tokens = general_loss(model, form, data, w.batch_size)
+    tuned_loss, tokens = general_loss(model, form, data, w)
     unmerged, merged = inference_probe(spec, method, model, check_batch)
     ckpt, roundtrip = checkpoint_probe(spec, method, model, build, check_batch, base_out, checks.check_tolerance)
     checks = dataclasses.replace(checks, roundtrip_max_abs_diff=roundtrip)
@@ -136,7 +136,7 @@ def run_cell(spec: CellSpec) -> dict:
     base = build()
     base_latency = timing.latency(_forward(base, check_batch), spec.device, spec.latency_seconds)
     base_acc = accuracy(base, test, form, w.batch_size) if spec.base_probe else math.nan
-    base_loss, _ = general_loss(base, form, data, w.batch_size)
+    base_loss, _ = general_loss(base, form, data, w)
     del base
     acc = R.AccuracyRecord.of(trained_acc, base_acc, len(data.test), majority(data.test))
     forget = R.ForgettingRecord(tuned_loss - base_loss, base_loss, len(data.general) if tokens else 0, tokens)
@@ -159,12 +159,12 @@ def _accuracy_only(spec: CellSpec, method: Method, model: nn.Module, build, data
     trained_acc = accuracy(model, test, form, w.batch_size)
     base_acc, forget = math.nan, R.ForgettingRecord(math.nan, math.nan, 0, 0)
     if spec.split == "test":
-        tuned_loss, tokens = general_loss(model, form, data, w.batch_size)
+        tuned_loss, tokens = general_loss(model, form, data, w)
         del model
         base = build()
         if spec.base_probe:
             base_acc = accuracy(base, test, form, w.batch_size)
-        base_loss, _ = general_loss(base, form, data, w.batch_size)
+        base_loss, _ = general_loss(base, form, data, w)
         forget = R.ForgettingRecord(tuned_loss - base_loss, base_loss, len(data.general) if tokens else 0, tokens)
     row = _identity(spec, w, method, targets)
     for record in (tim, R.AccuracyRecord.of(trained_acc, base_acc, len(data.test), majority(data.test)), forget):
@@ -185,11 +185,12 @@ def majority(split) -> float:
     return float(torch.bincount(split.labels).max()) / len(split)
 
 
-def general_loss(model: nn.Module, form, data, batch_size: int) -> tuple[float, int]:
-    """LM loss on the workload's general text (the forgetting probe); (NaN, 0) where the task is not an LM's."""
-    if not data.general or not hasattr(form, "general_loss"):
+def general_loss(model: nn.Module, form, data, w) -> tuple[float, int]:
+    """LM loss on the workload's general text (the forgetting probe); (NaN, 0) unless the workload is a pretrained
+    language model (a random-weight model has nothing to forget)."""
+    if not w.pretrained or not data.general or not hasattr(form, "general_loss"):
         return math.nan, 0
-    return form.general_loss(model, data.general, batch_size)
+    return form.general_loss(model, data.general, w.batch_size)
 
 
 def method_config(method: Method, default_targets: tuple[str, ...]) -> str:
