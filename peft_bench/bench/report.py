@@ -177,6 +177,11 @@ def build(out: Path) -> None:
         seeds.to_csv(out / "summary_seeds.csv", index=False)
     else:
         (out / "summary_seeds.csv").unlink(missing_ok=True)
+    if "split" in df.columns and (df.split == "validation").any():  # a learning-rate sweep
+        from .tune import summary as tune_summary
+
+        atomic_write_text(out / "summary.md", tune_summary(out))
+        return
     if accuracy_only(df):
         plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
         atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))

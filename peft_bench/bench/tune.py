@@ -91,6 +91,11 @@ def summary(out: Path) -> str:
         lines += [f"## {wl}", "", f"{report._int(first, 'train_steps')} steps, batch {report._int(first, 'batch_size')}"
                   f", validation n = {report._int(first, 'test_examples')}.", ""]
         rows = []
+        edges = []
+        for m, gm in g[g.status == "ok"].groupby("method", sort=False):
+            pick = chosen.get(wl, {}).get(m)
+            if pick is not None and len(gm) > 1 and pick in (gm.lr.min(), gm.lr.max()):
+                edges.append(f"`{m}` ({pick:g}, the {'highest' if pick == gm.lr.max() else 'lowest'} rate tried)")
         for _, r in g.sort_values(["method", "lr"]).iterrows():
             if r.status != "ok":
                 rows.append([r.method, f"{r.lr:g}" if r.lr == r.lr else "", f"{r.status}: {r.reason}", "", ""])
@@ -102,6 +107,9 @@ def summary(out: Path) -> str:
             rows.append([r.method, f"{r.lr:g}", acc, trend, "yes" if report.learned(r) else "did not learn"])
         lines += report.table(["method", "learning rate", "validation accuracy (95% CI)", "training loss first → last "
                                "window", "loss went down"], rows) + [""]
+        if edges:
+            lines += ["Chosen at the edge of the grid, so a rate beyond it may do better within this budget: "
+                      + ", ".join(edges) + ".", ""]
     lines += ["Chosen (`chosen.json`, copied into `peft_bench/bench/suites.py` `TUNED`):", "", "```json",
               json.dumps(chosen, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
