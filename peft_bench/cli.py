@@ -34,7 +34,20 @@ def _positive(kind: type, what: str):
 
 
 def _list(text: str) -> list[str]:
-    return [t for t in text.split(",") if t]
+    """Comma-separated names: at least one, each once."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, twice))} given more than once in {text!r}")
+    return names
+
+
+def _out_dir(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("--out must name a directory, got ''")
+    return Path(text)
 
 
 def _nonnegative_int(text: str) -> int:
@@ -158,12 +171,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demos
 
-    return demos.run(args.name, Path(args.out), method=args.method, seed=args.seed)
+    if args.method is not None and args.name == "svd":
+        raise UserError(f"demo svd takes no --method (it has no adapter); got {args.method!r}")
+    return demos.run(args.name, Path(args.out), method=args.method or "lora-parametrize", seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="peft-bench", description="Measure PEFT methods side by side.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
+    p.add_argument("--version", action="version", version=f"peft-bench {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ls = sub.add_parser("list", help="methods, workloads and unsupported combinations")
     ls.add_argument("--metrics", action="store_true", help="every metric's one-line definition instead")
@@ -174,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", type=_list, help="comma-separated method names (default: all)")
     r.add_argument("--workloads", type=_list, help="comma-separated workload names (default: the suite's)")
     r.add_argument("--device", default="cpu", help="cpu | cuda")
-    r.add_argument("--out", type=Path, help="output directory (default: results/<suite>)")
+    r.add_argument("--out", type=_out_dir, help="output directory (default: results/<suite>)")
     r.add_argument("--resume", action="store_true", help="skip cells already finished in <out>/metrics.csv")
     r.add_argument("--cell-timeout", type=_positive(float, "--cell-timeout"), help="seconds per cell")
     r.add_argument("--seed", type=_nonnegative_int, help="one training seed (default: the suite's, 0)")
@@ -208,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--methods", type=_list, help="comma-separated (default: all)")
     t.add_argument("--lr", type=_float_list, help="rates to try for every method (default: a grid per method)")
     t.add_argument("--steps", type=_positive(int, "--steps"), help="training steps (default: the accuracy suite's)")
-    t.add_argument("--out", type=Path, default=Path("results/tune"), help="output directory (default: results/tune)")
+    t.add_argument("--out", type=_out_dir, default=Path("results/tune"), help="output directory (default: results/tune)")
     t.add_argument("--resume", action="store_true", help="skip (method, workload, rate) cells already finished")
     t.set_defaults(func=_cmd_tune)
 
@@ -228,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the tutorial's experiments: svd | mnist-lora")
     d.add_argument("name", help="svd | mnist-lora")
-    d.add_argument("--out", default="results/demo", help="output directory (default: results/demo)")
-    d.add_argument("--method", default="lora-parametrize", help="mnist-lora: lora-parametrize | lora | hf-lora | all")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", type=_out_dir, default=Path("results/demo"), help="output directory (default: results/demo)")
+    d.add_argument("--method", help="mnist-lora: lora-parametrize (default) | lora | hf-lora | all")
+    d.add_argument("--seed", type=_nonnegative_int, default=0)
     d.set_defaults(func=_cmd_demo)
     return p
 
@@ -239,8 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     debug = "--debug" in argv
+    parser = build_parser()
+    if not argv:  # bare `peft-bench`: the usage with the commands
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args([a for a in argv if a != "--debug"])
         args.argv = argv
         return args.func(args)
     except UserError as e:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from peft_bench import UserError
 from peft_bench.cli import main
 
 
@@ -50,6 +51,13 @@ BAD = [
     (["--seed", "1", "--seeds", "0,1"], "give --seeds or --seed, not both"),
     (["--lr", "2"], "learning rates must lie in (0, 1), got '2'"),
     (["--lr", "fast"], "expected numbers like 1e-4,3e-4, got 'fast'"),
+    (["--seed", "-1"], "expected a non-negative integer, got '-1'"),
+    (["--cell-timeout", "inf"], "--cell-timeout must be a positive float, got 'inf'"),
+    (["--cell-timeout", "nan"], "--cell-timeout must be a positive float, got 'nan'"),
+    (["--methods", ""], "expected comma-separated names, got ''"),
+    (["--methods", "lora,lora"], "'lora' given more than once in 'lora,lora'"),
+    (["--methods", "prefix", "--rank", "4"], "--rank applies to none of the chosen methods (prefix)"),
+    (["--model", "x", "--workloads", "gpt-neo-tiny"], "give --model (a hub id or directory) or --workloads, not both"),
 ]
 
 
@@ -106,6 +114,59 @@ def test_malformed_metrics_csv_is_refused_and_kept(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a peft-bench metrics file" in err and "move it away or pass --out" in err
     assert snapshot(d) == before
+
+
+def test_empty_out_is_refused_and_nothing_is_written_in_the_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--out", "", "--workloads", "mlp-mnist-tiny"]) == 2
+    assert "--out must name a directory, got ''" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content,message", [
+    ("text,stars\na,1\nb,0\n", "needs columns 'text' and 'label'"),
+    ("text,label\na,1\nb,3\n", "labels must be 0 (negative) or 1 (positive)"),
+])
+def test_a_bad_local_dataset_is_refused_before_anything_runs(tmp_path, capsys, content, message):
+    csv = tmp_path / "d.csv"
+    csv.write_text(content)
+    model = tmp_path / "m"
+    from peft_bench import models
+
+    models.gpt_neo("tiny").save_pretrained(model)
+    assert main(["run", "--model", str(model), "--dataset", str(csv), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_refuses_bad_values_and_keeps_its_outputs(tmp_path, capsys):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "metrics.csv").write_text("method,workload,status,cell_key,step_time_s\nlora,t5-tiny,ok,k1,fast\n")
+    (d / "summary.md").write_text("old")
+    assert main(["report", str(d)]) == 2
+    assert "row 2, column step_time_s: 'fast' is not a number" in capsys.readouterr().err
+    assert (d / "summary.md").read_text() == "old" and sorted(p.name for p in d.iterdir()) == ["metrics.csv", "summary.md"]
+    (d / "metrics.csv").write_text("method,workload\nlora,t5-tiny\n")
+    assert main(["report", str(d)]) == 2
+    assert "missing columns cell_key, status" in capsys.readouterr().err
+
+
+def test_demo_svd_takes_no_method(tmp_path, capsys):
+    assert main(["demo", "svd", "--method", "nosuch", "--out", str(tmp_path / "d")]) == 2
+    assert "demo svd takes no --method" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_bare_command_prints_usage_with_commands_and_version_and_debug_anywhere(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: peft-bench" in err and all(c in err for c in ("run", "report", "compare", "tune", "demo", "list"))
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("peft-bench 0.")
+    with pytest.raises(UserError):  # --debug after the command: accepted, and the error is raised with its traceback
+        main(["run", "--methods", "nope", "--debug"])
 
 
 def test_report_needs_a_metrics_file(tmp_path, capsys):

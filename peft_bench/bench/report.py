@@ -158,7 +158,14 @@ def load_frame(out: Path):
     df = pd.DataFrame(rows)
     for c in df.columns:
         if c not in TEXT:
-            df[c] = pd.to_numeric(df[c], errors="coerce")
+            values = pd.to_numeric(df[c], errors="coerce")
+            bad = values.isna() & df[c].notna() & ~df[c].astype(str).str.strip().isin(["", "nan", "NaN", "None", "inf",
+                                                                                         "-inf"])
+            if bad.any() and c in COLUMNS:
+                i = int(bad.to_numpy().nonzero()[0][0])
+                raise UserError(f"{out}/metrics.csv row {i + 2}, column {c}: {df[c].iloc[i]!r} is not a number; "
+                                "fix or remove that row")
+            df[c] = values
     if "replica" not in df.columns:
         df["replica"] = 0
     return df
@@ -168,10 +175,13 @@ def build(out: Path) -> None:
     """Rebuild plots and summary.md from metrics.csv and repeats.csv (and environment.json when present)."""
     from . import plots
 
-    df = load_frame(out)
+    df = load_frame(out)  # refuses bad values before anything is written
     samples = read_samples(out / "repeats.csv")
     env_path = out / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    try:
+        env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    except ValueError:
+        raise UserError(f"{env_path} is not valid JSON; remove it or re-run") from None
     seeds = across_seeds(df)
     if len(seeds):
         seeds.to_csv(out / "summary_seeds.csv", index=False)
@@ -186,8 +196,9 @@ def build(out: Path) -> None:
         plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
         atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))
         return
+    text = summary(df, env, samples)  # computed before any file is replaced
     plots.make_all(first_seed(cells(df)), out)
-    atomic_write_text(out / "summary.md", summary(df, env, samples))
+    atomic_write_text(out / "summary.md", text)
 
 
 def accuracy_only(df) -> bool:

@@ -69,9 +69,12 @@ def plan(opts: RunOptions) -> list[CellSpec]:
     suite = get_suite(opts.suite)
     if opts.dataset and not opts.model:
         raise UserError("--dataset needs --model (a hub id or local directory); embedded workloads bring their data")
+    if opts.model and opts.workloads:
+        raise UserError("give --model (a hub id or directory) or --workloads, not both")
     methods = opts.methods or list(suite.methods)
     for m in methods:
         method_class(m)
+    _check_options_apply(methods, opts.method_options or {})
     if opts.model:
         workloads = [None]
     else:
@@ -87,6 +90,10 @@ def plan(opts: RunOptions) -> list[CellSpec]:
 
         resolve(None, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
                 allow_pickle=opts.allow_pickle)
+    if opts.dataset and Path(opts.dataset).suffix in (".csv", ".json", ".jsonl"):  # columns and labels checked now
+        from ..workloads.data import hub_dataset
+
+        hub_dataset(opts.dataset, 0)
     if opts.train_steps is not None and opts.train_steps < INSTRUMENTED_STEPS + 2:
         raise UserError(f"--steps must be at least {INSTRUMENTED_STEPS + 2}: one warm-up step, at least one timed "
                         f"step, then {INSTRUMENTED_STEPS} instrumented steps (FLOP count, tensor-memory tracker), got "
@@ -158,6 +165,18 @@ def _aa_cell(cells: list[CellSpec], suite) -> CellSpec:
         if not c.workload or not method_class(c.method).unsupported_reason(get_workload(c.workload).family):
             return c
     return cells[0]
+
+
+FLAGS = {"r": "--rank", "alpha": "--alpha", "dropout": "--dropout", "num_virtual_tokens": "--virtual-tokens",
+         "targets": "--targets"}
+
+
+def _check_options_apply(methods: list[str], options: dict) -> None:
+    """An option that none of the chosen methods has is a mistake (e.g. --rank with --methods prefix)."""
+    for key in options:
+        takers = [m for m in methods if key in {f.name for f in dataclasses.fields(method_class(m).Options)}]
+        if not takers:
+            raise UserError(f"{FLAGS.get(key, key)} applies to none of the chosen methods ({', '.join(methods)})")
 
 
 def _options_for(method: str, options: dict) -> dict:
