@@ -87,3 +87,15 @@ def test_csv_columns_all_come_from_records_or_the_cell_identity(run_dir):
     known = set(report.IDENTITY) | set(records.columns()) | set(report.BOOKKEEPING)
     assert set(header) <= known
     assert all(records.definitions()[c] for c in records.columns())
+
+
+def test_csv_json_and_png_outputs_share_one_mode(tmp_path):
+    import os
+    import stat
+
+    from peft_bench.bench import report as R
+
+    R.atomic_write_text(tmp_path / "a.csv", "x\n")
+    (tmp_path / "b.png").write_bytes(b"png")  # what matplotlib's savefig does: a plain open()
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.csv") == mode(tmp_path / "b.png")

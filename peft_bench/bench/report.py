@@ -34,17 +34,25 @@ BETTER = records.better()
 
 # -- the CSV ------------------------------------------------------------------------------------------------
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers never see a partial file."""
+    """Write to a temporary file beside `path`, fsync, then rename: readers never see a partial file. The file gets
+    the mode any other new file gets (0666 less the umask, as the PNGs do), not mkstemp's private 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
