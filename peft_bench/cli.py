@@ -103,6 +103,25 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 print(f"  {m} × {name}: {reason}")
     print("hub (with network or a local copy): --model EleutherAI/gpt-neo-125m | google-t5/t5-small | DIR "
           "[--dataset stanfordnlp/imdb | FILE.csv]")
+    from .bench.suites import SUITES, budget, own_budget
+
+    def text(b) -> str:
+        return (f"{b.train_steps} steps ({b.warmup_steps} warm-up, {b.timed_steps} timed)"
+                + (f", test ≤ {b.test_examples}" if b.test_examples else ""))
+
+    print("suites (budgets per workload; repeats; seeds):")
+    for name in SUITES.names():
+        s = SUITES.get(name)
+        print(f"  {name}: {s.repeats} repeat{'s' * (s.repeats != 1)}, seeds {','.join(map(str, s.seeds))}"
+              + (", accuracy probes only" if s.probes == "accuracy" else ""))
+        for w in s.workloads:
+            print(f"    {w:26s} {text(budget(s, w))}")
+        if not s.workloads:
+            print("    (the workloads you name, each at its own budget)")
+    print("own budgets (outside a suite, e.g. `run --workloads X`):")
+    for name in list_workloads():
+        print(f"    {name:26s} {text(own_budget(name))}")
+    print(f"    {'--model (hub or directory)':26s} {text(own_budget('*'))}")
     return 0
 
 
@@ -114,7 +133,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout,
                                  "num_virtual_tokens": args.virtual_tokens,
                                  "targets": tuple(args.targets) if args.targets else None}.items() if v is not None}
-    opts = RunOptions(suite=args.suite, methods=args.methods, workloads=args.workloads, device=args.device,
+    suite = args.suite or ("custom" if args.workloads or args.model else "smoke")
+    opts = RunOptions(suite=suite, methods=args.methods, workloads=args.workloads, device=args.device,
                       out=args.out, resume=args.resume, cell_timeout=args.cell_timeout, seeds=_seeds(args), lrs=args.lr,
                       method_options=options, batch_size=args.batch_size, max_length=args.seq_len,
                       train_steps=args.steps, dtype=args.dtype, model=args.model, dataset=args.dataset,
@@ -188,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_list)
 
     r = sub.add_parser("run", help="run a benchmark suite, one fresh process per cell")
-    r.add_argument("--suite", default="smoke", help="smoke | default | gpu (default: smoke)")
+    r.add_argument("--suite", help="smoke | default | accuracy | gpu | custom (default: custom — each workload at its "
+                   "own budget — when --workloads or --model is given, else smoke); `peft-bench list` shows them")
     r.add_argument("--methods", type=_list, help="comma-separated method names (default: all)")
     r.add_argument("--workloads", type=_list, help="comma-separated workload names (default: the suite's)")
     r.add_argument("--device", default="cpu", help="cpu | cuda")

@@ -291,6 +291,8 @@ def test_an_accuracy_only_run_reports_seeds_with_rendering_tables_and_a_plot(tmp
 def test_a_workload_outside_the_suite_gets_its_own_budget():
     from peft_bench.bench.suites import SMOLLM2_BUDGET, budget
 
-    assert budget(get_suite("smoke"), "smollm2-135m-sentiment") == SMOLLM2_BUDGET  # the done-when command
+    assert budget(get_suite("custom"), "smollm2-135m-sentiment") == SMOLLM2_BUDGET  # run --workloads, no --suite
+    assert budget(get_suite("smoke"), "smollm2-135m-sentiment").train_steps == 8  # an explicit suite's catch-all
+    assert budget(get_suite("default"), "*").train_steps == 20  # --suite default --model X (was KeyError '*')
     assert budget(get_suite("default"), "smollm2-135m-sentiment").test_examples == 300  # the cheaper cost suite
     assert budget(get_suite("smoke"), "gpt-neo-tiny").train_steps == 8

@@ -27,7 +27,7 @@ def out(tmp_path):
 BAD = [
     (["--methods", "nope"], "unknown method 'nope'; choose one of: full, lora"),
     (["--workloads", "nope"], "unknown workload 'nope'; choose one of: mlp-mnist"),
-    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, accuracy, gpu"),
+    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, accuracy, custom, gpu"),
     (["--device", "tpu"], "unknown device 'tpu'; choose cpu or cuda"),
     (["--rank", "0"], "--rank must be a positive int"),
     (["--rank", "two"], "--rank must be a positive int, got 'two'"),
@@ -58,6 +58,7 @@ BAD = [
     (["--methods", "lora,lora"], "'lora' given more than once in 'lora,lora'"),
     (["--methods", "prefix", "--rank", "4"], "--rank applies to none of the chosen methods (prefix)"),
     (["--model", "x", "--workloads", "gpt-neo-tiny"], "give --model (a hub id or directory) or --workloads, not both"),
+    (["--suite", "custom"], "suite 'custom' has no workloads of its own; pass --workloads or --model"),
 ]
 
 
@@ -197,3 +198,5 @@ def test_list_shows_methods_workloads_and_unsupported_reasons(capsys):
                  "gpt-neo-125m-arch", "t5-small-arch"]:
         assert f"  {name}" in out
     assert "prefix × mlp-mnist: prefix needs a transformer" in out
+    assert "  accuracy: 1 repeat, seeds 0,1,2, accuracy probes only" in out
+    assert "smollm2-135m-sentiment     40 steps (3 warm-up, 8 timed)" in out  # its own budget

@@ -71,6 +71,8 @@ def plan(opts: RunOptions) -> list[CellSpec]:
         raise UserError("--dataset needs --model (a hub id or local directory); embedded workloads bring their data")
     if opts.model and opts.workloads:
         raise UserError("give --model (a hub id or directory) or --workloads, not both")
+    if not opts.model and not opts.workloads and not suite.workloads:
+        raise UserError(f"suite {suite.name!r} has no workloads of its own; pass --workloads or --model")
     methods = opts.methods or list(suite.methods)
     for m in methods:
         method_class(m)

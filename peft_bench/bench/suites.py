@@ -2,6 +2,7 @@
 
 * smoke   — the tiny workloads, every method; a couple of minutes on 2 CPU cores.
 * default — the embedded workloads at their real sizes on CPU, 3 repeats; under 30 minutes on 2 cores.
+* custom  — no workloads of its own: `run --workloads X` / `--model M` without --suite, each at its own budget.
 * accuracy — the pretrained workloads, every method, 3 seeds, accuracy probes only: mean accuracy with its CI.
 * gpu     — the embedded workloads at real size with larger budgets, for CUDA; the tutorial's hub models
             run on top with `--model EleutherAI/gpt-neo-125m --dataset stanfordnlp/imdb` (hub or local copy).
@@ -85,6 +86,8 @@ for _suite in (
           {"minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8), "smollm2-135m-sentiment":
            SMOLLM2_BUDGET, "*": Budget(train_steps=40, warmup_steps=2, timed_steps=8)}, seeds=(0, 1, 2),
           probes="accuracy"),
+    # No budgets of its own: each workload's own (see own_budget). What `run --workloads/--model` without --suite runs.
+    Suite("custom", (), {}),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
           {"*": Budget(train_steps=200, warmup_steps=5, timed_steps=30, latency_seconds=2)},
           repeats=3, aa=("lora", "gpt-neo-125m-arch")),
@@ -96,14 +99,28 @@ def get_suite(name: str) -> Suite:
     return SUITES.get(name)
 
 
-# A workload's own budget, used when it runs in a suite that does not list it (`peft-bench run --workloads X` runs in
-# the smoke suite unless --suite is given).
+# Budgets of their own: a workload run outside a suite (`peft-bench run --workloads X` or `--model M` without
+# --suite, the `custom` suite) trains for its own budget — the one below, else the default suite's for it, else the
+# smoke suite's for a -tiny workload, else HUB_BUDGET (a --model, or a workload no suite names).
 WORKLOAD_BUDGETS = {"smollm2-135m-sentiment": SMOLLM2_BUDGET}
+HUB_BUDGET = Budget(train_steps=20, warmup_steps=3, timed_steps=8, latency_seconds=1)
+
+
+def own_budget(workload: str) -> Budget:
+    if workload in WORKLOAD_BUDGETS:
+        return WORKLOAD_BUDGETS[workload]
+    default, smoke = SUITES.get("default"), SUITES.get("smoke")
+    if workload in default.budgets:
+        return default.budgets[workload]
+    if workload.endswith("-tiny"):
+        return budget(smoke, workload)
+    return HUB_BUDGET
 
 
 def budget(suite: Suite, workload: str) -> Budget:
+    """The suite's budget for `workload` ("*" for a --model), its catch-all, else the workload's own."""
     if workload in suite.budgets:
         return suite.budgets[workload]
-    if workload not in suite.workloads and workload in WORKLOAD_BUDGETS:
-        return WORKLOAD_BUDGETS[workload]
-    return suite.budgets["*"]
+    if "*" in suite.budgets:
+        return suite.budgets["*"]
+    return own_budget(workload)
