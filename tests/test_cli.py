@@ -200,3 +200,25 @@ def test_list_shows_methods_workloads_and_unsupported_reasons(capsys):
     assert "prefix × mlp-mnist: prefix needs a transformer" in out
     assert "  accuracy: 1 repeat, seeds 0,1,2, accuracy probes only" in out
     assert "smollm2-135m-sentiment     40 steps (3 warm-up, 8 timed)" in out  # its own budget
+
+
+def test_offline_hub_id_fails_at_once_naming_an_embedded_workload(tmp_path, capsys, monkeypatch):
+    import time
+
+    from peft_bench.workloads import data as D
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(D, "hub_reachable", lambda timeout=2.0: False)
+    t0 = time.perf_counter()
+    assert main(["run", "--model", "EleutherAI/gpt-neo-125m", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "the Hugging Face Hub cannot be reached and it is not in the local cache" in err
+    assert "'smollm2-135m-sentiment'" in err and time.perf_counter() - t0 < 10 and not (tmp_path / "o").exists()
+
+
+def test_a_model_needing_remote_code_names_the_flag(tmp_path, capsys):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "xcustom", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}')
+    assert main(["run", "--model", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "needs its repository's own code to load; pass --trust-remote-code" in capsys.readouterr().err

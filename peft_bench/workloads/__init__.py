@@ -159,13 +159,20 @@ def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: b
     """
     from transformers import AutoConfig
 
+    instead = "an embedded workload such as 'smollm2-135m-sentiment' or 'gpt-neo-125m-arch' (see peft-bench list)"
+    local = Path(model).exists()
     try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, local_files_only=True)
     except Exception as e:
-        if Path(model).exists():
-            raise UserError(f"model directory {model!r} has no readable config.json: {e}") from None
-        raise UserError(D.unreachable(model, "model", "an embedded workload such as 'gpt-neo-125m-arch' or "
-                                      "'t5-small-arch' (see peft-bench list)", e)) from None
+        if local:
+            raise UserError(_config_error(model, e, f"model directory {model!r} has no readable config.json")) from None
+        if offline() or not D.hub_reachable():  # at once, instead of a retry loop that cannot succeed
+            raise UserError(f"cannot load model {model!r}: the Hugging Face Hub cannot be reached and it is not in "
+                            f"the local cache; use {instead}") from None
+        try:
+            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except Exception as e2:
+            raise UserError(_config_error(model, e2, D.unreachable(model, "model", instead, e2))) from None
     task = _task_of(config)
     family = {"causal-lm": "decoder", "seq2seq": "encoder-decoder", "classification": "encoder"}[task]
 
@@ -194,6 +201,13 @@ def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: b
     name = f"hub:{model}" + (f"+{dataset}" if dataset else "")
     return Workload(name, f"{model} on {dataset or 'Rotten Tomatoes snippets'}", family, task, True, build, load,
                     tokenizer, model, max_length=max_length, batch_size=batch_size, test_limit=1000)
+
+
+def _config_error(model: str, e: Exception, otherwise: str) -> str:
+    if "trust_remote_code" in str(e):
+        return (f"model {model!r} needs its repository's own code to load; pass --trust-remote-code if you trust "
+                "that code")
+    return otherwise if otherwise.startswith("cannot load") else f"{otherwise}: {str(e).splitlines()[0][:160]}"
 
 
 def _task_of(config) -> str:

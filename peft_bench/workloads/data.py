@@ -7,6 +7,7 @@ give identical data.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,9 @@ def hub_dataset(name: str, seed: int) -> Data:
             texts, labels = _text_label(ds, name)
             train, test = _divide(texts, np.asarray(labels, dtype=np.int64), seed, 0.2)
         else:
+            if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and not hub_reachable():
+                raise UserError(f"cannot load dataset {name!r}: the Hugging Face Hub cannot be reached; use the "
+                                "embedded Rotten Tomatoes data (omit --dataset) or a local .csv/.json file")
             tr, te = (datasets.load_dataset(name, split=s) for s in IMDB_SLICES)
             train, test = (Split(_text_label(d, name)[0], torch.as_tensor(_text_label(d, name)[1])) for d in (tr, te))
     except UserError:
@@ -153,6 +157,20 @@ def _text_label(ds, name: str) -> tuple[list[str], list[int]]:
     if set(labels) - {0, 1}:
         raise UserError(f"dataset {name!r}: labels must be 0 (negative) or 1 (positive)")
     return [str(t) for t in ds["text"]], labels
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub's host accepts a TCP connection (HF_ENDPOINT honoured) within `timeout`."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def unreachable(name: str, what: str, instead: str, error: Exception) -> str:
