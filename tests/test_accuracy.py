@@ -99,13 +99,20 @@ def test_welch_difference_matches_scipy():
     assert (d.low, d.high) == pytest.approx((ref.low, ref.high))
 
 
-def test_loss_trend_tells_learning_from_noise():
+def test_the_learning_probe_tells_learning_from_noise():
+    from peft_bench.bench.cell import learning
+
     rng = np.random.default_rng(0)
-    falling = list(2.0 - np.linspace(0, 1.5, 40) + rng.normal(0, 0.1, 40))
-    flat = list(0.7 + rng.normal(0, 0.1, 40))
-    assert loss_trend(falling)["loss_drop_ci_low"] > 0 and loss_trend(falling)["loss_window"] == 8
-    assert loss_trend(flat)["loss_drop_ci_low"] < 0
-    assert report.learned({"loss_drop_ci_low": 0.2}) and not report.learned({"loss_drop_ci_low": -0.01})
+    before = list(0.69 + rng.normal(0, 0.05, 8))
+    fast = [b - 0.3 + rng.normal(0, 0.01) for b in before]  # a loss that fell within two steps: still learned
+    flat = [b + rng.normal(0, 0.01) for b in before]
+    assert learning(before, fast)["loss_probe_drop_ci_low"] > 0.25
+    assert learning(before, flat)["loss_probe_drop_ci_low"] < 0
+    assert learning(before, [])["loss_probe_batches"] == 0
+    assert report.learned({"loss_probe_drop_ci_low": 0.2}) and not report.learned({"loss_probe_drop_ci_low": -0.01})
+    assert report.learned({"loss_start": 1.3, "loss_end": 0.4})  # rows from before the probe: point estimate
+    trend = loss_trend(list(np.linspace(2, 0.5, 40)))
+    assert trend["loss_window"] == 8 and trend["loss_start"] > trend["loss_end"]
 
 
 # -- forgetting -------------------------------------------------------------------------------------------------
@@ -138,7 +145,7 @@ def test_across_seeds_gives_mean_ci_and_learned_count():
 
     rows = [dict(workload="w", method=m, lr=1e-3, seed=s, status="ok", pretrained="true", replica=0, train_steps=10,
                  test_examples=100, majority_rate=0.58, accuracy=a, base_accuracy=0.6, forgetting=0.01 * s,
-                 forgetting_tokens=50, loss_drop_ci_low=0.1 if m == "lora" else -0.1)
+                 forgetting_tokens=50, loss_probe_drop_ci_low=0.1 if m == "lora" else -0.1)
             for m, accs in (("lora", [0.80, 0.82, 0.84]), ("prefix", [0.59, 0.58, 0.60])) for s, a in enumerate(accs)]
     t = report.across_seeds(pd.DataFrame(rows))
     lora, prefix = t.iloc[0], t.iloc[1]
@@ -149,10 +156,10 @@ def test_across_seeds_gives_mean_ci_and_learned_count():
 
 
 def test_tune_chooses_the_best_validation_rate_and_the_lower_on_a_tie():
-    rows = [dict(workload="w", method="lora", lr=lr, accuracy=a, status="ok", split="validation", loss_drop_ci_low=d)
-            for lr, a, d in ((1e-4, 0.80, 0.1), (3e-4, 0.85, 0.1), (1e-3, 0.85, 0.1), (1e-2, 0.90, -0.1))]
+    rows = [dict(workload="w", method="lora", lr=lr, accuracy=a, status="ok", split="validation")
+            for lr, a in ((1e-4, 0.80), (3e-4, 0.85), (1e-3, 0.85))]
     rows.append(dict(workload="w", method="lora", lr=3e-3, accuracy=0.99, status="ok", split="test"))  # never used
-    assert tune.choose(rows) == {"w": {"lora": 3e-4}}  # 1e-2 scored higher but its loss did not go down
+    assert tune.choose(rows) == {"w": {"lora": 3e-4}}
 
 
 def test_suite_rates_are_the_committed_tuning_choice():
@@ -276,7 +283,7 @@ def test_an_accuracy_only_run_reports_seeds_with_rendering_tables_and_a_plot(tmp
                              accuracy=a, accuracy_ci_low=lo, accuracy_ci_high=hi,
                              base_accuracy=0.759 if (m, s) == ("lora", 0) else "", test_examples=1000,
                              majority_rate=0.578, forgetting=0.01, forgetting_tokens=8000, loss_start=2.0,
-                             loss_end=0.6 if m != "prefix" else 2.0, loss_drop_ci_low=0.2 if m != "prefix" else -0.1))
+                             loss_end=0.6 if m != "prefix" else 2.0, loss_probe_drop_ci_low=0.2 if m != "prefix" else -0.1))
     report.write_rows(tmp_path / "metrics.csv", rows)
     report.build(tmp_path)
     text = (tmp_path / "summary.md").read_text()

@@ -19,6 +19,7 @@ The row is the union of the records (`peft_bench.measure.records`) plus the cell
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -333,6 +334,10 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     counted = analytic = padded = 0
     tracker = None
     canary = float("nan")
+    # The learning probe is scored in every process, timed repeats included, so each runs the same prefix.
+    probe = [_on(b, spec) for b in itertools.islice(endless(data.train, form, batch_size, spec.seed + PROBE_SEED),
+                                                    PROBE_BATCHES)]
+    before = probe_losses(model, probe)
     step(_on(next(stream), spec))  # step 0: first-call allocations and the optimizer state
     bar.update()
     with memory.track_process_peak(device) as proc:
@@ -373,7 +378,8 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         backward_s=med["backward"], optimizer_s=med["optimizer"], timed_steps=len(walls),
         samples_per_s=batch_size / st.median, tokens_per_s=(sum(real_tokens) / len(real_tokens)) / st.median,
         padded_tokens_per_s=padded / st.median, first_losses=json.dumps([round(x, 6) for x in losses[:3]]),
-        final_loss=losses[-1], canary_flops_per_s=canary, **loss_trend(losses))
+        final_loss=losses[-1], canary_flops_per_s=canary, **loss_trend(losses),
+        **learning(before, probe_losses(model, probe) if instrument or steps else []))
     if not instrument:
         return None, tim, None
     process_peak = proc.peak_bytes - baseline
@@ -385,15 +391,38 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
 
 
 def loss_trend(losses: list[float]) -> dict:
-    """Mean loss over the budget's first and last windows, and whether the drop between them exceeds the noise."""
-    from ..measure.stats import welch_difference
-
+    """Mean loss over the budget's first and last windows (a description of the curve, not the learning verdict:
+    a loss that falls within the first window makes the windows' difference noisy; see `probe_losses`)."""
     k = min(max(3, len(losses) // 5), len(losses) // 2)
     if k < 1:
-        return {"loss_start": math.nan, "loss_end": math.nan, "loss_drop_ci_low": math.nan, "loss_window": 0}
-    first, last = losses[:k], losses[-k:]
-    drop = welch_difference(first, last)
-    return {"loss_start": sum(first) / k, "loss_end": sum(last) / k, "loss_drop_ci_low": drop.low, "loss_window": k}
+        return {"loss_start": math.nan, "loss_end": math.nan, "loss_window": 0}
+    return {"loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k, "loss_window": k}
+
+
+PROBE_BATCHES = 8  # the learning probe: fixed training-split batches, scored before the first step and after the last
+PROBE_SEED = 7_919  # its batches' order, apart from the training stream's
+
+
+@torch.no_grad()
+def probe_losses(model: nn.Module, batches: list[dict]) -> list[float]:
+    """The model's loss on each probe batch, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    out = [float(model(**model_inputs(b)).loss) for b in batches]
+    model.train(was_training)
+    return out
+
+
+def learning(before: list[float], after: list[float]) -> dict:
+    """Paired before/after probe losses: did training lower the loss beyond batch-to-batch noise?"""
+    from ..measure.stats import mean_ci
+
+    if not before or not after:
+        return {"loss_probe_before": math.nan, "loss_probe_after": math.nan, "loss_probe_drop_ci_low": math.nan,
+                "loss_probe_batches": 0}
+    drop = mean_ci([b - a for b, a in zip(before, after)])
+    return {"loss_probe_before": sum(before) / len(before), "loss_probe_after": sum(after) / len(after),
+            "loss_probe_drop_ci_low": drop.low, "loss_probe_batches": len(before)}
 
 
 def _counted_step(model: nn.Module, method: Method, step, batch: dict) -> tuple[int, int]:

@@ -294,7 +294,7 @@ def seeds_section(seeds) -> list[str]:
              "Mean test accuracy over the seeds with its 95 % Student-t interval across seeds (training randomness: "
              "initialisation and batch order; the test split is the same for every seed). ‘above majority’: the "
              "interval lies above the majority-label rate; ‘did not learn’: the training loss did not go down "
-             "beyond batch noise in at least one seed (see `loss_drop_ci_low`), so the accuracy is not ranked.", ""]
+             "beyond batch noise in at least one seed (see `loss_probe_drop_ci_low`), so the accuracy is not ranked.", ""]
     for wl, g in seeds.groupby("workload", sort=False):
         first = g.iloc[0]
         lines += [f"### {wl}", "", f"{int(first.train_steps)} training steps per seed; test n = "
@@ -352,7 +352,7 @@ def accuracy_summary(df, env: dict, seeds) -> str:
                                             "forgetting Δ", "training loss first → last window"], rows) + [""]
     defs = records.definitions()
     lines += ["Definitions:", ""] + [f"- `{k}`: {defs[k]}" for k in (
-        "accuracy", "accuracy_ci_low", "base_accuracy", "majority_rate", "forgetting", "loss_drop_ci_low")] + [""]
+        "accuracy", "accuracy_ci_low", "base_accuracy", "majority_rate", "forgetting", "loss_probe_drop_ci_low")] + [""]
     lines += ["Plot: `accuracy_seeds.png`. Per-seed rows: `metrics.csv`; across seeds: `summary_seeds.csv`.", ""]
     return "\n".join(lines)
 
@@ -481,12 +481,16 @@ def pretrained(r) -> bool:
 
 
 def learned(r) -> bool:
-    """The training loss went down beyond batch-to-batch noise (the Welch interval of first-window minus
-    last-window mean loss lies above 0); rows from before that column: the last step's loss below the first's.
-    A method whose loss never moved learned nothing, whatever its accuracy."""
-    drop = _num(r, "loss_drop_ci_low")
+    """Training lowered the loss beyond batch-to-batch noise: the paired interval of a fixed probe's loss before
+    minus after lies above 0 (`loss_probe_drop_ci_low` > 0). Rows from before the probe: the last-window mean loss
+    below the first window's (a point estimate). A method whose loss never moved learned nothing, whatever its
+    accuracy."""
+    drop = _num(r, "loss_probe_drop_ci_low")
     if drop == drop:
         return drop > 0
+    start, end = _num(r, "loss_start"), _num(r, "loss_end")
+    if start == start and end == end:
+        return end < start
     try:
         first = json.loads(r.get("first_losses") or "[]")[0]
     except (ValueError, IndexError, TypeError):

@@ -5,8 +5,7 @@
 
 Each (method, workload, rate) cell trains for the accuracy suite's budget on the training split minus a stratified
 validation split (`Workload.validation_data`), then scores that validation split; no other probe runs. The rate with
-the highest validation accuracy among the rates whose training loss went down is chosen (the lower rate on
-a tie). Methods with `tunes_like` (the same
+the highest validation accuracy is chosen (the lower rate on a tie). Methods with `tunes_like` (the same
 parametrisation as another method) are not swept; they take that method's rate. `summary.md` lists every rate
 tried with its Wilson interval, and `chosen.json` the choice, which `suites.TUNED` copies (a test keeps them equal).
 """
@@ -53,18 +52,18 @@ def run(workloads: list[str] | None = None, methods: list[str] | None = None, lr
 
 
 def choose(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """{workload: {method: rate}}: the highest validation accuracy among the finished cells whose loss went down
-    (among all finished cells when none did), the lower rate on a tie."""
-    best: dict[tuple[str, str], tuple[bool, float, float]] = {}
+    """{workload: {method: rate}}: the highest validation accuracy among the finished cells, the lower rate on a tie.
+    (A rate that learned nothing scores the majority rate, so it wins only when no rate learned — the summary's
+    'loss went down' column says when.)"""
+    best: dict[tuple[str, str], tuple[float, float]] = {}
     for r in rows:
         if r.get("status") != "ok" or r.get("split") != "validation":
             continue
-        key, lr = (r["workload"], r["method"]), float(r["lr"])
-        score = (report.learned(r), float(r["accuracy"]), -lr)
+        key, score = (r["workload"], r["method"]), (float(r["accuracy"]), -float(r["lr"]))
         if key not in best or score > best[key]:
             best[key] = score
     chosen: dict[str, dict[str, float]] = {}
-    for (w, m), (_, _, neg_lr) in sorted(best.items()):
+    for (w, m), (_, neg_lr) in sorted(best.items()):
         lr = -neg_lr
         chosen.setdefault(w, {})[m] = lr
     return chosen
@@ -81,8 +80,8 @@ def summary(out: Path) -> str:
              f"Made by `{env.get('command', 'peft-bench tune')}` at commit {str(env.get('git_commit', ''))[:10]} "
              f"({env.get('date_utc', '?')}). Each rate trains once (seed 0) for the `{SUITE}` suite's budget on the "
              "training split minus a held-out validation split, and is scored on that validation split; the test "
-             "split is never read. The highest validation accuracy among rates whose loss went down is chosen "
-             "(**bold**); intervals are 95 % Wilson. "
+             "split is never read. The highest validation accuracy is chosen (**bold**; the lower rate on a tie); "
+             "intervals are 95 % Wilson. "
              "A chosen rate whose interval overlaps another's is a choice within the noise, not a ranking. "
              "`lora-parametrize` and `hf-lora` take `lora`'s rate (the same parametrisation).", ""]
     for wl, g in df.groupby("workload", sort=False):
@@ -104,7 +103,7 @@ def summary(out: Path) -> str:
             if chosen.get(wl, {}).get(r.method) == r.lr:
                 acc = f"**{acc}**"
             trend = f"{r.loss_start:.3f} → {r.loss_end:.3f}"
-            rows.append([r.method, f"{r.lr:g}", acc, trend, "yes" if report.learned(r) else "did not learn"])
+            rows.append([r.method, f"{r.lr:g}", acc, trend, "yes" if report.learned(r) else "no"])
         lines += report.table(["method", "learning rate", "validation accuracy (95% CI)", "training loss first → last "
                                "window", "loss went down"], rows) + [""]
         if edges:
