@@ -196,9 +196,13 @@ def build(out: Path) -> None:
     else:
         (out / "summary_seeds.csv").unlink(missing_ok=True)
     if "split" in df.columns and (df.split == "validation").any():  # a learning-rate sweep
+        from .tune import choose
         from .tune import summary as tune_summary
 
-        atomic_write_text(out / "summary.md", tune_summary(out))
+        text = tune_summary(out)
+        atomic_write_text(out / "chosen.json", json.dumps(choose(read_rows(out / "metrics.csv")), indent=1,
+                                                          sort_keys=True) + "\n")
+        atomic_write_text(out / "summary.md", text)
         return
     if accuracy_only(df):
         plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
