@@ -41,7 +41,10 @@ class Suite:
 # AdamW learning rates chosen by `peft-bench tune` (highest validation accuracy, on a validation split held apart
 # from the test split) — see results/tune/summary.md for every rate tried, the budget and the commit. Workloads
 # absent here use the conventional rates below.
-TUNED: dict[str, dict[str, float]] = {}
+TUNED: dict[str, dict[str, float]] = {
+    "minilm-sentiment": {"full": 0.0001, "lora": 0.001, "p-tuning": 0.03, "prefix": 0.03},
+    "smollm2-135m-sentiment": {"full": 0.0001, "lora": 0.001, "p-tuning": 0.003, "prefix": 0.01},
+}
 TUNED_SOURCE = "results/tune/summary.md"
 # The rates `peft-bench tune` tries by default, around each method's conventional rate (a factor ~3 apart).
 LR_GRID = {"full": (1e-5, 3e-5, 1e-4), "prefix": (3e-3, 1e-2, 3e-2), "p-tuning": (3e-3, 1e-2, 3e-2)}
