@@ -84,6 +84,9 @@ def summary(out: Path) -> str:
              "intervals are 95 % Wilson. "
              "A chosen rate whose interval overlaps another's is a choice within the noise, not a ranking. "
              "`lora-parametrize` and `hf-lora` take `lora`'s rate (the same parametrisation).", ""]
+    if "loss_probe_drop_ci_low" not in df.columns or df.loss_probe_drop_ci_low.isna().all():
+        lines += ["These cells predate the paired learning probe: \"lower (point estimate)\" says only that the last "
+                  "window's mean training loss is below the first window's, not that the drop exceeds batch noise.", ""]
     for wl, g in df.groupby("workload", sort=False):
         ok = g[g.status == "ok"]
         first = ok.iloc[0] if len(ok) else g.iloc[0]
@@ -103,7 +106,9 @@ def summary(out: Path) -> str:
             if chosen.get(wl, {}).get(r.method) == r.lr:
                 acc = f"**{acc}**"
             trend = f"{r.loss_start:.3f} → {r.loss_end:.3f}"
-            rows.append([r.method, f"{r.lr:g}", acc, trend, "yes" if report.learned(r) else "no"])
+            probed = report._num(r, "loss_probe_drop_ci_low") == report._num(r, "loss_probe_drop_ci_low")
+            went = ("yes, beyond noise" if probed else "lower (point estimate)") if report.learned(r) else "no"
+            rows.append([r.method, f"{r.lr:g}", acc, trend, went])
         lines += report.table(["method", "learning rate", "validation accuracy (95% CI)", "training loss first → last "
                                "window", "loss went down"], rows) + [""]
         if edges:
