@@ -217,7 +217,7 @@ def test_compare_same_results_is_zero_and_a_slower_method_is_named(repeated, tmp
     df = pd.read_csv(slower / "metrics.csv")
     m = (df.method == "lora") & (df.replica == 0)
     for c in ("step_time_s", "step_time_ci_low_s", "step_time_ci_high_s"):
-        df.loc[m, c] *= 3.0  # tiny cells are noisy: far beyond their noise floor
+        df.loc[m, c] *= 1000.0  # beyond any noise floor, even one measured on a loaded machine
     df.to_csv(slower / "metrics.csv", index=False)
     capsys.readouterr()
     assert main(["compare", str(repeated), str(slower)]) == 1
