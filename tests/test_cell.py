@@ -193,3 +193,17 @@ def test_rows_carry_wilson_columns_and_no_forgetting_on_random_weights(neo_rows)
         assert math.isnan(row["forgetting"]) and row["forgetting_tokens"] == 0  # random weights: nothing to forget
         assert row["loss_window"] >= 1 and row["split"] == "test" and row["loss_probe_batches"] == cell.PROBE_BATCHES
         assert row["loss_probe_before"] > 0 and row["loss_probe_after"] > 0
+
+
+def test_progress_in_a_log_prints_a_line_at_least_every_30_seconds():
+    import io
+
+    now = [0.0]
+    log = io.StringIO()  # not a terminal
+    p = cell.Progress(10, "lora × w", stream=log, clock=lambda: now[0])
+    for t in (5, 20, 31, 40, 62, 63):
+        now[0] = t
+        p.update()
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert lines == ["  lora × w: training step 3/10 (31 s)", "  lora × w: training step 5/10 (62 s)"]

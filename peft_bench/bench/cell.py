@@ -87,11 +87,38 @@ class CellError(RuntimeError):
     """A check failed or the measurement is void: the cell is `error`, never `ok`."""
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
+class Progress:
+    """Progress of a cell's training: a tqdm bar on a terminal; in a log (stderr not a terminal), one line at least
+    every `every` seconds naming the cell and the step, so a long run is never silent."""
 
-    # disable=None: a bar on a terminal, nothing in a log file (the runner prints one line per cell there)
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5, disable=None)
+    def __init__(self, total: int, desc: str, every: float = 30.0, stream=None, clock=None) -> None:
+        import time
+
+        from tqdm import tqdm
+
+        self.stream = stream or sys.stderr
+        self.clock = clock or time.monotonic
+        self.total, self.desc, self.every, self.done = total, desc, every, 0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = self.last = self.clock()
+        self.bar = tqdm(total=total, desc=desc, file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.5,
+                        disable=not self.tty)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        now = self.clock()
+        if not self.tty and now - self.last >= self.every:
+            print(f"  {self.desc}: training step {self.done}/{self.total} ({now - self.started:.0f} s)",
+                  file=self.stream, flush=True)
+            self.last = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(total: int, desc: str) -> Progress:
+    return Progress(total, desc)
 
 
 # -- the pipeline -----------------------------------------------------------------------------------------------
