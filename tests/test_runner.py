@@ -116,3 +116,34 @@ def test_seeds_and_rates_multiply_cells_and_a_pretrained_base_is_scored_once():
     tiny = plan(RunOptions(suite="smoke", methods=["lora"], workloads=["gpt-neo-tiny"], seeds=(0, 1, 2),
                            probes="accuracy"))
     assert [c.base_probe for c in tiny] == [True] * 3  # random weights: the base depends on the seed
+
+
+def test_sigterm_mid_run_keeps_finished_rows_and_leaves_no_process(tmp_path):
+    """SIGTERM to `peft-bench run`: the running cell and the fork server end, finished rows and the summary stay,
+    one line says how to resume, and no child prints a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "o"
+    env = {**os.environ, "PEFT_BENCH_ALLOW_BUSY": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "peft_bench.cli", "run", "--workloads", "mlp-mnist-tiny,gpt-neo-tiny",
+                          "--methods", "full,lora", "--steps", "3000", "--out", str(out)],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "metrics.csv").exists():  # the first cell has finished
+        time.sleep(0.5)
+    assert (out / "metrics.csv").exists()
+    children = psutil.Process(p.pid).children(recursive=True)
+    os.kill(p.pid, signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [c.cmdline()[:3] for c in alive]
+    assert "Traceback" not in err and "resume with: peft-bench run" in err and err.rstrip().endswith("--resume")
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) >= 2 and (out / "summary.md").exists()

@@ -633,6 +633,10 @@ def training_step(spec: CellSpec):
 
 def run_in_child(spec: dict, out_path: str) -> None:
     """Entry of the fresh per-cell process: measure, then write the row (whatever happened) as JSON."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent ends this process itself, so no traceback here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet()
     try:
         row = run_cell(CellSpec(**spec))

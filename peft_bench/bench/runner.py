@@ -236,32 +236,69 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
         return row
 
     total = len(cells) * n_rounds
-    for r in range(n_rounds):
-        for i, spec in enumerate(cells, 1):
-            key = spec.key()
-            label = (f"[{r * len(cells) + i}/{total}] {spec.method} × {spec.workload or spec.model}"
-                     + (" (A/A copy)" if spec.replica else "") + (f", repeat {r + 1}/{n_rounds}" if n_rounds > 1 else ""))
-            if opts.resume and (key, r) in have and (r > 0 or spec.replica or key in done):
-                print(f"{label}: already done, skipped", file=sys.stderr)
-                continue
-            if r > 0:
-                base = next((x for x in rows if x.get("cell_key") == key), None)
-                if base is None or base.get("status") != "ok":
-                    continue  # unsupported or failed in the first round: nothing to repeat
-            measure(spec, r, label)
-    if n_rounds > 1:  # a disturbed repeat (other processes, steal, or a slow machine) is measured once more
-        for s, why in rep.to_remeasure(samples):
-            spec = next((c for c in cells if c.key() == s["cell_key"]), None)
-            if spec is None:
-                continue
-            row = measure(spec, int(s["repeat"]), f"re-measure {spec.method} × {spec.workload}, repeat "
-                                                  f"{int(s['repeat']) + 1} ({why})", remeasure=True)
-            if row["status"] == "ok":
-                s["used"] = False
+    def rounds() -> int:
+        for r in range(n_rounds):
+            for i, spec in enumerate(cells, 1):
+                key = spec.key()
+                label = (f"[{r * len(cells) + i}/{total}] {spec.method} × {spec.workload or spec.model}"
+                         + (" (A/A copy)" if spec.replica else "") + (f", repeat {r + 1}/{n_rounds}" if n_rounds > 1 else ""))
+                if opts.resume and (key, r) in have and (r > 0 or spec.replica or key in done):
+                    print(f"{label}: already done, skipped", file=sys.stderr)
+                    continue
+                if r > 0:
+                    base = next((x for x in rows if x.get("cell_key") == key), None)
+                    if base is None or base.get("status") != "ok":
+                        continue  # unsupported or failed in the first round: nothing to repeat
+                measure(spec, r, label)
+        if n_rounds > 1:  # a disturbed repeat (other processes, steal, or a slow machine) is measured once more
+            for s, why in rep.to_remeasure(samples):
+                spec = next((c for c in cells if c.key() == s["cell_key"]), None)
+                if spec is None:
+                    continue
+                row = measure(spec, int(s["repeat"]), f"re-measure {spec.method} × {spec.workload}, repeat "
+                                                      f"{int(s['repeat']) + 1} ({why})", remeasure=True)
+                if row["status"] == "ok":
+                    s["used"] = False
+            save()
+        report.build(out)
+        print(f"results: {out}/metrics.csv, summary.md, plots ({failed} failed cell{'s' * (failed != 1)})", file=sys.stderr)
+        return 1 if failed else 0
+
+    try:  # SIGTERM ends the run like Ctrl-C: the running cell is killed, every finished row kept
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return rounds()
+    except KeyboardInterrupt:
+        stop_fork_server()
         save()
-    report.build(out)
-    print(f"results: {out}/metrics.csv, summary.md, plots ({failed} failed cell{'s' * (failed != 1)})", file=sys.stderr)
-    return 1 if failed else 0
+        if any(r.get("status") == "ok" for r in rows):
+            report.build(out)
+        again = " ".join(a for a in (argv or ["run", "--suite", opts.suite]) if a != "--resume")
+        print(f"peft-bench: interrupted; the finished cells are in {out}/metrics.csv and summary.md; resume with: "
+              f"peft-bench {again} --resume", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_fork_server() -> None:
+    """End the fork server (it would otherwise outlive an interrupted run)."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        from multiprocessing import forkserver
+
+        try:
+            forkserver._forkserver._stop()
+        except Exception:
+            pass
+        _CONTEXT = None
 
 
 def refuse_if_busy(device: str, seconds: float = 1.0) -> None:
@@ -324,7 +361,12 @@ def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
         row_path = Path(tmp, "row.json")
         proc = _context().Process(target=run_in_child, args=(dataclasses.asdict(spec), str(row_path)))
         proc.start()
-        proc.join(timeout)
+        try:
+            proc.join(timeout)
+        except BaseException:  # Ctrl-C or SIGTERM: the running cell ends with the run
+            proc.kill()
+            proc.join()
+            raise
         if proc.is_alive():
             proc.kill()
             proc.join()
