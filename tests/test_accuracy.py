@@ -99,6 +99,24 @@ def test_welch_difference_matches_scipy():
     assert (d.low, d.high) == pytest.approx((ref.low, ref.high))
 
 
+def test_the_probe_scores_each_example_as_the_model_does_alone():
+    from peft_bench.bench.cell import probe_losses
+
+    w = get_workload("gpt-neo-tiny")
+    torch.manual_seed(0)
+    model, form = w.build_model(), w.formulation()
+    batch = form.collate(["a fine film", "dull and long, far too long"], torch.tensor([1, 0]))
+    losses = probe_losses(model, [batch])
+    with torch.no_grad():
+        model.eval()
+        for i, text in enumerate(["a fine film", "dull and long, far too long"]):
+            alone = form.collate([text], torch.tensor([1 - i]))
+            n = int(alone["attention_mask"].sum())
+            ref = model(input_ids=alone["input_ids"][:, :n], attention_mask=alone["attention_mask"][:, :n],
+                        labels=alone["labels"][:, :n]).loss
+            assert losses[i] == pytest.approx(float(ref), rel=1e-5)
+
+
 def test_the_learning_probe_tells_learning_from_noise():
     from peft_bench.bench.cell import learning
 
@@ -108,7 +126,7 @@ def test_the_learning_probe_tells_learning_from_noise():
     flat = [b + rng.normal(0, 0.01) for b in before]
     assert learning(before, fast)["loss_probe_drop_ci_low"] > 0.25
     assert learning(before, flat)["loss_probe_drop_ci_low"] < 0
-    assert learning(before, [])["loss_probe_batches"] == 0
+    assert learning(before, [])["loss_probe_examples"] == 0
     assert report.learned({"loss_probe_drop_ci_low": 0.2}) and not report.learned({"loss_probe_drop_ci_low": -0.01})
     assert report.learned({"loss_start": 1.3, "loss_end": 0.4})  # rows from before the probe: point estimate
     trend = loss_trend(list(np.linspace(2, 0.5, 40)))

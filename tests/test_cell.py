@@ -191,7 +191,7 @@ def test_rows_carry_wilson_columns_and_no_forgetting_on_random_weights(neo_rows)
         assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == wilson(round(row["accuracy"] * n), n)
         assert 0.5 <= row["majority_rate"] <= 1
         assert math.isnan(row["forgetting"]) and row["forgetting_tokens"] == 0  # random weights: nothing to forget
-        assert row["loss_window"] >= 1 and row["split"] == "test" and row["loss_probe_batches"] == cell.PROBE_BATCHES
+        assert row["loss_window"] >= 1 and row["split"] == "test" and row["loss_probe_examples"] == cell.PROBE_BATCHES * 8
         assert row["loss_probe_before"] > 0 and row["loss_probe_after"] > 0
 
 

@@ -426,30 +426,39 @@ def loss_trend(losses: list[float]) -> dict:
     return {"loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k, "loss_window": k}
 
 
-PROBE_BATCHES = 8  # the learning probe: fixed training-split batches, scored before the first step and after the last
+PROBE_BATCHES = 8  # the learning probe: fixed training-split batches (scored example by example) before the first
+# step and after the last
 PROBE_SEED = 7_919  # its batches' order, apart from the training stream's
 
 
 @torch.no_grad()
 def probe_losses(model: nn.Module, batches: list[dict]) -> list[float]:
-    """The model's loss on each probe batch, in eval mode (no dropout)."""
+    """The model's loss on each probe *example* (a batch of one, padding trimmed), in eval mode (no dropout): paired
+    per example, before and after, a drop is told from noise even when batches differ a lot in label balance."""
+    from ..workloads.tasks import trim
+
     was_training = model.training
     model.eval()
-    out = [float(model(**model_inputs(b)).loss) for b in batches]
+    out = []
+    for b in batches:
+        inputs = model_inputs(b)
+        for i in range(len(b["labels"])):
+            one = trim({k: v[i : i + 1] for k, v in inputs.items()})
+            out.append(float(model(**one).loss))
     model.train(was_training)
     return out
 
 
 def learning(before: list[float], after: list[float]) -> dict:
-    """Paired before/after probe losses: did training lower the loss beyond batch-to-batch noise?"""
+    """Paired before/after probe losses (one per example): did training lower the loss beyond the noise?"""
     from ..measure.stats import mean_ci
 
     if not before or not after:
         return {"loss_probe_before": math.nan, "loss_probe_after": math.nan, "loss_probe_drop_ci_low": math.nan,
-                "loss_probe_batches": 0}
+                "loss_probe_examples": 0}
     drop = mean_ci([b - a for b, a in zip(before, after)])
     return {"loss_probe_before": sum(before) / len(before), "loss_probe_after": sum(after) / len(after),
-            "loss_probe_drop_ci_low": drop.low, "loss_probe_batches": len(before)}
+            "loss_probe_drop_ci_low": drop.low, "loss_probe_examples": len(before)}
 
 
 def _counted_step(model: nn.Module, method: Method, step, batch: dict) -> tuple[int, int]:

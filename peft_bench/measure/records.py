@@ -72,12 +72,12 @@ class TimingRecord:
     loss_start: float = metric("mean training loss over the first `loss_window` steps of the budget")
     loss_end: float = metric("mean training loss over the last `loss_window` steps")
     loss_probe_before: float = metric("mean loss of the model as applied, before any step, on a fixed probe of "
-                                      "training-split batches (eval mode, no dropout)")
+                                      "training-split examples, each scored alone (eval mode, no dropout)")
     loss_probe_after: float = metric("the same probe's mean loss after the whole budget")
     loss_probe_drop_ci_low: float = metric("lower end of the 95 % paired-t interval of before − after over the probe "
-                                           "batches: > 0 means training lowered the loss beyond batch noise (the cell "
+                                           "examples: > 0 means training lowered the loss beyond the noise (the cell "
                                            "learned)")
-    loss_probe_batches: int = metric("batches in the probe")
+    loss_probe_examples: int = metric("examples in the probe (8 batches)")
     loss_window: int = metric("steps in each window: a fifth of the budget, at least 3 (when the budget allows)")
     canary_flops_per_s: float = metric("the slower of two readings, just before and just after the timed steps, of "
                                        "a fixed float32 1024² matmul probe (median of 5): how fast the machine ran")
