@@ -306,7 +306,7 @@ def test_an_accuracy_only_run_reports_seeds_with_rendering_tables_and_a_plot(tmp
     report.build(tmp_path)
     text = (tmp_path / "summary.md").read_text()
     assert tables(text)
-    assert "zero-shot (base) accuracy 0.759" in text  # scored once, shown for every method
+    assert "base model before training 0.759 (zero-shot for a language model)" in text  # scored once
     assert "`hf-lora` − `lora` = +0.000" in text and "indistinguishable" in text
     assert "did not learn (3 of 3 seeds; 40 steps)" in text
     seeds = __import__("pandas").read_csv(tmp_path / "summary_seeds.csv")

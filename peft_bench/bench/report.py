@@ -303,8 +303,8 @@ def seeds_section(seeds) -> list[str]:
         first = g.iloc[0]
         lines += [f"### {wl}", "", f"{int(first.train_steps)} training steps per seed; test n = "
                   f"{int(first.test_examples):,}; majority rate {first.majority_rate:.3f}"
-                  + (f"; zero-shot (base) accuracy {first.base_accuracy:.3f}" if first.base_accuracy == first.base_accuracy
-                     else "")
+                  + (f"; base model before training {first.base_accuracy:.3f} (zero-shot for a language model)"
+                     if first.base_accuracy == first.base_accuracy else "")
                   + (f"; forgetting on {int(first.forgetting_tokens):,} tokens of general text" if
                      first.forgetting_tokens == first.forgetting_tokens and first.forgetting_tokens else "") + ".", ""]
         rows = []
