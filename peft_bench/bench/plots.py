@@ -203,7 +203,7 @@ def accuracy_across_seeds(seeds, path: Path) -> None:
         ax.axvline(float(g.majority_rate.iloc[0]), color="tab:red", ls="--", lw=0.8, label="majority rate")
         base = g.base_accuracy.dropna()
         if len(base):
-            ax.axvline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base (zero-shot)")
+            ax.axvline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base before training (zero-shot for an LM)")
         ax.set_yticks(list(y), list(g.method))
         ax.invert_yaxis()
         ax.set_title(f"{wl} (test n={int(g.test_examples.iloc[0]):,}, {int(g.train_steps.iloc[0])} steps)", fontsize=9)
