@@ -188,12 +188,14 @@ def accuracy_across_seeds(seeds, path: Path) -> None:
         return
     import json
 
+    from .report import seed_count
+
     groups = list(seeds.groupby("workload", sort=False))
     fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.8, height=3.8)
     for ax, (wl, g) in zip(axes, groups):
         y = range(len(g))
         for i, (_, r) in zip(y, g.iterrows()):
-            hollow = r.learned_seeds < len(str(r.seeds).split(","))
+            hollow = r.learned_seeds < seed_count(r)
             ax.errorbar([r.accuracy_mean], [i], xerr=[[r.accuracy_mean - r.accuracy_ci_low],
                                                       [r.accuracy_ci_high - r.accuracy_mean]],
                         fmt="o", ms=7, color="tab:blue", mfc="none" if hollow else "tab:blue", capsize=3, zorder=3,

@@ -260,6 +260,21 @@ def across_seeds(df):
     return pd.DataFrame(out, columns=SEED_COLUMNS)
 
 
+def seed_count(r) -> int:
+    """Seeds behind one row of `across_seeds`."""
+    return len(str(r.seeds).split(","))
+
+
+def seed_verdict(r, with_steps: bool = False) -> str:
+    """'did not learn (i of k seeds)' when the loss did not go down in some seed, else whether the interval across
+    seeds lies above the majority rate."""
+    k = seed_count(r)
+    if r.learned_seeds < k:
+        return f"did not learn ({k - int(r.learned_seeds)} of {k} seeds" + (
+            f"; {int(r.train_steps)} steps)" if with_steps else ")")
+    return "above majority" if r.accuracy_ci_low > r.majority_rate else "not clear of majority"
+
+
 def _base_of(ok, workload: str, g) -> float:
     """The base model's accuracy: this method's rows, else any row of the workload (a pretrained base is scored
     once per run in accuracy-only runs)."""
@@ -309,13 +324,8 @@ def seeds_section(seeds) -> list[str]:
                      first.forgetting_tokens == first.forgetting_tokens and first.forgetting_tokens else "") + ".", ""]
         rows = []
         for _, r in g.iterrows():
-            k = len(str(r.seeds).split(","))
-            if r.learned_seeds < k:
-                verdict = f"did not learn ({k - int(r.learned_seeds)} of {k} seeds; {int(r.train_steps)} steps)"
-            elif r.accuracy_ci_low > r.majority_rate:
-                verdict = "above majority"
-            else:
-                verdict = "not clear of majority"
+            k = seed_count(r)
+            verdict = seed_verdict(r, with_steps=True)
             forget = (ci(r.forgetting_mean, r.forgetting_ci_low, r.forgetting_ci_high) if r.forgetting_mean ==
                       r.forgetting_mean else "–")
             rows.append([r.method, f"{r.lr:g}", f"{r.accuracy_mean:.3f} ({r.accuracy_ci_low:.3f}–{r.accuracy_ci_high:.3f})",
@@ -646,9 +656,7 @@ def accuracy_readme_block(out: Path) -> str:
              "over seeds with its 95 % Student-t interval across seeds; verdicts as defined in its `summary.md`.", ""]
     rows = []
     for _, r in seeds.iterrows():
-        k = len(str(r.seeds).split(","))
-        verdict = (f"did not learn ({k - int(r.learned_seeds)} of {k} seeds)" if r.learned_seeds < k else
-                   "above majority" if r.accuracy_ci_low > r.majority_rate else "not clear of majority")
+        verdict = seed_verdict(r)
         base = f"{r.base_accuracy:.3f}" if r.base_accuracy == r.base_accuracy else "–"
         forget = f"{r.forgetting_mean:+.3f}" if r.forgetting_mean == r.forgetting_mean else "–"
         rows.append([r.workload, r.method, f"{r.lr:g}", str(int(r.train_steps)),

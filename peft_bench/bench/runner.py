@@ -107,10 +107,10 @@ def plan(opts: RunOptions) -> list[CellSpec]:
             raise UserError(f"--lr takes learning rates in (0, 1), e.g. 1e-4,3e-4; got {','.join(map(str, grid))}")
     cells = []
     for w, m, seed in itertools.product(workloads, methods, seeds):
+        b = budget(suite, w or "*")
+        family = get_workload(w).family if w else "transformer"
+        steps = opts.train_steps or b.train_steps
         for lr in grids.get(m) or (None,):
-            b = budget(suite, w or "*")
-            family = get_workload(w).family if w else "transformer"
-            steps = opts.train_steps or b.train_steps
             cells.append(CellSpec(
                 method=m, workload=w or "", device=opts.device, seed=seed, split=opts.split,
                 probes=opts.probes or suite.probes,
