@@ -58,7 +58,7 @@ class Results:
 
         self.out = prepare_out_dir(out)
         self.rows = report.read_rows(self.out / "metrics.csv")
-        self.peak = timing.matmul_peak_flops(opts.device, opts.dtype)
+        self.peak = timing.matmul_peak_flops(opts.device, "float32" if opts.dtype == "auto" else opts.dtype)
         env = report.environment(opts, self.peak, ["(pytest bench)", "--suite", opts.suite])
         report.atomic_write_text(self.out / "environment.json", json.dumps(env, indent=2) + "\n")
 

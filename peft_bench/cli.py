@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the summary gives mean accuracy with its CI across seeds (the data split stays fixed)")
     r.add_argument("--lr", type=_float_list, help="AdamW learning rate(s), comma-separated; each cell runs once per "
                    "rate (default: the suite's tuned rate per method and workload)")
-    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="element type of the base model (adapters follow peft's policy: float32 on a half base)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="element type of the base model; auto: a checkpoint brought with --model in its own dtype "
+                   "(config.json), embedded workloads in float32. Adapters follow peft's policy: float32 on a half "
+                   "base. The row's dtype column says what ran")
     r.add_argument("--rank", type=_positive(int, "--rank"), help="LoRA rank r")
     r.add_argument("--alpha", type=_positive(float, "--alpha"), help="LoRA alpha")
     r.add_argument("--dropout", type=float, help="LoRA dropout in [0, 1)")

@@ -42,6 +42,7 @@ def mlp(size: str = "full") -> MLP:
 
 # EleutherAI/gpt-neo-125m config.json (published), the fields that shape the model.
 GPT_NEO_125M = dict(
+    model_type="gpt_neo",
     vocab_size=50257,
     hidden_size=768,
     num_layers=12,

@@ -207,3 +207,21 @@ def test_progress_in_a_log_prints_a_line_at_least_every_30_seconds():
     p.close()
     lines = log.getvalue().splitlines()
     assert lines == ["  lora × w: training step 3/10 (31 s)", "  lora × w: training step 5/10 (62 s)"]
+
+
+def test_progress_on_a_terminal_draws_a_bar_even_when_the_terminal_reports_no_size():
+    """A pty nobody sized (0 × 0, as under `script` or a CI runner) gave tqdm a zero-width bar: nothing at all."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()  # a fresh pty reports 0 columns
+    with os.fdopen(slave, "w", encoding="utf-8") as stream:
+        assert stream.isatty() and cell._columns(stream) == 0
+        p = cell.Progress(4, "lora × w", stream=stream)
+        for _ in range(4):
+            p.update()
+        p.close()
+        stream.flush()
+        drawn = os.read(master, 65536).decode("utf-8", "replace")
+    os.close(master)
+    assert "lora × w:" in drawn and "0/4" in drawn and "%|" in drawn  # later updates wait mininterval

@@ -101,7 +101,11 @@ class Progress:
         self.total, self.desc, self.every, self.done = total, desc, every, 0
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started = self.last = self.clock()
-        self.bar = tqdm(total=total, desc=desc, file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.5,
+        # A terminal that reports 0 columns (a pty nobody sized, as under `script` or some CI runners) would get
+        # a zero-width bar, i.e. nothing: then a fixed 80 columns.
+        sized = self.tty and _columns(self.stream) > 0
+        self.bar = tqdm(total=total, desc=desc, file=self.stream, leave=False, dynamic_ncols=sized,
+                        ncols=None if sized else 80, nrows=None if sized else 24, mininterval=0.5,
                         disable=not self.tty)
 
     def update(self, n: int = 1) -> None:
@@ -117,6 +121,15 @@ class Progress:
         self.bar.close()
 
 
+def _columns(stream) -> int:
+    import os
+
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, AttributeError, ValueError):
+        return 0
+
+
 def _progress(total: int, desc: str) -> Progress:
     return Progress(total, desc)
 
@@ -126,7 +139,7 @@ def run_cell(spec: CellSpec) -> dict:
     """Measure one cell; return its row. Raises UnsupportedError / UserError / CellError."""
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
-    w = _workload(spec)
+    w = _workload(spec, method)
     data = w.validation_data() if spec.split == "validation" else w.data(DATA_SEED)
     form = w.formulation()
     reason = method.unsupported_reason(w.family)
@@ -138,6 +151,7 @@ def run_cell(spec: CellSpec) -> dict:
 
     build = _builder(w, spec)
     model = build()
+    _check_positions(model, w, method)
     check_batch = _on(next(endless(data.test, form, w.batch_size, spec.seed)), spec)
     base_out = _logits(model, check_batch)
     base_bytes = _state_bytes(model)
@@ -238,7 +252,9 @@ def method_config(method: Method, default_targets: tuple[str, ...]) -> str:
     return " ".join(parts)
 
 
-def _workload(spec: CellSpec):
+def _workload(spec: CellSpec, method: Method):
+    """The cell's workload with its options applied and a sequence length that leaves the method's virtual tokens
+    room within the model's positions (the runner passes one length for every method of a run)."""
     w = resolve(spec.workload, spec.model, spec.dataset, trust_remote_code=spec.trust_remote_code,
                 allow_pickle=spec.allow_pickle).with_options(batch_size=spec.batch_size, max_length=spec.max_length,
                                                              test_limit=spec.test_examples)
@@ -246,7 +262,22 @@ def _workload(spec: CellSpec):
         from ..workloads.data import mnist_torchvision
 
         w = w.with_options(load_data=lambda seed: mnist_torchvision(spec.mnist_root))
-    return w
+    return w.sized(virtual_tokens(method))
+
+
+def virtual_tokens(method: Method) -> int:
+    """Positions a method's virtual tokens take beside the input (P-tuning's inputs, a prefix's keys)."""
+    return method.extra_input_tokens + method.extra_key_tokens
+
+
+def _check_positions(model: nn.Module, w, method: Method) -> None:
+    """The built model's own position limit (its config) against the length used: a workload that states its limit
+    wrongly fails here, in one line, instead of an IndexError deep in an embedding."""
+    limit = describe(model).position_limit
+    need = (w.max_length or 0) + virtual_tokens(method)
+    if limit is not None and need > limit:
+        raise UserError(f"{w.name}: sequence length {w.max_length} + {virtual_tokens(method)} virtual tokens exceeds "
+                        f"the model's {limit} positions")
 
 
 def _builder(w, spec: CellSpec) -> Callable[[], nn.Module]:
@@ -619,7 +650,7 @@ def training_step(spec: CellSpec):
 
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
-    w = _workload(spec)
+    w = _workload(spec, method)
     data, form = w.data(DATA_SEED), w.formulation()
     model = method.apply(_builder(w, spec)()).to(spec.device)
     opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=spec.lr)

@@ -54,7 +54,7 @@ class RunOptions:
     batch_size: int | None = None
     max_length: int | None = None
     train_steps: int | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the workload's own (a checkpoint's dtype, float32 for embedded workloads)
     model: str | None = None
     dataset: str | None = None
     trust_remote_code: bool = False
@@ -87,15 +87,11 @@ def plan(opts: RunOptions) -> list[CellSpec]:
         from ..workloads.data import mnist_torchvision
 
         mnist_torchvision(opts.mnist_root)
-    if opts.model:  # a hub id or path that cannot be loaded fails here, in one line
-        from ..workloads import resolve
-
-        resolve(None, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
-                allow_pickle=opts.allow_pickle)
     if opts.dataset and Path(opts.dataset).suffix in (".csv", ".json", ".jsonl"):  # columns and labels checked now
         from ..workloads.data import hub_dataset
 
         hub_dataset(opts.dataset, 0)
+    lengths = sequence_lengths(opts, methods, workloads)
     if opts.train_steps is not None and opts.train_steps < INSTRUMENTED_STEPS + 2:
         raise UserError(f"--steps must be at least {INSTRUMENTED_STEPS + 2}: one warm-up step, at least one timed "
                         f"step, then {INSTRUMENTED_STEPS} instrumented steps (FLOP count, tensor-memory tracker), got "
@@ -115,7 +111,7 @@ def plan(opts: RunOptions) -> list[CellSpec]:
                 method=m, workload=w or "", device=opts.device, seed=seed, split=opts.split,
                 probes=opts.probes or suite.probes,
                 method_options=_options_for(m, opts.method_options or {}), batch_size=opts.batch_size,
-                max_length=opts.max_length, dtype=opts.dtype, lr=lr or learning_rate(m, w or "", family),
+                max_length=lengths[w][0], dtype=lengths[w][1], lr=lr or learning_rate(m, w or "", family),
                 warmup_steps=(wu := max(1, min(b.warmup_steps, steps - INSTRUMENTED_STEPS - 1))),
                 timed_steps=max(1, min(b.timed_steps, steps - wu - INSTRUMENTED_STEPS)),
                 train_steps=steps, latency_seconds=b.latency_seconds, test_examples=b.test_examples, model=opts.model,
@@ -127,6 +123,32 @@ def plan(opts: RunOptions) -> list[CellSpec]:
     if repeats_of(opts) > 1 and cells:
         cells.append(dataclasses.replace(_aa_cell(cells, suite), replica=1))
     return cells
+
+
+def sequence_lengths(opts: RunOptions, methods: list[str], workloads: list[str | None]) -> dict:
+    """One sequence length per workload for every method of the run, decided before anything runs: --seq-len or the
+    workload's own, checked against the model's positions; for a model brought with --model, from the data
+    (`Workload.sized`). Every method sees the same length, so the positions the run's prompt methods need for their
+    virtual tokens are left free for all. None: the workload's own length (the cell keeps it). With it, the element
+    type: --dtype, or for `auto` the workload's (a checkpoint's own)."""
+    from ..workloads import resolve
+    from .cell import virtual_tokens
+
+    reserve = max(virtual_tokens(get_method(m, **_options_for(m, opts.method_options or {}))) for m in methods)
+    out = {}
+    for name in workloads:  # a hub id or path that cannot be loaded fails here, in one line
+        w = resolve(name, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
+                    allow_pickle=opts.allow_pickle).with_options(max_length=opts.max_length)
+        sized = w.sized(reserve)
+        if opts.dataset:  # a user's data: at least one full batch to train on, something to score
+            d = w.data(0)
+            batch = opts.batch_size or w.batch_size
+            if min(len(d.train), len(d.test)) < batch:
+                raise UserError(f"dataset {opts.dataset!r} gives {len(d.train)} training and {len(d.test)} test "
+                                f"examples (80/20); each needs at least one batch of {batch} (--batch-size)")
+        out[name] = (opts.max_length or (sized.max_length if w.max_length is None else None),
+                     w.dtype if opts.dtype == "auto" else opts.dtype)
+    return out
 
 
 def _base_once(cells: list[CellSpec]) -> list[CellSpec]:
@@ -201,9 +223,10 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
     if not opts.allow_busy and not os.environ.get("PEFT_BENCH_ALLOW_BUSY"):
         refuse_if_busy(opts.device)
     out = prepare_out_dir(out)
-    peak = matmul_peak_in_child(opts.device, opts.dtype)
-    cells = [dataclasses.replace(c, matmul_peak_flops=peak) for c in cells]
-    env = report.environment(opts, peak, argv)
+    peaks = {d: matmul_peak_in_child(opts.device, d) for d in sorted({c.dtype for c in cells} or {"float32"})}
+    cells = [dataclasses.replace(c, matmul_peak_flops=peaks[c.dtype]) for c in cells]
+    env = report.environment(opts, max(peaks.values()), argv)
+    env["dtype"] = "+".join(peaks)  # what the cells run in (--dtype auto resolved)
     env["repeats"] = n_rounds
     env["seeds"] = list(seeds_of(opts))
     report.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")

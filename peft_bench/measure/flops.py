@@ -61,7 +61,7 @@ class Attention:
 
 
 class LinearFlops:
-    """Forward hooks on every nn.Linear: 2·rows·d_in·d_out × (1 + input grad + weight grad).
+    """Forward hooks on every nn.Linear (and Conv1D): 2·rows·d_in·d_out × (1 + input grad + weight grad).
 
     A module that computes matmuls outside nn.Linear (a hand-written adapter) says what they cost through a method
     `analytic_flops(*forward_args) -> int` (forward and backward together); its forward calls are hooked too.
@@ -70,8 +70,11 @@ class LinearFlops:
     def __init__(self, model: nn.Module) -> None:
         self.flops = 0
         self._handles = []
+        from ..arch import lora_layer_types
+
+        kinds = lora_layer_types()  # nn.Linear and transformers' Conv1D (GPT-2)
         for m in model.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, kinds):
                 self._handles.append(m.register_forward_hook(self._hook))
             elif callable(getattr(m, "analytic_flops", None)):
                 self._handles.append(m.register_forward_hook(self._own))
@@ -79,10 +82,13 @@ class LinearFlops:
     def _own(self, module: nn.Module, args: tuple, output: object) -> None:
         self.flops += module.analytic_flops(*args)
 
-    def _hook(self, module: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        from ..arch import layer_dims
+
         x = args[0]
         rows = x.numel() // x.shape[-1]
-        per = 2 * rows * module.in_features * module.out_features
+        d_in, d_out, _ = layer_dims(module)
+        per = 2 * rows * d_in * d_out
         self.flops += per * (1 + int(x.requires_grad) + int(_weight_trains(module)))
 
     def close(self) -> None:
@@ -108,18 +114,18 @@ def attention_calls(config, batch: dict, extra_input_tokens: int, extra_key_toke
     self-attention only (peft hands T5 its prefix as the decoder's past key/values and empties the cross-attention
     cache; the encoder takes no past); the encoder's attention has a backward pass only when the encoder trains or
     its input does."""
+    from ..arch import dims
+
     t = batch["input_ids"].shape[1]
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None)
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
-    width = heads * head_dim if head_dim else config.hidden_size
+    d = dims(config)
+    width = d.attention_width  # queries' heads × head_dim (GQA shares keys, not query heads: same FLOPs)
     if getattr(config, "is_encoder_decoder", False):
         te, td = t + extra_input_tokens, batch["labels"].shape[1]
-        return [Attention(config.num_layers, te, te, width, encoder_trains or extra_input_tokens > 0),
-                Attention(config.num_decoder_layers, td, td + extra_key_tokens, width),
-                Attention(config.num_decoder_layers, td, te, width)]
-    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+        return [Attention(d.layers, te, te, width, encoder_trains or extra_input_tokens > 0),
+                Attention(d.decoder_layers, td, td + extra_key_tokens, width),
+                Attention(d.decoder_layers, td, te, width)]
     tq = t + extra_input_tokens
-    return [Attention(layers, tq, tq + extra_key_tokens, width)]
+    return [Attention(d.layers, tq, tq + extra_key_tokens, width)]
 
 
 def analytic_flops(model: nn.Module, step: Callable[[], object], config, batch: dict, extra_input_tokens: int = 0,

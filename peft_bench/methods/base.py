@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..arch import ArchInfo, describe
+from ..arch import ArchInfo, describe, lora_layer_types
 from ..errors import UnsupportedError, UserError
 
 
@@ -179,12 +179,14 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def resolve_targets(model: nn.Module, patterns: tuple[str, ...] | None, arch: ArchInfo) -> list[str]:
-    """Full names of the `nn.Linear` modules the patterns select (default: the architecture's targets).
+    """Full names of the layers LoRA can wrap (`nn.Linear`, and `Conv1D` as in GPT-2) that the patterns select
+    (default: the architecture's targets).
 
     A pattern matches a module whose name equals it, ends with `.pattern`, or fully matches it as a regex.
-    Every pattern must match at least one Linear module: a typo is an error, not a silent no-op.
+    Every pattern must match at least one such layer: a typo is an error, not a silent no-op.
     """
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    kinds = lora_layer_types()
+    linears = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     heads = set(arch.head_modules)
     linears = [n for n in linears if n.split(".")[0] not in heads]
     if patterns is None:
@@ -196,7 +198,7 @@ def resolve_targets(model: nn.Module, patterns: tuple[str, ...] | None, arch: Ar
         hits = [n for n in linears if _matches(pattern, n)]
         if not hits:
             sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
-            raise UserError(f"target pattern {pattern!r} matches no nn.Linear module; Linear module names are: {sample}")
+            raise UserError(f"target pattern {pattern!r} matches no Linear/Conv1D module; their names are: {sample}")
         chosen += [n for n in hits if n not in chosen]
     return chosen
 

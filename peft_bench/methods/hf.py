@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..arch import dims, layer_dims, prefix_width
 from . import register
 from .base import (
     PROMPT_REASON,
@@ -56,12 +57,15 @@ class HFLoRA(Method):
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)
         self._head_count = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
-        return _peft().get_peft_model(model, peft_lora_config(self.options, self.targets, self.arch))
+        conv1d = any(layer_dims(model.get_submodule(n))[2] for n in self.targets)
+        return _peft().get_peft_model(model, peft_lora_config(self.options, self.targets, self.arch,
+                                                              fan_in_fan_out=conv1d))
 
     def closed_form_trainable(self, model: nn.Module) -> int:
+        """r·(d_in + d_out) per targeted layer (Linear or Conv1D), plus the classifier head when there is one."""
         r = self.options.r
         base = model.get_base_model()
-        lora = sum(r * (base.get_submodule(n).in_features + base.get_submodule(n).out_features) for n in self.targets)
+        lora = sum(r * sum(layer_dims(base.get_submodule(n))[:2]) for n in self.targets)
         return lora + self._head_count
 
     def _merge(self, model: nn.Module) -> None:
@@ -113,26 +117,6 @@ class PrefixOptions(PromptOptions):
     prefix_projection: bool = opt(False, bool, "reparametrize the prefix through an MLP (Li & Liang 2021)")
 
 
-def _dims(model: nn.Module) -> tuple[int, int]:
-    """(number of layers, token width) as peft reads them from the config."""
-    c = model.config
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "num_layers", None) or c.n_layer
-    width = getattr(c, "hidden_size", None) or getattr(c, "d_model", None) or c.n_embd
-    return layers, width
-
-
-def _prefix_width(model: nn.Module) -> int:
-    """Width of one layer's prefix keys (= values): the hidden size, or for grouped-query attention the key/value
-    heads' width, num_key_value_heads × head_dim (as peft does, huggingface/peft#1901)."""
-    _, width = _dims(model)
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None)
-    if not kv_heads:
-        return width
-    head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
-    return kv_heads * head_dim
-
-
 class _PromptMethod(Method):
     """Shared plumbing: build a peft prompt-learning config, wrap the model, disable exactly."""
 
@@ -175,16 +159,22 @@ class _PromptMethod(Method):
             raise ValueError(f"{heads} holds tensors this model has no place for: {missing[:3]}")
         return base
 
-    def _config(self, task_type: str, width: int) -> object:
+    def _config(self, task_type: str, config) -> object:
         raise NotImplementedError
+
+    @staticmethod
+    def _sizes(config) -> dict:
+        """The sizes peft would look up under a few config names only (DistilBERT's `dim`, `n_layers`, `n_heads`
+        are not among them), passed explicitly; grouped-query attention is still applied by peft on top."""
+        d = dims(config)
+        return {"num_layers": d.layers, "token_dim": d.hidden, "num_attention_heads": d.heads}
 
     def _inject(self, model: nn.Module) -> nn.Module:
         require_prompt_model(self.name, self.arch)
-        _, width = _dims(model)
-        self.hidden = self.options.encoder_hidden_size or width
+        self.hidden = self.options.encoder_hidden_size or dims(model.config).hidden
         self.heads = []
         self._n_head = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
-        return _peft().get_peft_model(model, self._config(self.arch.task_type, width))
+        return _peft().get_peft_model(model, self._config(self.arch.task_type, model.config))
 
     def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return _all_disabled(model)
@@ -223,15 +213,21 @@ class PrefixTuning(_PromptMethod):
     def extra_key_tokens(self) -> int:
         return self.options.num_virtual_tokens
 
-    def _config(self, task_type: str, width: int) -> object:
+    def _config(self, task_type: str, config) -> object:
         return _peft().PrefixTuningConfig(
-            task_type=task_type,
+            task_type=task_type, **self._sizes(config),
             num_virtual_tokens=self.options.num_virtual_tokens,
             prefix_projection=self.options.prefix_projection,
             encoder_hidden_size=self.hidden,
         )
 
     def _inject(self, model: nn.Module) -> nn.Module:
+        from ..arch import takes_past_key_values
+        from ..errors import UnsupportedError
+
+        if self.arch.family != "mlp" and not takes_past_key_values(model.config):
+            raise UnsupportedError(f"prefix tuning hands the prefix to the model as past key/values, which "
+                                   f"{type(model).__name__} does not take (its config has no use_cache)")
         if self.arch.task_type != "SEQ_CLS":
             return super()._inject(model)
         # P-tuning v2: prefix-tune the encoder (FEATURE_EXTRACTION) and train a copy of the head.
@@ -239,9 +235,8 @@ class PrefixTuning(_PromptMethod):
         prefix = getattr(model, "base_model_prefix", "")
         if not prefix or not hasattr(model, prefix):
             raise _unsupported_prefix(type(model).__name__)
-        layers, width = _dims(model)
-        self.hidden = self.options.encoder_hidden_size or width
-        encoder = _peft().get_peft_model(getattr(model, prefix), self._config("FEATURE_EXTRACTION", width))
+        self.hidden = self.options.encoder_hidden_size or dims(model.config).hidden
+        encoder = _peft().get_peft_model(getattr(model, prefix), self._config("FEATURE_EXTRACTION", model.config))
         setattr(model, prefix, encoder)
         self.heads = copy_heads(model, self.arch.head_modules)
         self._n_head = head_param_count(self.heads)
@@ -259,8 +254,7 @@ class PrefixTuning(_PromptMethod):
         d is the width of one layer's keys: the hidden size, or num_key_value_heads × head_dim under grouped-query
         attention (Llama-3.2-3B, prefix of 50 tokens: 50·28·2·1024 = 2,867,200, as peft's method comparison)."""
         base = model.get_base_model() if hasattr(model, "peft_config") else self._encoder(model).get_base_model()
-        layers, _ = _dims(base)
-        d = _prefix_width(base)
+        layers, d = dims(base.config).layers, prefix_width(base.config)
         n, h, out = self.options.num_virtual_tokens, self.hidden, 2 * layers * d
         table = n * d + (d * h + h) + (h * out + out) if self.options.prefix_projection else n * out
         return table + self._n_head
@@ -287,9 +281,9 @@ class PTuning(_PromptMethod):
     def extra_input_tokens(self) -> int:
         return self.options.num_virtual_tokens
 
-    def _config(self, task_type: str, width: int) -> object:
+    def _config(self, task_type: str, config) -> object:
         return _peft().PromptEncoderConfig(
-            task_type=task_type,
+            task_type=task_type, **self._sizes(config),
             num_virtual_tokens=self.options.num_virtual_tokens,
             encoder_hidden_size=self.hidden,
             encoder_reparameterization_type="MLP",
@@ -297,7 +291,7 @@ class PTuning(_PromptMethod):
 
     def closed_form_trainable(self, model: nn.Module) -> int:
         """Embedding n·S·d (S = 2 token streams for encoder-decoders) + 3-layer MLP d→h→h→d, plus the head."""
-        _, d = _dims(model.get_base_model())
+        d = dims(model.get_base_model().config).hidden
         h = self.hidden
         streams = 2 if self.arch.task_type == "SEQ_2_SEQ_LM" else 1
         mlp = (d * h + h) + (h * h + h) + (h * d + d)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import layer_dims
 from . import register
 from .base import (
     Method,
@@ -84,23 +85,27 @@ def init_lora_A(A: torch.Tensor, init: str, r: int) -> None:
 
 
 class LoRALinear(nn.Module):
-    """Wraps a frozen `nn.Linear`; `lora_A` is (r × d_in) and `lora_B` is (d_out × r)."""
+    """Wraps a frozen `nn.Linear` or `Conv1D` (GPT-2, weight stored d_in × d_out); `lora_A` is (r × d_in) and
+    `lora_B` is (d_out × r) either way, as peft stores them."""
 
-    def __init__(self, base: nn.Linear, options: LoRAOptions) -> None:
+    def __init__(self, base: nn.Module, options: LoRAOptions) -> None:
         super().__init__()
         self.base = base
         self.scale = options.scale
         w = base.weight
         dtype = adapter_dtype(w.dtype)
-        self.lora_A = nn.Parameter(torch.empty(options.r, base.in_features, dtype=dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, options.r, dtype=dtype, device=w.device))
+        self.in_features, self.out_features, self.transposed = layer_dims(base)
+        self.lora_A = nn.Parameter(torch.empty(options.r, self.in_features, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, options.r, dtype=dtype, device=w.device))
         init_lora_A(self.lora_A.data, options.init, options.r)
         self.dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
         self.enabled = True
         self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
+        """ΔW in the base weight's own layout (d_out × d_in; transposed for Conv1D)."""
+        delta = (self.lora_B @ self.lora_A) * self.scale
+        return delta.T if self.transposed else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -192,7 +197,7 @@ class LoRA(HandLoRA):
     def closed_form_trainable(self, model: nn.Module) -> int:
         """r·(d_in + d_out) per targeted Linear, plus the classifier head when there is one."""
         r = self.options.r
-        lora = sum(r * (m.base.in_features + m.base.out_features) for m in self.adapters.values())
+        lora = sum(r * (m.in_features + m.out_features) for m in self.adapters.values())
         return lora + head_param_count(self.heads)
 
     def _merge(self, model: nn.Module) -> None:
@@ -208,11 +213,14 @@ class LoRA(HandLoRA):
 _PREFIX = "base_model.model."
 
 
-def peft_lora_config(options: LoRAOptions, targets: list[str], arch, inference_mode: bool = False):
-    """The `peft.LoraConfig` equivalent to these options on these modules (used by `hf-lora` and the exports)."""
+def peft_lora_config(options: LoRAOptions, targets: list[str], arch, inference_mode: bool = False,
+                     fan_in_fan_out: bool = False):
+    """The `peft.LoraConfig` equivalent to these options on these modules (used by `hf-lora` and the exports);
+    `fan_in_fan_out` when the targets are Conv1D layers (weights stored d_in × d_out)."""
     import peft
 
     return peft.LoraConfig(
+        fan_in_fan_out=fan_in_fan_out,
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=list(targets),
         task_type=arch.task_type if arch.family != "mlp" else None,
         init_lora_weights=True if options.init == "kaiming" else "gaussian",
@@ -237,8 +245,9 @@ def export_peft_lora(method, directory) -> int:
     from ..measure.files import size_bytes
 
     directory = Path(directory)
-    peft_lora_config(method.options, list(method.pairs()), method.arch, inference_mode=True).save_pretrained(
-        str(directory))
+    peft_lora_config(method.options, list(method.pairs()), method.arch, inference_mode=True,
+                     fan_in_fan_out=any(getattr(a, "transposed", False) for a in method.adapters.values())
+                     ).save_pretrained(str(directory))
     save_file({k: v.detach().contiguous().cpu() for k, v in _peft_tensors(method).items()},
               str(directory / "adapter_model.safetensors"))
     return size_bytes(directory)

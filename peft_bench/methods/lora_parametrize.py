@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..arch import layer_dims
 from . import register
 from .base import copy_heads, head_param_count, resolve_targets, set_trainable
 from .lora import HandLoRA, LoRAOptions, adapter_dtype, init_lora_A
@@ -24,8 +25,9 @@ from .lora import HandLoRA, LoRAOptions, adapter_dtype, init_lora_A
 class LoRAParametrization(nn.Module):
     """f(W) = W + (α/r)·B A while `enabled`, else W unchanged."""
 
-    def __init__(self, d_in: int, d_out: int, options: LoRAOptions, like: torch.Tensor) -> None:
+    def __init__(self, d_in: int, d_out: int, options: LoRAOptions, like: torch.Tensor, transposed: bool = False) -> None:
         super().__init__()
+        self.transposed = transposed  # Conv1D (GPT-2): the weight is d_in × d_out, so ΔW is added transposed
         dtype = adapter_dtype(like.dtype)  # float32 adapters on a half-precision base, as peft
         self.lora_A = nn.Parameter(torch.empty(options.r, d_in, dtype=dtype, device=like.device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, options.r, dtype=dtype, device=like.device))
@@ -36,7 +38,8 @@ class LoRAParametrization(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         B = nn.functional.dropout(self.lora_B, self.dropout, self.training) if self.dropout else self.lora_B
-        return (B @ self.lora_A) * self.scale
+        delta = (B @ self.lora_A) * self.scale
+        return delta.T if self.transposed else delta
 
     def analytic_flops(self, W: torch.Tensor) -> int:
         """Materialising ΔW = B·A on each weight access: 2·d_out·r·d_in forward, twice that backward (the A and B
@@ -60,7 +63,8 @@ class LoRAParametrize(HandLoRA):
         self.adapters: dict[str, LoRAParametrization] = {}
         for name in self.targets:
             layer = model.get_submodule(name)
-            p = LoRAParametrization(layer.in_features, layer.out_features, self.options, layer.weight)
+            d_in, d_out, transposed = layer_dims(layer)
+            p = LoRAParametrization(d_in, d_out, self.options, layer.weight, transposed)
             parametrize.register_parametrization(layer, "weight", p)
             self.adapters[name] = p
         self.heads = copy_heads(model, self.arch.head_modules)

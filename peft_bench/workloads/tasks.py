@@ -67,6 +67,16 @@ class _Text(Formulation):
         reviews = self.tok([str(t).strip() for t in texts], add_special_tokens=False).input_ids
         return [head + r[:keep] + tail for r in reviews]
 
+    def lengths(self, texts) -> list[int]:
+        """Tokens each example takes formatted in full (template, special tokens and label included), uncut."""
+        raise NotImplementedError
+
+    def _template(self, prefix: str, suffix: str) -> int:
+        return sum(len(self.tok(t, add_special_tokens=False).input_ids) for t in (prefix, suffix) if t)
+
+    def _reviews(self, texts) -> list[int]:
+        return [len(r) for r in self.tok([str(t).strip() for t in texts], add_special_tokens=False).input_ids]
+
     def special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts before and after one sequence ([CLS] … [SEP] for BERT, … </s> for T5)."""
         plain = self.tok("a", add_special_tokens=False).input_ids
@@ -77,6 +87,9 @@ class _Text(Formulation):
 
 class TextClassification(_Text):
     task = "classification"
+
+    def lengths(self, texts):
+        return [len(ids) for ids in self.tok([str(t) for t in texts]).input_ids]
 
     def collate(self, inputs, labels):
         enc = self.tok(list(inputs), truncation=True, max_length=self.max_length, padding="max_length",
@@ -93,6 +106,10 @@ class CausalLMSentiment(_Text):
     task = "causal-lm"
 
     SUFFIX = " Sentiment:"
+
+    def lengths(self, texts):
+        fixed = self._template("", self.SUFFIX) + 1  # the label token
+        return [n + fixed for n in self._reviews(texts)]
 
     def collate(self, inputs, labels):
         prompts = self.prompts(inputs, "", self.SUFFIX, self.max_length - 1)  # one position left for the label
@@ -148,6 +165,10 @@ class Seq2SeqSentiment(_Text):
 
     PREFIX = "sentiment:"  # the review, tokenized on its own, starts at a word boundary
 
+    def lengths(self, texts):
+        fixed = self._template(self.PREFIX, "") + sum(map(len, self.special_tokens()))
+        return [n + fixed for n in self._reviews(texts)]
+
     def collate(self, inputs, labels):
         before, after = self.special_tokens()
         prompts = [before + p + after
@@ -180,6 +201,11 @@ def batches(split: Split, form: Formulation, batch_size: int, seed: int, shuffle
 
 def endless(split: Split, form: Formulation, batch_size: int, seed: int) -> Iterator[dict]:
     """Full batches forever, reshuffled each epoch (epoch e uses seed + e)."""
+    if len(split) < batch_size:  # no full batch: the loop below would never yield
+        from ..errors import UserError
+
+        raise UserError(f"the split has {len(split)} examples, fewer than one batch of {batch_size}; "
+                        "use a smaller --batch-size or more data")
     epoch = 0
     while True:
         for b in batches(split, form, batch_size, seed + epoch):
