@@ -42,7 +42,7 @@ BAD = [
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (["--cell-timeout", "0"], "--cell-timeout must be a positive float"),
     (["--workloads", "mlp-mnist-tiny", "--targets", "linear9"],
-     "mlp-mnist-tiny: target pattern 'linear9' matches no nn.Linear module; Linear module names are: linear1"),
+     "mlp-mnist-tiny: target pattern 'linear9' matches no Linear/Conv1D module; their names are: linear1"),
     (["--model", "no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
     (["--dataset", "stanfordnlp/imdb"], "--dataset needs --model"),
     (["--mnist-root", "/nonexistent"], "full MNIST via torchvision: "),

@@ -321,5 +321,5 @@ def test_bad_options_say_what_is_wrong_and_allowed(name, options, message):
 
 @pytest.mark.parametrize("method", MERGEABLE)
 def test_target_pattern_matching_nothing_is_an_error(method):
-    with pytest.raises(UserError, match=r"target pattern 'qkv_nope' matches no nn.Linear module; Linear module names"):
+    with pytest.raises(UserError, match=r"target pattern 'qkv_nope' matches no Linear/Conv1D module; their names"):
         applied(method, "gpt-neo", targets=("q_proj", "qkv_nope"))

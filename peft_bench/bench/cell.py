@@ -136,10 +136,19 @@ def _progress(total: int, desc: str) -> Progress:
 
 # -- the pipeline -----------------------------------------------------------------------------------------------
 def run_cell(spec: CellSpec) -> dict:
-    """Measure one cell; return its row. Raises UnsupportedError / UserError / CellError."""
+    """Measure one cell; return its row. Raises UnsupportedError / UserError / CellError, carrying in `.identity`
+    what was known of the cell when it failed (workload, family, task, lengths), so a failed row says what it was."""
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
     w = _workload(spec, method)
+    try:
+        return _measure(spec, method, w)
+    except Exception as e:
+        e.identity = {k: v for k, v in _identity(spec, w, method, ()).items() if k not in ("method_config",)}
+        raise
+
+
+def _measure(spec: CellSpec, method: Method, w) -> dict:
     data = w.validation_data() if spec.split == "validation" else w.data(DATA_SEED)
     form = w.formulation()
     reason = method.unsupported_reason(w.family)
@@ -681,15 +690,16 @@ def run_in_child(spec: dict, out_path: str) -> None:
     try:
         row = run_cell(CellSpec(**spec))
     except UnsupportedError as e:
-        row = {"status": "unsupported", "reason": str(e)}
+        row = {**getattr(e, "identity", {}), "status": "unsupported", "reason": str(e)}
     except UserError as e:
-        row = {"status": "error", "reason": str(e)}
+        row = {**getattr(e, "identity", {}), "status": "error", "reason": str(e)}
     except MemoryError:
         row = {"status": "oom", "reason": "out of memory (MemoryError)"}
     except Exception as e:  # recorded, explained, and the suite goes on
         oom = type(e).__name__ == "OutOfMemoryError"
         text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        row = {"status": "oom" if oom else "error", "reason": f"{type(e).__name__}: {text}" if text else type(e).__name__}
+        row = {**getattr(e, "identity", {}), "status": "oom" if oom else "error",
+               "reason": f"{type(e).__name__}: {text}" if text else type(e).__name__}
     from ..measure.interference import own_cpu_s
 
     row["cell_cpu_s"] = own_cpu_s()  # the runner subtracts it from the machine's busy time over the cell

@@ -243,7 +243,14 @@ def across_seeds(df):
     ok = cells(df)
     ok = ok[(ok.status == "ok") & ok.apply(pretrained, axis=1)]
     out = []
-    for (wl, m, lr), g in ok.groupby(["workload", "method", "lr"], sort=False):
+    # Workloads in the order they first appear, methods in the registry's order (as every other table), rates rising.
+    from ..methods import list_methods
+
+    rank = {m: i for i, m in enumerate(list_methods())}
+    first = {w: i for i, w in enumerate(dict.fromkeys(ok.workload))}
+    groups = sorted(ok.groupby(["workload", "method", "lr"], sort=False),
+                    key=lambda kv: (first[kv[0][0]], rank.get(kv[0][1], len(rank)), kv[0][2]))
+    for (wl, m, lr), g in groups:
         if g.seed.nunique() < 2:
             continue
         g = g.sort_values("seed")
@@ -272,7 +279,12 @@ def seed_verdict(r, with_steps: bool = False) -> str:
     if r.learned_seeds < k:
         return f"did not learn ({k - int(r.learned_seeds)} of {k} seeds" + (
             f"; {int(r.train_steps)} steps)" if with_steps else ")")
-    return "above majority" if r.accuracy_ci_low > r.majority_rate else "not clear of majority"
+    if r.accuracy_ci_low > r.majority_rate:
+        return "above majority"
+    # The loss went down, the accuracy did not clear the majority rate: said plainly, with the budget it had.
+    below = r.accuracy_ci_high < r.base_accuracy  # worse than the base model it started from (e.g. zero-shot)
+    return "not clear of majority" + (" and below the base model" if below else "") + (
+        f" within {int(r.train_steps)} steps" if with_steps else "")
 
 
 def _base_of(ok, workload: str, g) -> float:

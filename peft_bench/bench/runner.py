@@ -376,7 +376,9 @@ def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
             "options": json.dumps(spec.method_options, sort_keys=True), "seed": spec.seed}
     reason = method_class(spec.method).unsupported_reason(get_workload(spec.workload).family) if spec.workload else None
     if reason:  # known without building anything
-        return {**base, "status": "unsupported", "reason": reason}
+        w = get_workload(spec.workload)
+        return {**base, "family": w.family, "task": w.task, "pretrained": w.pretrained, "status": "unsupported",
+                "reason": reason}
     from ..measure.interference import Window
 
     row = None
