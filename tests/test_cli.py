@@ -63,14 +63,18 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_run_options(args, message, out, capsys, monkeypatch):
+def test_bad_run_options(args, message, out, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cwd = tmp_path / "cwd"  # the working directory stays untouched too
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     before = snapshot(out)
     assert main(["run", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("peft-bench: error: ")
     assert message in err
     assert snapshot(out) == before
+    assert list(cwd.iterdir()) == []
 
 
 def test_cuda_without_a_gpu_is_refused(out, capsys):

@@ -223,6 +223,12 @@ def run_suite(opts: RunOptions, argv: list[str] | None = None) -> int:
     if not opts.allow_busy and not os.environ.get("PEFT_BENCH_ALLOW_BUSY"):
         refuse_if_busy(opts.device)
     out = prepare_out_dir(out)
+    if opts.model and not opts.max_length and cells:
+        from ..workloads import LENGTH_PERCENTILE
+
+        print(f"sequence length {cells[0].max_length}: the {LENGTH_PERCENTILE}th percentile of the data's formatted "
+              "examples, capped by the model's positions less the run's virtual tokens (--seq-len to choose)",
+              file=sys.stderr)
     peaks = {d: matmul_peak_in_child(opts.device, d) for d in sorted({c.dtype for c in cells} or {"float32"})}
     cells = [dataclasses.replace(c, matmul_peak_flops=peaks[c.dtype]) for c in cells]
     env = report.environment(opts, max(peaks.values()), argv)
