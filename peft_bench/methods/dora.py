@@ -75,3 +75,39 @@ class DoRALinear(LoRALinear):
 def dora_closed_form(layers: list[DoRALinear], r: int) -> int:
     """r·(d_in + d_out) for A and B plus d_out for the magnitude, per wrapped layer."""
     return sum(r * (m.in_features + m.out_features) + m.out_features for m in layers)
+
+
+from . import register  # noqa: E402
+from .base import copy_heads, head_param_count, resolve_targets, set_trainable  # noqa: E402
+from .lora import HandLoRA, _set_submodule  # noqa: E402
+
+
+@register
+class DoRA(HandLoRA):
+    """Hand-written DoRA; checkpoints in peft's format (`lora_magnitude_vector`), so peft loads them."""
+
+    name = "dora"
+    tunes_like = "hf-dora"
+
+    def _inject(self, model: nn.Module) -> nn.Module:
+        self.targets = resolve_targets(model, self.options.targets, self.arch)
+        self.adapters: dict[str, DoRALinear] = {}
+        for name in self.targets:
+            layer = DoRALinear(model.get_submodule(name), self.options)
+            _set_submodule(model, name, layer)
+            self.adapters[name] = layer
+        self.heads = copy_heads(model, self.arch.head_modules)
+        own = [p for a in self.adapters.values() for p in (a.lora_A, a.lora_B, a.lora_magnitude)]
+        set_trainable(model, own + [p for h in self.heads for p in h.trained.parameters()])
+        return model
+
+    def closed_form_trainable(self, model: nn.Module) -> int:
+        return dora_closed_form(list(self.adapters.values()), self.options.r) + head_param_count(self.heads)
+
+    def _merge(self, model: nn.Module) -> None:
+        for a in self.adapters.values():
+            a.merge()
+
+    def _unmerge(self, model: nn.Module) -> None:
+        for a in self.adapters.values():
+            a.unmerge()
