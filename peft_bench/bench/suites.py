@@ -1,7 +1,7 @@
 """Suites: which (method × workload) cells run, with what training budget.
 
 * smoke   — the tiny workloads, every method; a couple of minutes on 2 CPU cores.
-* default — the embedded workloads at their real sizes on CPU, 3 repeats; under 30 minutes on 2 cores.
+* default — the embedded workloads at their real sizes on CPU, 3 repeats; about 52 minutes on 2 cores.
 * custom  — no workloads of its own: `run --workloads X` / `--model M` without --suite, each at its own budget.
 * accuracy — the pretrained workloads, every method, 3 seeds, accuracy probes only: mean accuracy with its CI.
 * gpu     — the embedded workloads at real size with larger budgets, for CUDA; the tutorial's hub models
