@@ -99,3 +99,17 @@ def test_csv_json_and_png_outputs_share_one_mode(tmp_path):
     (tmp_path / "b.png").write_bytes(b"png")  # what matplotlib's savefig does: a plain open()
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
     assert mode(tmp_path / "a.csv") == mode(tmp_path / "b.png")
+
+
+def test_a_cell_clearly_below_its_base_never_stands_on_the_pareto_front():
+    """SmolLM2 prefix tuning reached 0.517 (0.460–0.573) against a zero-shot 0.763: lowest memory, yet no trade-off."""
+    import pandas as pd
+
+    from peft_bench.bench.plots import on_front
+
+    def cell(acc):
+        return pd.Series({"accuracy": acc, "test_examples": 300, "loss_probe_drop_ci_low": 0.1, "status": "ok"})
+
+    assert not on_front(cell(0.517), 0.763)
+    assert on_front(cell(0.740), 0.763)  # its interval reaches the base: within the noise, may stand
+    assert on_front(cell(0.517), 0.465)

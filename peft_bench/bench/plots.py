@@ -139,9 +139,20 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def on_front(r, base_accuracy: float) -> bool:
+    """Whether a cell may stand on the Pareto front: it learned (see `report.learned`) and is not clearly worse than
+    the base it started from — a trained model whose whole Wilson interval lies below the untouched base's accuracy
+    is no trade-off worth drawing."""
+    from ..measure.stats import wilson
+    from .report import learned
+
+    return learned(r) and wilson(round(r.accuracy * r.test_examples), r.test_examples)[1] >= base_accuracy
+
+
 def accuracy_vs_memory(groups, path: Path) -> None:
     """Pretrained workloads only. One marker per method (same colour in every panel, named in the legend) with its
-    95 % Wilson interval; the Pareto front ringed in red, drawn over the cells that learned."""
+    95 % Wilson interval; the Pareto front ringed in red, drawn over the cells that learned and whose interval
+    reaches the base model's accuracy."""
     from ..measure.stats import wilson
     from .report import learned
 
@@ -157,13 +168,14 @@ def accuracy_vs_memory(groups, path: Path) -> None:
             ax.errorbar([mem], [a], yerr=[[a - lo], [hi - a]], color=colours[r.method], marker=markers[r.method],
                         ms=6, capsize=2, lw=0.8, zorder=3, label=r.method,
                         mfc="none" if not learned(r) else colours[r.method])
-        ok = [r for r in rows if learned(r)]
+        base = g.base_accuracy.dropna()
+        floor = float(base.iloc[0]) if len(base) else -1.0
+        ok = [r for r in rows if on_front(r, floor)]
         pts = [(r.tensor_peak_bytes / 2**20, r.accuracy) for r in ok]
         front = pareto(pts)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", lw=1, zorder=2)
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=160, facecolors="none",
-                   edgecolors="tab:red", zorder=4, label="Pareto front (cells that learned)")
-        base = g.base_accuracy.dropna()
+                   edgecolors="tab:red", zorder=4, label="Pareto front (learned, not below the base)")
         if len(base):
             ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base, before training")
         ax.set_title(f"{wl} (n={int(rows[0].test_examples):,})", fontsize=10)
