@@ -46,8 +46,30 @@ def _peft():
     return peft
 
 
+class PeftAdapter(Method):
+    """What every weight-adapter method run by peft shares: merging, disabling and checkpoints through peft."""
+
+    def _merge(self, model: nn.Module) -> None:
+        model.base_model.merge_adapter()
+
+    def _unmerge(self, model: nn.Module) -> None:
+        model.base_model.unmerge_adapter()
+
+    def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.disable_adapter()
+
+    def save(self, model: nn.Module, directory) -> int:
+        return _save_peft(model, directory)
+
+    def restore(self, base: nn.Module, directory) -> nn.Module:
+        from ..arch import describe
+
+        self.arch = describe(base)
+        return _peft().PeftModel.from_pretrained(base, str(directory))
+
+
 @register
-class HFLoRA(Method):
+class HFLoRA(PeftAdapter):
     name = "hf-lora"
     tunes_like = "lora"
     Options = LoRAOptions
@@ -68,23 +90,6 @@ class HFLoRA(Method):
         lora = sum(r * sum(layer_dims(base.get_submodule(n))[:2]) for n in self.targets)
         return lora + self._head_count
 
-    def _merge(self, model: nn.Module) -> None:
-        model.base_model.merge_adapter()
-
-    def _unmerge(self, model: nn.Module) -> None:
-        model.base_model.unmerge_adapter()
-
-    def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        return model.disable_adapter()
-
-    def save(self, model: nn.Module, directory) -> int:
-        return _save_peft(model, directory)
-
-    def restore(self, base: nn.Module, directory) -> nn.Module:
-        from ..arch import describe
-
-        self.arch = describe(base)
-        return _peft().PeftModel.from_pretrained(base, str(directory))
 
 
 def _save_peft(peft_model: nn.Module, directory) -> int:

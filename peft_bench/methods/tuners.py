@@ -13,7 +13,6 @@ them, its closed form per targeted layer (d_in, d_out), whether it can merge, an
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..arch import dims, layer_dims
 from .base import Method, MethodOptions, opt, require, resolve_targets
+from .hf import PeftAdapter
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ TUNERS = (
 )
 
 
-class PeftTuner(Method):
+class PeftTuner(PeftAdapter):
     """A peft tuner from the table: get_peft_model with its config on the architecture's targets."""
 
     tuner: Tuner
@@ -155,28 +155,6 @@ class PeftTuner(Method):
             d_in, d_out, _ = layer_dims(base.get_submodule(n))
             total += self.tuner.per_layer(d_in, d_out, self.options, n in self.feedforward)
         return total + self._head_count
-
-    def _merge(self, model: nn.Module) -> None:
-        model.base_model.merge_adapter()
-
-    def _unmerge(self, model: nn.Module) -> None:
-        model.base_model.unmerge_adapter()
-
-    def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        return model.disable_adapter()
-
-    def save(self, model: nn.Module, directory) -> int:
-        from .hf import _save_peft
-
-        return _save_peft(model, directory)
-
-    def restore(self, base: nn.Module, directory) -> nn.Module:
-        import peft
-
-        from ..arch import describe
-
-        self.arch = describe(base)
-        return peft.PeftModel.from_pretrained(base, str(directory))
 
 
 def tuner_class(t: Tuner) -> type[Method]:
