@@ -158,11 +158,14 @@ def lora_layer_types() -> tuple[type, ...]:
 
 def layer_dims(module: nn.Module) -> tuple[int, int, bool]:
     """(d_in, d_out, transposed) of a LoRA-wrappable layer; `transposed` for Conv1D, whose weight is d_in × d_out
-    (peft's `fan_in_fan_out=True`)."""
+    (peft's `fan_in_fan_out=True`). A peft tuner layer is measured by the layer it wraps (`base_layer`)."""
+    module = getattr(module, "base_layer", module)
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
-    d_in, d_out = module.weight.shape
-    return int(d_in), int(d_out), True
+    if isinstance(module, lora_layer_types()):  # Conv1D
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out), True
+    raise TypeError(f"{type(module).__name__} is neither nn.Linear nor Conv1D")
 
 
 @dataclass(frozen=True)

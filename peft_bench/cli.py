@@ -88,9 +88,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"{name}: {doc}")
         return 0
 
-    print("methods:")
-    for name in list_methods():
-        print(f"  {name}")
+    from .methods.capabilities import capabilities, table
+
+    print(f"methods ({len(list_methods())}; `--methods` takes these names):")
+    print(table(capabilities()))
     print("workloads:")
     for name in list_workloads():
         w = get_workload(name)

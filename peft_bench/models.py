@@ -89,6 +89,13 @@ LLAMA_TINY = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hi
                   num_key_value_heads=2, max_position_embeddings=256, bos_token_id=101, eos_token_id=102,
                   pad_token_id=0, tie_word_embeddings=True)
 BERT_TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+# sentence-transformers/all-MiniLM-L6-v2 config.json (published): the minilm-sentiment encoder's sizes.
+MINILM_L6 = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                 max_position_embeddings=512)
+# HuggingFaceTB/SmolLM2-135M config.json (published): the smollm2-135m-sentiment decoder's sizes.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, bos_token_id=1,
+                    eos_token_id=2, tie_word_embeddings=True, rope_theta=100000.0)
 
 
 def gpt_neo(size: str = "full", **overrides: object) -> nn.Module:
@@ -104,14 +111,16 @@ def t5(size: str = "full", **overrides: object) -> nn.Module:
 
 
 def bert_classifier(size: str = "tiny", num_labels: int = 2, **overrides: object) -> nn.Module:
-    """A randomly initialised BERT classifier (the tiny stand-in for MiniLM in tests)."""
+    """A randomly initialised BERT classifier: "tiny" (the stand-in for MiniLM in tests) or "full" (MiniLM-L6 sizes)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(**{**BERT_TINY, **overrides}, num_labels=num_labels))
+    sizes = MINILM_L6 if size == "full" else BERT_TINY
+    return BertForSequenceClassification(BertConfig(**{**sizes, **overrides}, num_labels=num_labels))
 
 
 def llama(size: str = "tiny", **overrides: object) -> nn.Module:
-    """A randomly initialised Llama causal LM with grouped-query attention (tests)."""
+    """A randomly initialised Llama causal LM with grouped-query attention: "tiny" (tests) or "full" (SmolLM2-135M
+    sizes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**{**LLAMA_TINY, **overrides}))
+    return LlamaForCausalLM(LlamaConfig(**{**(SMOLLM2_135M if size == "full" else LLAMA_TINY), **overrides}))

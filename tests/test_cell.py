@@ -56,7 +56,7 @@ def test_every_method_reports_base_and_trained_latency_and_merged_only_when_it_c
 def test_p_tuning_checkpoint_is_the_exported_prompt_and_says_so(neo_rows):
     row = neo_rows["p-tuning"]
     assert row["checkpoint_bytes"] < row["trainable_state_bytes"]
-    assert "exported prompt embeddings" in row["checkpoint_format"]
+    assert "virtual-token embeddings" in row["checkpoint_format"]
 
 
 def test_a_non_finite_loss_is_an_error_never_ok():

@@ -140,6 +140,7 @@ def run_cell(spec: CellSpec) -> dict:
     what was known of the cell when it failed (workload, family, task, lengths), so a failed row says what it was."""
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
+    method.schedule(spec.train_steps)
     w = _workload(spec, method)
     try:
         return _measure(spec, method, w)
@@ -386,6 +387,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         loss.backward()
         clock.mark()
         opt.step()
+        method.after_step(model)  # AdaLoRA's rank allocation: part of the method's step
         wall, split = clock.stop()
         losses.append(float(loss.detach()))
         return wall, split
@@ -659,6 +661,7 @@ def training_step(spec: CellSpec):
 
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
+    method.schedule(spec.train_steps)
     w = _workload(spec, method)
     data, form = w.data(DATA_SEED), w.formulation()
     model = method.apply(_builder(w, spec)()).to(spec.device)
@@ -674,6 +677,7 @@ def training_step(spec: CellSpec):
         loss = model(**inputs).loss
         loss.backward()
         opt.step()
+        method.after_step(model)
         timing.sync(spec.device)
         return loss.detach()
 

@@ -37,7 +37,7 @@ def get_method(name: str, **options: object) -> Method:
 
 # Registration order is the order of `list_methods()` and of every table.
 # isort: off
-from . import full, lora, lora_parametrize, hf  # noqa: E402,F401
+from . import full, lora, lora_parametrize, hf, dora, bitfit, tuners  # noqa: E402,F401
 # isort: on
 
 __all__ = ["Method", "MethodOptions", "get_method", "list_methods", "method_class", "register"]

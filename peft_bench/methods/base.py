@@ -67,7 +67,8 @@ class Method:
     # Another method with the same parametrisation and initialisation (the same function of the same trainable
     # numbers): `peft-bench tune` sweeps that one and this method uses its learning rate.
     tunes_like: str | None = None
-    checkpoint_format: str = ""  # what `save` writes, in words
+    checkpoint_format: str = ""  # what `save` writes, in words (a trained classifier head goes with it)
+    extra_inference: str = "none when merged; unmerged, the adapter's matmuls"  # beyond the base model's forward
 
     # Virtual tokens the method adds to each sequence (prompt methods), for the analytic FLOP count.
     extra_input_tokens: int = 0  # prepended to the input embeddings
@@ -88,6 +89,17 @@ class Method:
 
     def _inject(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    # -- the training loop's hooks ----------------------------------------------------------------------
+    total_steps: int | None = None
+
+    def schedule(self, total_steps: int) -> None:
+        """Told before `apply` how many optimizer steps training will take (AdaLoRA's rank budget needs it)."""
+        self.total_steps = total_steps
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step, before the gradients are cleared (AdaLoRA reallocates ranks here);
+        part of the timed step."""
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters this method trains (adapter weights, plus the task head for classifiers)."""
@@ -208,6 +220,15 @@ def set_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> None:
     ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
+
+
+def parametrize_frozen(module: nn.Module, tensor: str, parametrization: nn.Module) -> None:
+    """Register `parametrization` on `module.<tensor>` and keep the original tensor frozen (the method trains only
+    the parametrization's own parameters)."""
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(module, tensor, parametrization)
+    getattr(module.parametrizations, tensor).original.requires_grad_(False)
 
 
 class HeadCopy(nn.Module):

@@ -1,17 +1,28 @@
-"""BitFit, bias-only fine-tuning (Ben Zaken et al. 2022, arXiv:2106.10199), written from scratch
-(issue 13, work in progress: NOT YET REGISTERED — `methods/__init__.py` does not import this module).
+"""BitFit, bias-only fine-tuning (Ben Zaken et al. 2022, arXiv:2106.10199), written from scratch.
 
-Every bias of the base model gets a trainable delta through a parametrization, f(b) = b + δ, δ starting at zero; the
-original bias tensors are never written, so `disabled()` (δ switched off) is the base model bit for bit, and merging
-folds δ into the bias (`leave_parametrized=True`). A model without biases (Llama, T5) has nothing to tune: the method
-says so instead of training only a head.
+Every bias of the base model (Linear, Conv1D, LayerNorm, ... — the classifier head aside, which trains as a copy)
+gets a trainable delta through a parametrization, f(b) = b + δ, δ starting at zero. The original bias tensors are
+never written, so `disabled()` (δ switched off) is the base model bit for bit; merging folds δ into the bias
+(`leave_parametrized=True`), unmerging subtracts it and registers the same δ again. A model without biases (Llama,
+T5) has nothing to tune: the method says so instead of silently training only a head.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from ..errors import UnsupportedError
+from . import register
+from .base import Method, MethodOptions, copy_heads, head_param_count, heads_disabled, parametrize_frozen, set_trainable
+
+DELTAS = "bias_deltas.safetensors"
 
 
 class BiasDelta(nn.Module):
@@ -27,36 +38,9 @@ class BiasDelta(nn.Module):
 
 
 def biased_modules(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
-    """Names of the modules with a bias Parameter (Linear, Conv1D, LayerNorm, ...), heads excluded."""
+    """Names of the modules with a bias Parameter (Linear, Conv1D, LayerNorm, ...), the top-level `skip` excluded."""
     return [n for n, m in model.named_modules()
             if isinstance(getattr(m, "bias", None), nn.Parameter) and n.split(".")[0] not in skip]
-
-
-def attach(model: nn.Module, names: list[str]) -> dict[str, BiasDelta]:
-    deltas = {}
-    for n in names:
-        module = model.get_submodule(n)
-        d = BiasDelta(module.bias)
-        parametrize.register_parametrization(module, "bias", d)
-        module.parametrizations.bias.original.requires_grad_(False)
-        deltas[n] = d
-    return deltas
-
-
-def closed_form(model: nn.Module, names: list[str]) -> int:
-    """Σ numel of the biases tuned (each delta has its bias's shape)."""
-    return sum(model.get_submodule(n).parametrizations.bias.original.numel() for n in names)
-
-
-import contextlib  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from . import register  # noqa: E402
-from .base import Method, MethodOptions, copy_heads, head_param_count, heads_disabled, set_trainable  # noqa: E402
-
-DELTAS = "bias_deltas.safetensors"
 
 
 @dataclass(frozen=True)
@@ -69,22 +53,27 @@ class BitFit(Method):
     name = "bitfit"
     Options = BitFitOptions
     can_merge = True
-    checkpoint_format = "bias deltas (safetensors) + trained head"
+    checkpoint_format = "bias deltas (safetensors)"
+    extra_inference = "none when merged; unmerged, one add per bias"
 
     def _inject(self, model: nn.Module) -> nn.Module:
-        from ..errors import UnsupportedError
-
         self.names = biased_modules(model, self.arch.head_modules)
         if not self.names:
             raise UnsupportedError(f"bitfit tunes biases; {type(model).__name__} has none outside its head")
-        self.deltas = attach(model, self.names)
+        self.deltas: dict[str, BiasDelta] = {}
+        for n in self.names:
+            module = model.get_submodule(n)
+            self.deltas[n] = BiasDelta(module.bias)
+            parametrize_frozen(module, "bias", self.deltas[n])
         self.heads = copy_heads(model, self.arch.head_modules)
         set_trainable(model, [d.delta for d in self.deltas.values()] +
                       [p for h in self.heads for p in h.trained.parameters()])
         return model
 
     def closed_form_trainable(self, model: nn.Module) -> int:
-        return closed_form(model, self.names) + head_param_count(self.heads)
+        """Σ numel of the biases tuned (each δ has its bias's shape), plus the classifier head."""
+        biases = sum(model.get_submodule(n).parametrizations.bias.original.numel() for n in self.names)
+        return biases + head_param_count(self.heads)
 
     @contextlib.contextmanager
     def _disabled(self, model: nn.Module) -> Iterator[None]:
@@ -107,8 +96,13 @@ class BitFit(Method):
         for n, d in self.deltas.items():
             module = model.get_submodule(n)
             module.bias -= d.delta
-            parametrize.register_parametrization(module, "bias", d)
-            module.parametrizations.bias.original.requires_grad_(False)
+            parametrize_frozen(module, "bias", d)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"{n}.bias_delta": d.delta for n, d in self.deltas.items()}
+        for name, h in zip(self.arch.head_modules, self.heads):
+            out.update({f"{name}.{k}": v for k, v in h.trained.state_dict().items()})
+        return out
 
     def save(self, model: nn.Module, directory) -> int:
         from safetensors.torch import save_file
@@ -116,10 +110,7 @@ class BitFit(Method):
         from ..measure.files import size_bytes
 
         Path(directory).mkdir(parents=True, exist_ok=True)
-        tensors = {f"{n}.bias_delta": d.delta.detach().contiguous().cpu() for n, d in self.deltas.items()}
-        for name, h in zip(self.arch.head_modules, self.heads):
-            tensors.update({f"{name}.{k}": v.detach().contiguous().cpu() for k, v in h.trained.state_dict().items()})
-        save_file(tensors, str(Path(directory) / DELTAS))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self._tensors().items()}, str(Path(directory) / DELTAS))
         return size_bytes(directory)
 
     @torch.no_grad()
@@ -127,12 +118,11 @@ class BitFit(Method):
         from safetensors.torch import load_file
 
         model = self.apply(base)
-        state = load_file(str(Path(directory) / DELTAS))
-        ours = {f"{n}.bias_delta": d.delta for n, d in self.deltas.items()}
-        for name, h in zip(self.arch.head_modules, self.heads):
-            ours.update({f"{name}.{k}": v for k, v in h.trained.state_dict().items()})
+        state, ours = load_file(str(Path(directory) / DELTAS)), self._tensors()
         if set(state) != set(ours):
-            raise ValueError(f"{directory} does not fit this model's biases")
+            missing, extra = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
+            raise ValueError(f"{directory} does not fit this model's biases: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
         for k, t in state.items():
             ours[k].copy_(t)
         return model

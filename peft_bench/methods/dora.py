@@ -1,5 +1,4 @@
-"""DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353), written from scratch
-(issue 13, work in progress: NOT YET REGISTERED — `methods/__init__.py` does not import this module).
+"""DoRA, weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353), written from scratch.
 
 The weight is split into a magnitude m (one number per output feature) and a direction; LoRA updates the direction:
 
@@ -7,8 +6,8 @@ The weight is split into a magnitude m (one number per output feature) and a dir
                                                           in backward, as the paper's section 4.3 and peft do)
 
 so y = b + (m / ‖W + s·BA‖) ⊙ (W x + s·B A x). m starts at ‖W‖_row and B at zero, so the wrapped model starts as
-the base model exactly. To test against peft's `LoraConfig(use_dora=True)`: same W, A, B, m → outputs and gradients
-equal to 1e-6.
+the base model exactly. Tested against peft's `LoraConfig(use_dora=True)` (`hf-dora`): given the same W, A, B and m,
+outputs and gradients agree to 1e-6. Checkpoints are peft's (`lora_magnitude_vector`, `use_dora: true`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALinear, LoRAOptions
+from . import register
+from .lora import LoRA, LoRALinear, LoRAOptions
 
 
 class DoRALinear(LoRALinear):
@@ -30,11 +30,18 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude = nn.Parameter(norm.to(self.lora_A.dtype).clone())
         self._merge_factor: torch.Tensor | None = None
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_B, self.lora_magnitude]
+
+    def closed_form(self, r: int) -> int:
+        """r·(d_in + d_out) for A and B, plus d_out for the magnitude."""
+        return r * (self.in_features + self.out_features) + self.out_features
+
     def _weight_out_in(self) -> torch.Tensor:
         w = self.base.weight
         return w.T if self.transposed else w
 
-    def _scale(self) -> torch.Tensor:
+    def _factor(self) -> torch.Tensor:
         """m / ‖W + s·BA‖_row, the norm detached (a constant in backward)."""
         delta = (self.lora_B @ self.lora_A) * self.scale
         norm = (self._weight_out_in().to(delta.dtype) + delta.detach()).norm(dim=1).detach()
@@ -45,18 +52,27 @@ class DoRALinear(LoRALinear):
         if not self.enabled or self.merged:
             return y
         bias = self.base.bias
-        scale = self._scale()
+        factor = self._factor()
         h = self.dropout(x.to(self.lora_A.dtype))
         lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale
         base_no_bias = (y - bias if bias is not None else y).to(lora.dtype)
-        return y + ((scale - 1) * base_no_bias + scale * lora).to(y.dtype)
+        return y + ((factor - 1) * base_no_bias + factor * lora).to(y.dtype)
+
+    def analytic_flops(self, x: torch.Tensor) -> int:
+        """LoRA's adapter matmuls plus forming W + s·BA and its row norms once per forward (2·d_out·r·d_in + 3·d_out·d_in);
+        the elementwise rescaling of the output is not counted (the FLOP counter counts matmuls only)."""
+        if not self.enabled or self.merged:
+            return 0
+        r = self.lora_A.shape[0]
+        return super().analytic_flops(x) + 2 * self.out_features * r * self.in_features
 
     @torch.no_grad()
     def merge(self) -> None:
+        """W ← (W + s·BA) · m/‖W + s·BA‖ (the factor kept, so that unmerge divides it out exactly in value)."""
         if self.merged:
             return
         delta = (self.lora_B @ self.lora_A) * self.scale
-        factor = self._scale()
+        factor = self._factor()
         merged = (self._weight_out_in().to(delta.dtype) + delta) * factor[:, None]
         self._merge_factor = factor
         self.base.weight.copy_((merged.T if self.transposed else merged).to(self.base.weight.dtype))
@@ -72,42 +88,13 @@ class DoRALinear(LoRALinear):
         self.merged = False
 
 
-def dora_closed_form(layers: list[DoRALinear], r: int) -> int:
-    """r·(d_in + d_out) for A and B plus d_out for the magnitude, per wrapped layer."""
-    return sum(r * (m.in_features + m.out_features) + m.out_features for m in layers)
-
-
-from . import register  # noqa: E402
-from .base import copy_heads, head_param_count, resolve_targets, set_trainable  # noqa: E402
-from .lora import HandLoRA, _set_submodule  # noqa: E402
-
-
 @register
-class DoRA(HandLoRA):
-    """Hand-written DoRA; checkpoints in peft's format (`lora_magnitude_vector`), so peft loads them."""
+class DoRA(LoRA):
+    """Hand-written DoRA: `lora` with DoRA's wrapper; peft-format checkpoints, so peft loads them."""
 
     name = "dora"
     tunes_like = "hf-dora"
-
-    def _inject(self, model: nn.Module) -> nn.Module:
-        self.targets = resolve_targets(model, self.options.targets, self.arch)
-        self.adapters: dict[str, DoRALinear] = {}
-        for name in self.targets:
-            layer = DoRALinear(model.get_submodule(name), self.options)
-            _set_submodule(model, name, layer)
-            self.adapters[name] = layer
-        self.heads = copy_heads(model, self.arch.head_modules)
-        own = [p for a in self.adapters.values() for p in (a.lora_A, a.lora_B, a.lora_magnitude)]
-        set_trainable(model, own + [p for h in self.heads for p in h.trained.parameters()])
-        return model
-
-    def closed_form_trainable(self, model: nn.Module) -> int:
-        return dora_closed_form(list(self.adapters.values()), self.options.r) + head_param_count(self.heads)
-
-    def _merge(self, model: nn.Module) -> None:
-        for a in self.adapters.values():
-            a.merge()
-
-    def _unmerge(self, model: nn.Module) -> None:
-        for a in self.adapters.values():
-            a.unmerge()
+    layer_class = DoRALinear
+    use_dora = True
+    checkpoint_format = "peft LoRA adapter (use_dora): A, B, magnitude per output"
+    extra_inference = "none when merged; unmerged, the adapter and a row norm of W + BA per forward"

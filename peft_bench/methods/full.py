@@ -40,6 +40,7 @@ class FullFineTuning(Method):
     name = "full"
     trains_everything = True
     checkpoint_format = "whole model: every parameter (safetensors)"
+    extra_inference = "none (a whole new model per task)"
 
     def _inject(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(True)

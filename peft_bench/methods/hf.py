@@ -61,11 +61,15 @@ class PeftAdapter(Method):
     def save(self, model: nn.Module, directory) -> int:
         return _save_peft(model, directory)
 
+    # peft 0.21's AdaLoRA adds its orthogonal regulariser in every forward that has a loss, reading state that only a
+    # trainable adapter has: such a method loads its checkpoint as trainable (the outputs are the same).
+    load_trainable = False
+
     def restore(self, base: nn.Module, directory) -> nn.Module:
         from ..arch import describe
 
         self.arch = describe(base)
-        return _peft().PeftModel.from_pretrained(base, str(directory))
+        return _peft().PeftModel.from_pretrained(base, str(directory), is_trainable=self.load_trainable)
 
 
 @register
@@ -130,7 +134,7 @@ class _PromptMethod(Method):
         return PROMPT_REASON.format(cls.name) if family == "mlp" else None
 
     # peft's adapter_config.json + adapter_model.safetensors; a trained head copy, if any, in heads.safetensors
-    checkpoint_format = "peft prompt adapter: exported prompt embeddings (the encoder's output)"
+    checkpoint_format = "peft prompt adapter: virtual-token embeddings (an encoder's output, exported)"
 
     def save(self, model: nn.Module, directory) -> int:
         """peft's format, which holds the prompt encoder's *output* (n virtual token embeddings, or the n prefix
@@ -213,6 +217,7 @@ def _all_disabled(model: nn.Module) -> Iterator[None]:
 class PrefixTuning(_PromptMethod):
     name = "prefix"
     Options = PrefixOptions
+    extra_inference = "n extra keys and values in every attention"
 
     @property
     def extra_key_tokens(self) -> int:
@@ -281,6 +286,7 @@ def _unsupported_prefix(cls: str) -> Exception:
 class PTuning(_PromptMethod):
     name = "p-tuning"
     Options = PromptOptions
+    extra_inference = "n virtual tokens on every input"
 
     @property
     def extra_input_tokens(self) -> int:

@@ -42,7 +42,7 @@ from .base import (
     set_trainable,
 )
 
-PEFT_LORA_FORMAT = "peft LoRA adapter: A, B (+ trained head)"
+PEFT_LORA_FORMAT = "peft LoRA adapter: A, B"
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,14 @@ class LoRALinear(nn.Module):
         self.enabled = True
         self.merged = False
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """The tensors this wrapper trains."""
+        return [self.lora_A, self.lora_B]
+
+    def closed_form(self, r: int) -> int:
+        """r·(d_in + d_out): A and B."""
+        return r * (self.in_features + self.out_features)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW in the base weight's own layout (d_out × d_in; transposed for Conv1D)."""
         delta = (self.lora_B @ self.lora_A) * self.scale
@@ -151,6 +159,7 @@ class HandLoRA(Method):
     Options = LoRAOptions
     can_merge = True
     checkpoint_format = PEFT_LORA_FORMAT
+    use_dora = False  # exported with peft's `use_dora` (and magnitude vectors)
     adapters: dict[str, nn.Module]
     heads: list
 
@@ -180,25 +189,26 @@ class HandLoRA(Method):
 
 @register
 class LoRA(HandLoRA):
+    """Each targeted layer wrapped in `layer_class` (a subclass may swap it: DoRA)."""
+
     name = "lora"
+    layer_class: type[LoRALinear] = LoRALinear
 
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)
         self.adapters: dict[str, LoRALinear] = {}
         for name in self.targets:
-            layer = LoRALinear(model.get_submodule(name), self.options)
+            layer = self.layer_class(model.get_submodule(name), self.options)
             _set_submodule(model, name, layer)
             self.adapters[name] = layer
         self.heads = copy_heads(model, self.arch.head_modules)
-        own = [p for layer in self.adapters.values() for p in (layer.lora_A, layer.lora_B)]
+        own = [p for layer in self.adapters.values() for p in layer.own_parameters()]
         set_trainable(model, own + [p for h in self.heads for p in h.trained.parameters()])
         return model
 
     def closed_form_trainable(self, model: nn.Module) -> int:
-        """r·(d_in + d_out) per targeted Linear, plus the classifier head when there is one."""
-        r = self.options.r
-        lora = sum(r * (m.in_features + m.out_features) for m in self.adapters.values())
-        return lora + head_param_count(self.heads)
+        """Per targeted layer its wrapper's closed form (LoRA: r·(d_in + d_out)), plus the classifier head."""
+        return sum(m.closed_form(self.options.r) for m in self.adapters.values()) + head_param_count(self.heads)
 
     def _merge(self, model: nn.Module) -> None:
         for layer in self.adapters.values():
@@ -214,13 +224,14 @@ _PREFIX = "base_model.model."
 
 
 def peft_lora_config(options: LoRAOptions, targets: list[str], arch, inference_mode: bool = False,
-                     fan_in_fan_out: bool = False):
+                     fan_in_fan_out: bool = False, **extra: object):
     """The `peft.LoraConfig` equivalent to these options on these modules (used by `hf-lora` and the exports);
-    `fan_in_fan_out` when the targets are Conv1D layers (weights stored d_in × d_out)."""
+    `fan_in_fan_out` when the targets are Conv1D layers (weights stored d_in × d_out); `extra`: further LoraConfig
+    fields (`use_dora`)."""
     import peft
 
     return peft.LoraConfig(
-        fan_in_fan_out=fan_in_fan_out,
+        fan_in_fan_out=fan_in_fan_out, **extra,
         r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=list(targets),
         task_type=arch.task_type if arch.family != "mlp" else None,
         init_lora_weights=True if options.init == "kaiming" else "gaussian",
@@ -228,11 +239,15 @@ def peft_lora_config(options: LoRAOptions, targets: list[str], arch, inference_m
 
 
 def _peft_tensors(method) -> dict[str, torch.Tensor]:
-    """Keys as peft writes them: `base_model.model.<module>.lora_A.weight`, heads as `base_model.model.<head>.<p>`."""
+    """Keys as peft writes them: `base_model.model.<module>.lora_A.weight` (DoRA also `.lora_magnitude_vector`),
+    heads as `base_model.model.<head>.<p>`."""
     out = {}
     for name, (A, B) in method.pairs().items():
         out[f"{_PREFIX}{name}.lora_A.weight"] = A
         out[f"{_PREFIX}{name}.lora_B.weight"] = B
+        magnitude = getattr(method.adapters[name], "lora_magnitude", None)
+        if magnitude is not None:
+            out[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude
     for head_name, head in zip(method.arch.head_modules, method.heads):
         out.update({f"{_PREFIX}{head_name}.{k}": v for k, v in head.trained.state_dict().items()})
     return out
@@ -246,8 +261,8 @@ def export_peft_lora(method, directory) -> int:
 
     directory = Path(directory)
     peft_lora_config(method.options, list(method.pairs()), method.arch, inference_mode=True,
-                     fan_in_fan_out=any(getattr(a, "transposed", False) for a in method.adapters.values())
-                     ).save_pretrained(str(directory))
+                     fan_in_fan_out=any(getattr(a, "transposed", False) for a in method.adapters.values()),
+                     **({"use_dora": True} if method.use_dora else {})).save_pretrained(str(directory))
     save_file({k: v.detach().contiguous().cpu() for k, v in _peft_tensors(method).items()},
               str(directory / "adapter_model.safetensors"))
     return size_bytes(directory)

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..arch import layer_dims
 from . import register
-from .base import copy_heads, head_param_count, resolve_targets, set_trainable
+from .base import copy_heads, head_param_count, parametrize_frozen, resolve_targets, set_trainable
 from .lora import HandLoRA, LoRAOptions, adapter_dtype, init_lora_A
 
 
@@ -57,6 +57,7 @@ class LoRAParametrize(HandLoRA):
 
     name = "lora-parametrize"
     tunes_like = "lora"
+    extra_inference = "none when merged; unmerged, ΔW = BA formed in full per forward"
 
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)
@@ -88,5 +89,4 @@ class LoRAParametrize(HandLoRA):
         for name, p in self.adapters.items():
             layer = model.get_submodule(name)
             layer.weight -= p.delta_weight().to(layer.weight.dtype)
-            parametrize.register_parametrization(layer, "weight", p)
-            layer.parametrizations.weight.original.requires_grad_(False)
+            parametrize_frozen(layer, "weight", p)
