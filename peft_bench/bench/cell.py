@@ -175,12 +175,16 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
 
     params = params_probe(method, model)
     mem, tim, flo = train_probe(spec, method, model, data, form, w.batch_size, baseline, base_bytes, params, w.name)
+    # The trained output, before any merge/unmerge cycle: an unmerge leaves rounding in the base weights (bounded by
+    # its own check), which a restored checkpoint on a fresh base does not have.
+    trained_out = _logits(model, check_batch)
     checks = checks_probe(method, model, check_batch, base_out)
     test = _to(data.test, spec)
     trained_acc = accuracy(model, test, form, w.batch_size)
     tuned_loss, tokens = general_loss(model, form, data, w)
     unmerged, merged = inference_probe(spec, method, model, check_batch)
-    ckpt, roundtrip = checkpoint_probe(spec, method, model, build, check_batch, base_out, checks.check_tolerance)
+    ckpt, roundtrip = checkpoint_probe(spec, method, model, build, check_batch, base_out, trained_out,
+                                       checks.check_tolerance)
     checks = dataclasses.replace(checks, roundtrip_max_abs_diff=roundtrip)
     # The base model, rebuilt (seeded: the same weights the method was applied to), measured last so that no
     # probe runs in the process before the timed steps that a further repeat does not also run.
@@ -594,7 +598,7 @@ def inference_probe(spec: CellSpec, method: Method, model: nn.Module, batch: dic
 
 
 def checkpoint_probe(spec: CellSpec, method: Method, model: nn.Module, build: Callable[[], nn.Module], batch: dict,
-                     base_out: torch.Tensor, tol: float) -> tuple[R.CheckpointRecord, float]:
+                     base_out: torch.Tensor, trained: torch.Tensor, tol: float) -> tuple[R.CheckpointRecord, float]:
     """Save; restore on a fresh base cold, then warm; compare the restored output; whole-model load cold and warm.
 
     Every method is timed the same way, `full` included: the restore reads the checkpoint directory onto a base
@@ -602,7 +606,6 @@ def checkpoint_probe(spec: CellSpec, method: Method, model: nn.Module, build: Ca
     """
     from ..methods.full import load_parameters, save_parameters
 
-    trained = _logits(model, batch)
     trainable = method.trainable_parameters(model)
     state_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
     with tempfile.TemporaryDirectory(prefix="peft-bench-ckpt-") as tmp:

@@ -13,9 +13,11 @@ COMPONENTS = [("weights_bytes", "weights"), ("gradients_bytes", "gradients"), ("
               ("activations_bytes", "saved activations"), ("temporaries_bytes", "temporaries")]
 
 
-def _grid(n: int, width: float = 4.2, height: float = 3.4):
+def _grid(n: int, width: float = 4.2, height: float = 3.4, lines: int = 0):
+    """n panels, two per row; a panel listing `lines` methods grows so that each keeps about 0.2 inch."""
     cols = min(n, 2)
     rows = (n + cols - 1) // cols
+    height = max(height, 0.2 * lines + 1.4)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
@@ -63,7 +65,7 @@ def _sig(x: float) -> str:
 def trainable_params(groups, path: Path) -> None:
     """A dot per method on a log axis (position, not a bar length from an arbitrary origin, carries the value),
     each annotated with its count and share of the model."""
-    fig, axes = _grid(len(groups), width=4.6)
+    fig, axes = _grid(len(groups), width=4.6, lines=_most(groups))
     for ax, (wl, g) in zip(axes, groups):
         y = list(range(len(g)))
         ax.grid(axis="x", which="major", color="0.9", lw=0.8, zorder=0)
@@ -81,8 +83,19 @@ def trainable_params(groups, path: Path) -> None:
     _save(fig, path, "Trainable parameters (count and % of the model)")
 
 
+def _most(groups) -> int:
+    return max(len(g) for _, g in groups)
+
+
+def style(methods: list[str]) -> dict[str, tuple[tuple, str]]:
+    """A distinct (colour, marker) per method, for any number of methods: 20 colours (tab20) × 12 markers, paired
+    so that no two of the first 60 methods share both."""
+    cmap = plt.get_cmap("tab20")
+    return {m: (cmap(i % 20), "osD^vP*Xph<>"[i % 12]) for i, m in enumerate(methods)}
+
+
 def peak_memory(groups, path: Path) -> None:
-    fig, axes = _grid(len(groups), width=4.8)
+    fig, axes = _grid(len(groups), width=4.8, lines=_most(groups))
     for ax, (wl, g) in zip(axes, groups):
         left = [0.0] * len(g)
         for col, label in COMPONENTS:  # parts of the tensor peak: ≥ 0 and summing to it exactly
@@ -107,7 +120,7 @@ def reference(g) -> tuple[str, float]:
 def step_time(groups, path: Path) -> None:
     """Bars: forward / backward / optimizer medians (the split; they add up to the bar). Dot and whiskers: the
     whole step's median over repeats with its 95 % CI (asymmetric). Both relative to the named reference."""
-    fig, axes = _grid(len(groups), width=4.6)
+    fig, axes = _grid(len(groups), width=4.6, lines=_most(groups))
     for ax, (wl, g) in zip(axes, groups):
         name, ref = reference(g)
         y = list(range(len(g)))
@@ -157,8 +170,9 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     from .report import learned
 
     methods = list(dict.fromkeys(m for _, g in groups for m in g.method))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    markers = {m: "osD^vP*Xph<>"[i % 12] for i, m in enumerate(methods)}
+    looks = style(methods)
+    colours = {m: c for m, (c, _) in looks.items()}
+    markers = {m: k for m, (_, k) in looks.items()}
     fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.6, height=4.0)
     for ax, (wl, g) in zip(axes, groups):
         rows = [r for _, r in g.iterrows()]
@@ -185,9 +199,12 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(len(handles), 3))
+    ncol = 3 if len(handles) <= 9 else 5
+    legend_rows = -(-len(handles) // ncol)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=ncol)
     fig.suptitle("Accuracy vs peak memory\n(hollow marker: training loss did not go down)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.16 if len(groups) <= 2 else 0.08, 1, 1))
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, min(0.5, (0.17 * legend_rows + 0.1) / height), 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
@@ -203,7 +220,7 @@ def accuracy_across_seeds(seeds, path: Path) -> None:
     from .report import seed_count
 
     groups = list(seeds.groupby("workload", sort=False))
-    fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.8, height=3.8)
+    fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.8, height=3.8, lines=_most(groups))
     for ax, (wl, g) in zip(axes, groups):
         y = range(len(g))
         for i, (_, r) in zip(y, g.iterrows()):

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..methods import list_methods, method_class
+from ..methods import method_class
 from ..workloads import get_workload
 from . import report
 from .runner import RunOptions, run_suite
@@ -30,7 +30,9 @@ def default_workloads() -> list[str]:
 
 
 def default_methods() -> list[str]:
-    return [m for m in list_methods() if method_class(m).tunes_like is None]
+    from .suites import CORE
+
+    return [m for m in CORE if method_class(m).tunes_like is None]
 
 
 def run(workloads: list[str] | None = None, methods: list[str] | None = None, lrs: list[float] | None = None,
