@@ -11,14 +11,14 @@ from peft_bench import get_method, list_methods
 from peft_bench.measure import files
 
 from .conftest import FAMILIES, tiny_batch, tiny_model
-from .test_methods import randomise_adapter, supported
+from .test_methods import TINY_OPTIONS, randomise_adapter, supported
 
 CELLS = [(m, f) for m in list_methods() for f in FAMILIES if supported(m, f)]
 
 
 def trained(method: str, family: str, **options):
     """An applied method whose trainable tensors are random (a stand-in for training: nothing is at its init)."""
-    m = get_method(method, **options)
+    m = get_method(method, **{**TINY_OPTIONS.get(method, {}), **options})
     model = m.apply(tiny_model(family))
     randomise_adapter(m, model)
     return m, model.eval()
@@ -35,7 +35,7 @@ def test_save_then_restore_on_a_fresh_base_gives_the_same_outputs(method, family
     expected = out(model, family)
     size = m.save(model, tmp_path / "ckpt")
     assert size == files.size_bytes(tmp_path / "ckpt") > 0
-    restored = get_method(method).restore(tiny_model(family), tmp_path / "ckpt").eval()
+    restored = get_method(method, **TINY_OPTIONS.get(method, {})).restore(tiny_model(family), tmp_path / "ckpt").eval()
     torch.testing.assert_close(out(restored, family), expected, atol=1e-6, rtol=0)
 
 
@@ -50,7 +50,7 @@ def test_restore_is_not_vacuous(method, family, tmp_path):
         assert not torch.allclose(got, base, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["lora", "lora-parametrize", "hf-lora", "prefix", "p-tuning"])
+@pytest.mark.parametrize("method", ["lora", "lora-parametrize", "hf-lora", "prefix", "p-tuning", "dora"])
 @pytest.mark.parametrize("family", ["gpt-neo", "llama", "t5", "bert", "mlp"])
 def test_peft_loads_the_checkpoint_with_its_own_from_pretrained(method, family, tmp_path):
     """A user can carry an adapter trained here into their own stack: peft.PeftModel.from_pretrained loads it."""
@@ -68,14 +68,16 @@ def test_peft_loads_the_checkpoint_with_its_own_from_pretrained(method, family, 
     atol = 2e-6 if (method, family) == ("lora-parametrize", "t5") else 1e-6
     torch.testing.assert_close(out(peft_model, family), out(model, family), atol=atol, rtol=0)
     assert config["peft_type"] == {"prefix": "PREFIX_TUNING", "p-tuning": "P_TUNING"}.get(method, "LORA")
+    assert config.get("use_dora", False) == (method == "dora")
 
 
+@pytest.mark.parametrize("ours,theirs", [("lora", "hf-lora"), ("dora", "hf-dora")])
 @pytest.mark.parametrize("family", ["gpt-neo", "bert"])
-def test_hand_lora_restores_an_adapter_trained_with_peft(family, tmp_path):
-    m, model = trained("hf-lora", family, r=4)
+def test_hand_written_restores_an_adapter_trained_with_peft(ours, theirs, family, tmp_path):
+    m, model = trained(theirs, family, r=4)
     m.save(model, tmp_path / "ckpt")
-    ours = get_method("lora", r=4).restore(tiny_model(family), tmp_path / "ckpt").eval()
-    torch.testing.assert_close(out(ours, family), out(model, family), atol=1e-6, rtol=0)
+    mine = get_method(ours, r=4).restore(tiny_model(family), tmp_path / "ckpt").eval()
+    torch.testing.assert_close(out(mine, family), out(model, family), atol=1e-6, rtol=0)
 
 
 def test_a_checkpoint_for_another_shape_is_refused(tmp_path):

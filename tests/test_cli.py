@@ -27,7 +27,7 @@ def out(tmp_path):
 BAD = [
     (["--methods", "nope"], "unknown method 'nope'; choose one of: full, lora"),
     (["--workloads", "nope"], "unknown workload 'nope'; choose one of: mlp-mnist"),
-    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, accuracy, custom, gpu"),
+    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, accuracy, methods, custom, gpu"),
     (["--device", "tpu"], "unknown device 'tpu'; choose cpu or cuda"),
     (["--rank", "0"], "--rank must be a positive int"),
     (["--rank", "two"], "--rank must be a positive int, got 'two'"),
@@ -190,17 +190,23 @@ def test_real_process_exit_code_and_single_line_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "run", "--methods", "lora,nope", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == ["peft-bench: error: unknown method 'nope'; choose one of: full, lora, "
-                                             "lora-parametrize, hf-lora, prefix, p-tuning"]
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("peft-bench: error: unknown method 'nope'; choose one of: full, lora, lora-parametrize, "
+                           "hf-lora, prefix, p-tuning, dora, bitfit,")
     assert not (tmp_path / "o").exists()
 
 
 def test_list_shows_methods_workloads_and_unsupported_reasons(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ["full", "lora", "lora-parametrize", "hf-lora", "prefix", "p-tuning", "mlp-mnist", "minilm-sentiment",
-                 "gpt-neo-125m-arch", "t5-small-arch"]:
+    for name in ["mlp-mnist", "minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"]:
         assert f"  {name}" in out
+    from peft_bench import list_methods
+
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0][2:] for r in rows] == list_methods()  # the capability table: one row per method
+    assert "| bitfit | ✓ | ✓ | ✓ | ✗[" in out and "bitfit tunes biases; LlamaForCausalLM has none" in out
+    assert "| prefix | ✗[1] | ✓ | ✓ | ✓ | ✓ | no | n extra keys and values in every attention |" in out
     assert "prefix × mlp-mnist: prefix needs a transformer" in out
     assert "  accuracy: 1 repeat, seeds 0,1,2, accuracy probes only" in out
     assert "smollm2-135m-sentiment     40 steps (3 warm-up, 8 timed)" in out  # its own budget
