@@ -88,8 +88,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"{name}: {doc}")
         return 0
 
-    from .methods.capabilities import capabilities, table
+    from .methods.capabilities import capabilities, readme_block, table
 
+    if args.readme:
+        from .bench.report import update_readme
+        from .methods.capabilities import README_BEGIN, README_END
+
+        update_readme(args.readme, readme_block(), (README_BEGIN, README_END))
+        print(f"updated the methods section of {args.readme}")
+        return 0
     print(f"methods ({len(list_methods())}; `--methods` takes these names):")
     print(table(capabilities()))
     print("workloads:")
@@ -127,7 +134,51 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .bench.runner import RunOptions, run_suite
+    from .bench.runner import run_suite
+
+    return run_suite(_run_options(args), args.argv)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .bench.runner import run_suite
+
+    if not args.workloads:
+        raise UserError("sweep needs --workloads (e.g. gpt-neo-125m-arch-tiny)")
+    opts = _run_options(args)
+    opts.vary = args.vary
+    opts.out = args.out or Path("results") / "sweep"
+    return run_suite(opts, args.argv)
+
+
+def _cmd_capacity(args: argparse.Namespace) -> int:
+    from .bench import capacity
+
+    cap = capacity.parse_bytes(args.memory_cap)
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {args.device!r}; choose cpu or cuda")
+    return capacity.run(args.workloads, args.methods, cap, args.vary, args.device, args.out, args.cell_timeout,
+                        args.argv)
+
+
+def _vary(text: str) -> tuple[str, tuple[int, ...]]:
+    """NAME=v1,v2,... with NAME a sweepable parameter and at least three distinct positive integer values."""
+    from .bench.sweep import VARY
+
+    name, eq, values = text.partition("=")
+    if not eq or name not in VARY:
+        raise argparse.ArgumentTypeError(f"--vary takes NAME=v1,v2,... with NAME one of {', '.join(VARY)}; got {text!r}")
+    try:
+        vs = tuple(int(v) for v in values.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vary {name}: values must be integers, got {values!r}") from None
+    if len(set(vs)) < 3 or min(vs) < 1:
+        raise argparse.ArgumentTypeError(f"--vary {name}: give at least three distinct positive values to fit a "
+                                         f"curve, got {values!r}")
+    return name, tuple(sorted(set(vs)))
+
+
+def _run_options(args: argparse.Namespace):
+    from .bench.runner import RunOptions
 
     if args.device not in ("cpu", "cuda"):
         raise UserError(f"unknown device {args.device!r}; choose cpu or cuda")
@@ -141,7 +192,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       train_steps=args.steps, dtype=args.dtype, model=args.model, dataset=args.dataset,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                       mnist_root=args.mnist_root, repeats=args.repeats, allow_busy=args.allow_busy)
-    return run_suite(opts, args.argv)
+    return opts
 
 
 def _seeds(args: argparse.Namespace) -> tuple[int, ...] | None:
@@ -197,24 +248,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demos.run(args.name, Path(args.out), method=args.method or "lora-parametrize", seed=args.seed)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    p = _Parser(prog="peft-bench", description="Measure PEFT methods side by side.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
-    p.add_argument("--version", action="version", version=f"peft-bench {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    ls = sub.add_parser("list", help="methods, workloads and unsupported combinations")
-    ls.add_argument("--metrics", action="store_true", help="every metric's one-line definition instead")
-    ls.set_defaults(func=_cmd_list)
-
-    r = sub.add_parser("run", help="run a benchmark suite, one fresh process per cell")
+def _run_arguments(r: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The options of `run`, shared by `sweep` (one source for both)."""
     r.add_argument("--suite", help="smoke | default | accuracy | gpu | custom (default: custom — each workload at its "
                    "own budget — when --workloads or --model is given, else smoke); `peft-bench list` shows them")
     r.add_argument("--methods", type=_list, help="comma-separated method names (default: all)")
     r.add_argument("--workloads", type=_list, help="comma-separated workload names (default: the suite's)")
     r.add_argument("--device", default="cpu", help="cpu | cuda")
-    r.add_argument("--out", type=_out_dir, help="output directory (default: results/<suite>)")
+    r.add_argument("--out", type=_out_dir, help="output directory (default: results/sweep)" if sweep else
+                   "output directory (default: results/<suite>)")
     r.add_argument("--resume", action="store_true", help="skip cells already finished in <out>/metrics.csv")
     r.add_argument("--cell-timeout", type=_positive(float, "--cell-timeout"), help="seconds per cell")
     r.add_argument("--seed", type=_nonnegative_int, help="one training seed (default: the suite's, 0)")
@@ -243,7 +285,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-busy", action="store_true",
                    help="measure even if other processes use the CPU/GPU (each row records the interference)")
     r.add_argument("--mnist-root", help="mlp-mnist: use the full MNIST under this directory via torchvision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="peft-bench", description="Measure PEFT methods side by side.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also accepted after the command)")
+    p.add_argument("--version", action="version", version=f"peft-bench {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ls = sub.add_parser("list", help="methods, workloads and unsupported combinations")
+    ls.add_argument("--metrics", action="store_true", help="every metric's one-line definition instead")
+    ls.add_argument("--readme", type=Path, help="regenerate this README's methods section (the capability table)")
+    ls.set_defaults(func=_cmd_list)
+
+    r = sub.add_parser("run", help="run a benchmark suite, one fresh process per cell")
+    _run_arguments(r)
     r.set_defaults(func=_cmd_run)
+    sw = sub.add_parser("sweep", help="cells at several values of one parameter: fitted growth, crossovers")
+    sw.add_argument("--vary", type=_vary, required=True,
+                    help="NAME=v1,v2,... with NAME one of rank, seq_len, batch_size, virtual_tokens, width, depth")
+    _run_arguments(sw, sweep=True)
+    sw.set_defaults(func=_cmd_sweep)
+    cap = sub.add_parser("capacity", help="the largest batch or context each method trains within a memory cap")
+    cap.add_argument("--workloads", type=_list, required=True, help="comma-separated workload names")
+    cap.add_argument("--methods", type=_list, required=True, help="comma-separated method names")
+    cap.add_argument("--memory-cap", required=True, help="e.g. 4GiB, 512MiB")
+    cap.add_argument("--vary", required=True, choices=["batch_size", "seq_len"])
+    cap.add_argument("--device", default="cpu", help="cpu | cuda")
+    cap.add_argument("--out", type=_out_dir, help="output directory (default: results/capacity)")
+    cap.add_argument("--cell-timeout", type=_positive(float, "--cell-timeout"), help="seconds per probe")
+    cap.set_defaults(func=_cmd_capacity)
+
 
     t = sub.add_parser("tune", help="choose learning rates per method on a validation split (not the test split)")
     t.add_argument("--workloads", type=_list, help="comma-separated (default: the pretrained workloads)")

@@ -124,3 +124,32 @@ def llama(size: str = "tiny", **overrides: object) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(LlamaConfig(**{**(SMOLLM2_135M if size == "full" else LLAMA_TINY), **overrides}))
+
+
+# -- scaled architectures (peft-bench sweep --vary width|depth) ------------------------------------------------
+def scaled(kind: str, base: dict, width: int | None = None, depth: int | None = None) -> dict:
+    """A published config (`base`) with its width and/or depth changed and everything else kept: the head size stays
+    the published one (heads = width / head size), the feed-forward stays 4 × width where the config says so, GPT-Neo
+    keeps its alternating global/local attention. Raises UserError when a width is not a multiple of the head size."""
+    from .errors import UserError
+
+    out = dict(base)
+    if kind == "gpt-neo":
+        head = base["hidden_size"] // base["num_heads"]
+        if width is not None:
+            if width % head:
+                raise UserError(f"width {width} is not a multiple of GPT-Neo's head size {head}")
+            out.update(hidden_size=width, num_heads=width // head)
+        if depth is not None:
+            out.update(num_layers=depth, attention_types=[[["global", "local"], depth // 2]] +
+                       ([[["global"], 1]] if depth % 2 else []))
+    elif kind == "t5":
+        if width is not None:
+            if width % base["d_kv"]:
+                raise UserError(f"width {width} is not a multiple of T5's head size {base['d_kv']}")
+            out.update(d_model=width, num_heads=width // base["d_kv"], d_ff=width * base["d_ff"] // base["d_model"])
+        if depth is not None:
+            out.update(num_layers=depth, num_decoder_layers=depth)
+    else:
+        raise UserError(f"no scalable architecture {kind!r}")
+    return out

@@ -45,6 +45,16 @@ def test_readme_accuracy_section_is_generated_from_results_accuracy(monkeypatch)
         "README accuracy section is stale: run `peft-bench report results/accuracy --readme README.md`"
 
 
+def test_readme_methods_section_is_the_capability_table_peft_bench_list_prints():
+    from peft_bench.methods import capabilities
+
+    text = (ROOT / "README.md").read_text()
+    i = text.index(capabilities.README_BEGIN)
+    j = text.index(capabilities.README_END) + len(capabilities.README_END)
+    assert text[i:j] == capabilities.readme_block(), \
+        "README methods section is stale: run `peft-bench list --readme README.md`"
+
+
 def test_pytest_benchmark_route_has_serialisable_params(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PEFT_BENCH_ALLOW_BUSY": "1", "HF_HUB_OFFLINE": "1"}

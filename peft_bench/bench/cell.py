@@ -69,17 +69,27 @@ class CellSpec:
     inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" | "nan"
     replica: int = 0  # 1: the A/A copy of a cell, measured in its own processes to give the noise floor
     probes: str = "all"  # "all": every probe; "timing": only the training steps up to the last timed one (repeats);
-    # "accuracy": the whole training budget, then accuracy and forgetting only (no memory, latency or checkpoint)
+    # "accuracy": the whole training budget, then accuracy and forgetting only (no memory, latency or checkpoint);
+    # "capacity": warm-up and timed steps only, reporting the process's peak memory in them (peft-bench capacity)
     split: str = "test"  # "validation": train without the validation split, score on it (peft-bench tune)
     base_probe: bool = True  # score the base model's accuracy (the runner asks once per pretrained base and run)
     test_examples: int | None = None  # cap on the test split (a suite's cheaper budget); None: the workload's
+    width: int | None = None  # the architecture scaled (sweep --vary width/depth); None: as published
+    depth: int | None = None
+    vary: str = ""  # a sweep's varied parameter (rank, seq_len, ...), and its value in this cell
+    vary_value: float | None = None
+    memory_cap_bytes: int | None = None  # capacity probes on CUDA: the process may not allocate beyond this
 
     def key(self) -> str:
-        """Identity of a cell (--resume, compare): the same key means the same measurement."""
+        """Identity of a cell (--resume, compare): the same key means the same measurement. Fields at their
+        default that a later version added are left out, so keys of earlier results stay valid."""
         d = dataclasses.asdict(self)
         d.pop("matmul_peak_flops")
         d.pop("probes")
         d.pop("base_probe")
+        for late in ("width", "depth", "vary", "vary_value", "memory_cap_bytes"):
+            if not d[late]:
+                d.pop(late)
         return json.dumps(d, sort_keys=True)
 
 
@@ -157,6 +167,9 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
         raise UnsupportedError(reason)
     if spec.device == "cuda":
         memory.check_gpu_is_free()
+        if spec.memory_cap_bytes:  # capacity: allocations beyond the cap raise CUDA OOM, a real refusal
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_cap_bytes /
+                                                           torch.cuda.get_device_properties(0).total_memory))
     baseline = memory.process_footprint(spec.device)
 
     build = _builder(w, spec)
@@ -172,6 +185,12 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
         return {**R.as_row(tim), "replica": spec.replica, "status": "ok", "reason": ""}
     if spec.probes == "accuracy":
         return _accuracy_only(spec, method, model, build, data, form, w, targets)
+    if spec.probes == "capacity":
+        peak: dict = {}
+        _, tim, _ = train_probe(spec, method, model, data, form, w.batch_size, 0, 0, None, w.name, instrument=False,
+                                peak_out=peak)
+        return {**_identity(spec, w, method, targets), **R.as_row(tim), "capacity_peak_bytes": peak["bytes"],
+                "memory_source": peak["source"], "replica": 0, "status": "ok", "reason": ""}
 
     params = params_probe(method, model)
     mem, tim, flo = train_probe(spec, method, model, data, form, w.batch_size, baseline, base_bytes, params, w.name)
@@ -230,7 +249,8 @@ def _accuracy_only(spec: CellSpec, method: Method, model: nn.Module, build, data
 
 
 def _identity(spec: CellSpec, w, method: Method, targets: tuple[str, ...]) -> dict:
-    return {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
+    sweep = {k: getattr(spec, k) for k in ("width", "depth", "vary", "vary_value") if getattr(spec, k)}
+    return sweep | {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
             "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length, "lr": spec.lr,
             "seed": spec.seed, "train_steps": spec.train_steps, "split": spec.split,
             "options": json.dumps(spec.method_options, sort_keys=True), "tokenizer": w.tokenizer_name,
@@ -276,7 +296,7 @@ def _workload(spec: CellSpec, method: Method):
         from ..workloads.data import mnist_torchvision
 
         w = w.with_options(load_data=lambda seed: mnist_torchvision(spec.mnist_root))
-    return w.sized(virtual_tokens(method))
+    return w.scaled(spec.width, spec.depth).sized(virtual_tokens(method))
 
 
 def virtual_tokens(method: Method) -> int:
@@ -361,7 +381,7 @@ def params_probe(method: Method, model: nn.Module) -> R.ParamsRecord:
 
 def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, batch_size: int, baseline: int,
                 base_bytes: int, params: R.ParamsRecord | None, label: str, instrument: bool = True,
-                steps: int | None = None):
+                steps: int | None = None, peak_out: dict | None = None):
     """The training steps: warm-up, the timed steps, then one step under the FLOP counter and one under the
     tensor-memory tracker, then the rest of the budget.
 
@@ -369,7 +389,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     repeat (a further repeat, `instrument=False`, ends after its last timed step). Each timed step is timed whole
     (one synchronisation at its end) and split by marks between forward, backward and optimizer; a matmul canary is
     read just before and after them. Returns (memory, timing, FLOPs); memory and FLOPs are None when not
-    instrumented."""
+    instrumented. `peak_out` receives the process's absolute peak over the steps after the first ("bytes", "source")."""
     device = spec.device
     trainable = method.trainable_parameters(model)
     opt = torch.optim.AdamW(trainable.values(), lr=spec.lr)
@@ -439,6 +459,8 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
             del batch
             bar.update()
     bar.close()
+    if peak_out is not None:
+        peak_out.update(bytes=proc.peak_bytes, source=proc.source)
     if not all(math.isfinite(x) for x in losses):
         raise CellError(f"training loss is not finite (first non-finite at step {_first_bad(losses)}); "
                         "the measurement is void")

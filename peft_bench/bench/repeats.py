@@ -88,8 +88,14 @@ def peer_key(key: str, **changes) -> str:
 
 
 def full_key(key: str) -> str:
-    """The key of full fine-tuning on the same workload with the same budget and inputs (no method options)."""
-    return peer_key(key, method="full", method_options={}, replica=0, lr=None)
+    """The key of full fine-tuning on the same workload with the same budget and inputs (no method options). In a
+    sweep over a method option (rank, virtual tokens) full fine-tuning ran once, without a value."""
+    from .sweep import VARY
+
+    d = json.loads(peer_key(key, method="full", method_options={}, replica=0, lr=None))
+    if VARY.get(d.get("vary", ""), ("",))[0] == "option":
+        d.pop("vary_value", None)
+    return json.dumps(d, sort_keys=True)
 
 
 def _match_full(key: str, keys: list[str]) -> str | None:

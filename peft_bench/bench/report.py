@@ -27,7 +27,7 @@ COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
 TEXT = {"method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task", "family",
         "split",
         "tokenizer", "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format",
-        "static_matches_closed_form"}
+        "static_matches_closed_form", "vary"}
 REQUIRED = {"method", "workload", "status", "cell_key"}
 BETTER = records.better()
 
@@ -207,6 +207,14 @@ def build(out: Path) -> None:
     if accuracy_only(df):
         plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
         atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))
+        return
+    from . import sweep
+
+    if sweep.is_sweep(df):  # fits, crossovers and the log-log plot; the per-cell tables name each point
+        lines = sweep.write(df, out)
+        text = summary(sweep.labelled(df), env, samples)
+        head, sep, rest = text.partition("\n## ")
+        atomic_write_text(out / "summary.md", head + "\n".join(lines) + "\n" + sep.lstrip("\n") + rest)
         return
     text = summary(df, env, samples)  # computed before any file is replaced
     plots.make_all(first_seed(cells(df)), out)
@@ -547,6 +555,51 @@ def _ckpt_row(r) -> list[str]:
             f"{_ms(r.full_model_load_cold_s)} / {_ms(r.full_model_load_warm_s)}", f"{r.roundtrip_max_abs_diff:.2g}"]
 
 
+MATRIX_MAX = 8  # methods beyond which the all-pairs matrix is unreadable: named pairs instead
+GLANCE = ["method", "trainable params", "tensor peak ÷ full", "step time ÷ full (95% CI)", "merges",
+          "inference unmerged ÷ base", "accuracy (95% Wilson CI)"]
+
+
+def glance(g, floor: float) -> list[str]:
+    """One line per method, everything relative to full fine-tuning on the same workload (for many methods)."""
+    ok = g[g.status == "ok"]
+    full = ok[ok.method == "full"]
+    if full.empty:
+        return []
+    peak = float(full.iloc[0].tensor_peak_bytes)
+    rows = []
+    for _, r in ok.iterrows():
+        acc = _accuracy_cell(r).split(", n=")[0]
+        rows.append([r.method, f"{int(r.trainable_params):,}", f"{sig(r.tensor_peak_bytes / peak)}×",
+                     _ratio_cell(r, floor) or "", "yes" if _num(r, "merge_max_abs_diff") == _num(
+                         r, "merge_max_abs_diff") else "no",
+                     f"{sig(r.inference_adapter_s / r.inference_base_s)}×", acc])
+    return table(GLANCE, rows)
+
+
+def counterparts(g, samples: list[dict], floor: float) -> list[str]:
+    """Each hand-written method against the peft implementation it is tested against (`Method.reference`): the
+    step-time ratio paired by round, with its CI."""
+    from ..measure.stats import paired_ratio, verdict
+    from ..methods import method_class
+    from .repeats import times_by_round, used
+
+    by_key = used(samples)
+    ok = {r.method: r for _, r in g[g.status == "ok"].iterrows() if r.cell_key in by_key}
+    body = []
+    for name, r in ok.items():
+        ref = method_class(name).reference
+        if ref in ok and min(len(by_key[r.cell_key]), len(by_key[ok[ref].cell_key])) >= 2:
+            est = paired_ratio(times_by_round(by_key[r.cell_key]), times_by_round(by_key[ok[ref].cell_key]))
+            word = verdict(est, floor)
+            body.append([name, ref, ("≈ " if word == "no measurable difference" else "") +
+                         ci(est.value, est.low, est.high, suffix="×"),
+                         f"{int(r.trainable_params):,} = {int(ok[ref].trainable_params):,}"
+                         if r.trainable_params == ok[ref].trainable_params else
+                         f"{int(r.trainable_params):,} ≠ {int(ok[ref].trainable_params):,}"])
+    return table(["hand-written", "peft", "step time hand-written ÷ peft (95% CI)", "trainable"], body) if body else []
+
+
 def pairwise(g, samples: list[dict], floor: float) -> list[str]:
     """Step-time ratio of every pair of methods on one workload (row / column), paired by round, with its CI."""
     from ..measure.stats import paired_ratio, verdict
@@ -554,7 +607,7 @@ def pairwise(g, samples: list[dict], floor: float) -> list[str]:
 
     by_key = used(samples)
     ok = [r for _, r in g[g.status == "ok"].iterrows() if r.cell_key in by_key]
-    if len(ok) < 2 or max(len(by_key[r.cell_key]) for r in ok) < 2:
+    if len(ok) < 2 or max(len(by_key[r.cell_key]) for r in ok) < 2 or len(ok) > MATRIX_MAX:
         return []
     header = ["row / column"] + [r.method for r in ok]
     body = []
@@ -618,7 +671,14 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
                   f"{first.get('tokenizer') or 'none'}; AdamW learning rates: "
                   + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + "."
                   + _base_line(ok, wl), ""]
+        if len(g) > MATRIX_MAX and glance(g, floor):
+            lines += ["At a glance, relative to full fine-tuning on this workload (details in the next table):", ""]
+            lines += glance(g, floor) + [""]
         lines += table(MAIN, [_main_row(r, floor) for _, r in g.iterrows()]) + [""]
+        pair = counterparts(g, samples, floor) if len(g) > MATRIX_MAX else []
+        if pair:
+            lines += ["Hand-written methods against their peft counterparts (same options, same workload):", ""]
+            lines += pair + [""]
         pairs = pairwise(g, samples, floor)
         if pairs:
             lines += ["Step time, row ÷ column (median over rounds, 95 % CI; ≈ no measurable difference):", ""]

@@ -62,6 +62,8 @@ class RunOptions:
     mnist_root: str | None = None
     repeats: int | None = None  # None: the suite's default
     allow_busy: bool = False
+    vary: tuple[str, tuple[int, ...]] | None = None  # a sweep: (parameter, values); each cell once per value
+
 
 
 def plan(opts: RunOptions) -> list[CellSpec]:
@@ -117,12 +119,48 @@ def plan(opts: RunOptions) -> list[CellSpec]:
                 train_steps=steps, latency_seconds=b.latency_seconds, test_examples=b.test_examples, model=opts.model,
                 dataset=opts.dataset,
                 trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
+    if opts.vary:
+        cells = expand(cells, opts)
     for c in cells:  # options are validated here, before the first cell runs
         get_method(c.method, **c.method_options)
     cells = _base_once(cells)
     if repeats_of(opts) > 1 and cells:
         cells.append(dataclasses.replace(_aa_cell(cells, suite), replica=1))
     return cells
+
+
+def expand(cells: list[CellSpec], opts: RunOptions) -> list[CellSpec]:
+    """A sweep's cells: each planned cell once per value of the varied parameter, each checked before anything runs
+    (a length beyond the positions, an unscalable workload or width: one line). A method without the varied option
+    runs once (vary_value empty): the reference its curve is compared with."""
+    from .cell import virtual_tokens
+    from .sweep import VARY
+
+    name, values = opts.vary
+    where, field_ = VARY[name]
+    takers = [m for m in {c.method for c in cells} if field_ in {f.name for f in dataclasses.fields(
+        method_class(m).Options)}]
+    if where == "option" and not takers:
+        raise UserError(f"--vary {name} applies to none of the chosen methods")
+    out = []
+    for c in cells:
+        if where == "option" and c.method not in takers:
+            out.append(dataclasses.replace(c, vary=name))
+            continue
+        for v in values:
+            if where == "option":
+                out.append(dataclasses.replace(c, method_options={**c.method_options, field_: v}, vary=name,
+                                               vary_value=v))
+            else:
+                out.append(dataclasses.replace(c, **{field_: v}, vary=name, vary_value=v))
+    for c in out:  # sizes that cannot run are refused now
+        w = get_workload(c.workload)
+        if c.width or c.depth:
+            w = w.scaled(c.width, c.depth)
+        if name == "seq_len" and w.family == "mlp":
+            raise UserError(f"--vary seq_len: {w.name} takes images, not sequences")
+        w.with_options(max_length=c.max_length).sized(virtual_tokens(get_method(c.method, **c.method_options)))
+    return out
 
 
 def sequence_lengths(opts: RunOptions, methods: list[str], workloads: list[str | None]) -> dict:

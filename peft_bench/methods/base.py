@@ -67,6 +67,9 @@ class Method:
     # Another method with the same parametrisation and initialisation (the same function of the same trainable
     # numbers): `peft-bench tune` sweeps that one and this method uses its learning rate.
     tunes_like: str | None = None
+    # The independent implementation this method is tested against (hand-written → peft), compared side by side.
+    reference: str | None = None
+    what: str = ""  # one line: what the method is, and its source
     checkpoint_format: str = ""  # what `save` writes, in words (a trained classifier head goes with it)
     extra_inference: str = "none when merged; unmerged, the adapter's matmuls"  # beyond the base model's forward
 

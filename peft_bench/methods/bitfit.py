@@ -51,6 +51,7 @@ class BitFitOptions(MethodOptions):
 @register
 class BitFit(Method):
     name = "bitfit"
+    what = "hand-written BitFit: trainable deltas on every bias (Ben Zaken et al. 2022, arXiv:2106.10199)"
     Options = BitFitOptions
     can_merge = True
     checkpoint_format = "bias deltas (safetensors)"

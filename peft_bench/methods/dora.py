@@ -93,7 +93,9 @@ class DoRA(LoRA):
     """Hand-written DoRA: `lora` with DoRA's wrapper; peft-format checkpoints, so peft loads them."""
 
     name = "dora"
+    what = "hand-written DoRA: magnitude × LoRA-updated direction (Liu et al. 2024, arXiv:2402.09353)"
     tunes_like = "hf-dora"
+    reference = "hf-dora"
     layer_class = DoRALinear
     use_dora = True
     checkpoint_format = "peft LoRA adapter (use_dora): A, B, magnitude per output"

@@ -38,6 +38,7 @@ def load_parameters(model: nn.Module, path: Path) -> None:
 @register
 class FullFineTuning(Method):
     name = "full"
+    what = "every parameter trains"
     trains_everything = True
     checkpoint_format = "whole model: every parameter (safetensors)"
     extra_inference = "none (a whole new model per task)"

@@ -75,6 +75,7 @@ class PeftAdapter(Method):
 @register
 class HFLoRA(PeftAdapter):
     name = "hf-lora"
+    what = "peft LoraConfig + get_peft_model"
     tunes_like = "lora"
     Options = LoRAOptions
     can_merge = True
@@ -216,6 +217,7 @@ def _all_disabled(model: nn.Module) -> Iterator[None]:
 @register
 class PrefixTuning(_PromptMethod):
     name = "prefix"
+    what = "peft prefix tuning (Li & Liang 2021, arXiv:2101.00190); P-tuning v2 on encoder classifiers"
     Options = PrefixOptions
     extra_inference = "n extra keys and values in every attention"
 
@@ -285,6 +287,7 @@ def _unsupported_prefix(cls: str) -> Exception:
 @register
 class PTuning(_PromptMethod):
     name = "p-tuning"
+    what = "peft P-tuning: virtual tokens from an MLP prompt encoder (Liu et al. 2021, arXiv:2103.10385)"
     Options = PromptOptions
     extra_inference = "n virtual tokens on every input"
 

@@ -192,6 +192,8 @@ class LoRA(HandLoRA):
     """Each targeted layer wrapped in `layer_class` (a subclass may swap it: DoRA)."""
 
     name = "lora"
+    what = "hand-written LoRA wrapping each targeted layer, y = Wx + b + (α/r)·BAx (Hu et al. 2021, arXiv:2106.09685)"
+    reference = "hf-lora"
     layer_class: type[LoRALinear] = LoRALinear
 
     def _inject(self, model: nn.Module) -> nn.Module:

@@ -56,7 +56,9 @@ class LoRAParametrize(HandLoRA):
     so it cannot drop the adapter's input as `lora` and `hf-lora` do. With dropout 0 the three are equivalent."""
 
     name = "lora-parametrize"
+    what = "the tutorial's LoRA: W' = W + (α/r)·BA as a torch.nn.utils.parametrize parametrization"
     tunes_like = "lora"
+    reference = "hf-lora"
     extra_inference = "none when merged; unmerged, ΔW = BA formed in full per forward"
 
     def _inject(self, model: nn.Module) -> nn.Module:

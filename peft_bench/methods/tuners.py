@@ -131,44 +131,61 @@ def _boft(d_in: int, d_out: int, s: Settings, _ff: bool) -> int:
 
 
 _LORA = {"r": 8, "alpha": 16.0}  # as `lora`/`hf-lora`, so that dora = hf-dora and rslora vary one thing
+_UNMERGED_FULL = "none when merged; unmerged, ΔW formed in full per forward"
 TUNERS = (
     Tuner("hf-dora", "LoraConfig", AdapterOptions, _LORA,
-          lambda s: {"r": s["r"], "lora_alpha": s["alpha"], "use_dora": True},
-          lambda i, j, s, ff: s["r"] * (i + j) + j, True, "DoRA (peft), Liu et al. 2024, arXiv:2402.09353",
-          "A, B, magnitude per output", conv1d=True,
+          kwargs=lambda s: {"r": s["r"], "lora_alpha": s["alpha"], "use_dora": True},
+          per_layer=lambda i, j, s, ff: s["r"] * (i + j) + j, can_merge=True,
+          paper="peft LoRA with use_dora (DoRA, Liu et al. 2024, arXiv:2402.09353)",
+          saved="A, B, magnitude per output", conv1d=True,
           extra_inference="none when merged; unmerged, the adapter and a row norm of W + BA per forward"),
     Tuner("rslora", "LoraConfig", AdapterOptions, _LORA,
-          lambda s: {"r": s["r"], "lora_alpha": s["alpha"], "use_rslora": True},
-          lambda i, j, s, ff: s["r"] * (i + j), True, "rsLoRA (α/√r), Kalajdzievski 2023, arXiv:2312.03732", "A, B",
+          kwargs=lambda s: {"r": s["r"], "lora_alpha": s["alpha"], "use_rslora": True},
+          per_layer=lambda i, j, s, ff: s["r"] * (i + j), can_merge=True,
+          paper="peft LoRA scaled by α/√r (rsLoRA, Kalajdzievski 2023, arXiv:2312.03732)", saved="A, B",
           conv1d=True),
     Tuner("adalora", "AdaLoraConfig", AdaLoraOptions, {"r": 8, "init_r": 12, "alpha": 8.0},
-          lambda s: {"target_r": s["r"], "init_r": s["init_r"], "lora_alpha": s["alpha"]},
-          lambda i, j, s, ff: s["init_r"] * (i + j + 1), True, "AdaLoRA, Zhang et al. 2023, arXiv:2303.10512",
-          "P, Λ, Q at the initial rank (pruned entries zero)", per_step=True, conv1d=True),
-    Tuner("loha", "LoHaConfig", AdapterOptions, {"r": 8, "alpha": 8.0}, lambda s: {"r": s["r"], "alpha": s["alpha"]},
-          lambda i, j, s, ff: 2 * s["r"] * (i + j), True, "LoHa (FedPara), Hyeon-Woo et al. 2022, arXiv:2108.06098",
-          "two Hadamard-multiplied low-rank pairs",
-          extra_inference="none when merged; unmerged, ΔW formed in full per forward"),
-    Tuner("lokr", "LoKrConfig", AdapterOptions, {"r": 8, "alpha": 8.0}, lambda s: {"r": s["r"], "alpha": s["alpha"]},
-          _lokr, True, "LoKr, Edalati et al. 2022, arXiv:2212.10650", "two Kronecker factors",
-          extra_inference="none when merged; unmerged, ΔW formed in full per forward"),
-    Tuner("vera", "VeraConfig", AdapterOptions, {"r": 256}, lambda s: {"r": s["r"]},
-          lambda i, j, s, ff: s["r"] + j, True, "VeRA, Kopiczko et al. 2024, arXiv:2310.11454",
-          "scaling vectors λ_d, λ_b (+ the frozen random projections, re-creatable from a seed)", conv1d=True),
+          kwargs=lambda s: {"target_r": s["r"], "init_r": s["init_r"], "lora_alpha": s["alpha"]},
+          per_layer=lambda i, j, s, ff: s["init_r"] * (i + j + 1), can_merge=True,
+          paper="peft AdaLoRA: SVD-form LoRA, ranks reallocated every step (Zhang et al. 2023, arXiv:2303.10512)",
+          saved="P, Λ, Q at the initial rank (pruned entries zero)", per_step=True, conv1d=True),
+    Tuner("loha", "LoHaConfig", AdapterOptions, {"r": 8, "alpha": 8.0},
+          kwargs=lambda s: {"r": s["r"], "alpha": s["alpha"]},
+          per_layer=lambda i, j, s, ff: 2 * s["r"] * (i + j), can_merge=True,
+          paper="peft LoHa: ΔW a Hadamard product of two low-rank products (Hyeon-Woo et al. 2022, "
+                "arXiv:2108.06098)",
+          saved="two Hadamard-multiplied low-rank pairs", extra_inference=_UNMERGED_FULL),
+    Tuner("lokr", "LoKrConfig", AdapterOptions, {"r": 8, "alpha": 8.0},
+          kwargs=lambda s: {"r": s["r"], "alpha": s["alpha"]}, per_layer=_lokr, can_merge=True,
+          paper="peft LoKr: ΔW a Kronecker product (Edalati et al. 2022, arXiv:2212.10650)",
+          saved="two Kronecker factors", extra_inference=_UNMERGED_FULL),
+    Tuner("vera", "VeraConfig", AdapterOptions, {"r": 256}, kwargs=lambda s: {"r": s["r"]},
+          per_layer=lambda i, j, s, ff: s["r"] + j, can_merge=True,
+          paper="peft VeRA: shared frozen random projections, trained scaling vectors (Kopiczko et al. 2024, "
+                "arXiv:2310.11454)",
+          saved="scaling vectors λ_d, λ_b (+ the frozen random projections, re-creatable from a seed)", conv1d=True),
     Tuner("fourierft", "FourierFTConfig", FourierOptions, {"n_frequency": 1000},
-          lambda s: {"n_frequency": s["n_frequency"]}, lambda i, j, s, ff: s["n_frequency"], True,
-          "FourierFT, Gao et al. 2024, arXiv:2405.03003", "spectral coefficients (+ their frequency indices)",
+          kwargs=lambda s: {"n_frequency": s["n_frequency"]}, per_layer=lambda i, j, s, ff: s["n_frequency"],
+          can_merge=True,
+          paper="peft FourierFT: ΔW from n learned spectral coefficients (Gao et al. 2024, arXiv:2405.03003)",
+          saved="spectral coefficients (+ their frequency indices)",
           extra_inference="none when merged; unmerged, an inverse 2-D FFT of d_out × d_in per forward"),
-    Tuner("oft", "OFTConfig", BlockOptions, {"block_size": 32}, lambda s: {"r": 0, "oft_block_size": s["block_size"]},
-          _oft, True, "OFT, Qiu et al. 2023, arXiv:2306.07280", "block-diagonal skew-symmetric generators",
+    Tuner("oft", "OFTConfig", BlockOptions, {"block_size": 32},
+          kwargs=lambda s: {"r": 0, "oft_block_size": s["block_size"]}, per_layer=_oft, can_merge=True,
+          paper="peft OFT: a block-diagonal orthogonal rotation of W (Qiu et al. 2023, arXiv:2306.07280)",
+          saved="block-diagonal skew-symmetric generators",
           extra_inference="none when merged; unmerged, a rotation of the input per forward"),
     Tuner("boft", "BOFTConfig", BlockOptions, {"block_size": 4},
-          lambda s: {"boft_block_size": s["block_size"], "boft_block_num": 0, "boft_n_butterfly_factor": 1},
-          _boft, True, "BOFT, Liu et al. 2024, arXiv:2311.06243", "butterfly-factor blocks, output scale",
+          kwargs=lambda s: {"boft_block_size": s["block_size"], "boft_block_num": 0, "boft_n_butterfly_factor": 1},
+          per_layer=_boft, can_merge=True,
+          paper="peft BOFT: a butterfly-factored orthogonal rotation (Liu et al. 2024, arXiv:2311.06243)",
+          saved="butterfly-factor blocks, output scale",
           extra_inference="none when merged; unmerged, the rotated weight formed in full per forward"),
-    Tuner("ia3", "IA3Config", AdapterOptions, {}, lambda s: {},
-          lambda i, j, s, ff: i if ff else j, True, "IA3, Liu et al. 2022, arXiv:2205.05638",
-          "a scaling vector per targeted layer", targets="ia3", conv1d=True,
+    Tuner("ia3", "IA3Config", AdapterOptions, {}, kwargs=lambda s: {},
+          per_layer=lambda i, j, s, ff: i if ff else j, can_merge=True,
+          paper="peft IA3: learned rescaling of keys, values and feed-forward inputs (Liu et al. 2022, "
+                "arXiv:2205.05638)",
+          saved="a scaling vector per targeted layer", targets="ia3", conv1d=True,
           extra_inference="none when merged; unmerged, an elementwise scale"),
 )
 
@@ -242,7 +259,7 @@ DEFAULT_TOTAL_STEPS = 1000  # AdaLoRA's schedule when nobody said how long train
 
 def _register(t: Tuner) -> type[Method]:
     cls = type(t.name.title().replace("-", ""), (PeftTuner,),
-               {"name": t.name, "Options": t.Options, "can_merge": t.can_merge, "tuner": t, "__doc__": t.paper,
+               {"name": t.name, "Options": t.Options, "can_merge": t.can_merge, "tuner": t, "__doc__": t.paper, "what": t.paper,
                 "extra_inference": t.extra_inference, "load_trainable": t.per_step,
                 "checkpoint_format": f"peft adapter: {t.saved}"})
     return register(cls)
@@ -270,6 +287,7 @@ class LNTuning(PeftAdapter):
     """LN tuning (Zhao et al. 2023, arXiv:2312.11420): a trainable copy of every normalisation layer, through peft."""
 
     name = "ln-tuning"
+    what = "peft LN tuning: a trainable copy of every normalisation layer (Zhao et al. 2023, arXiv:2312.11420)"
     Options = LNTuningOptions
     can_merge = True
     checkpoint_format = "peft adapter: the normalisation layers' weights and biases"
@@ -305,6 +323,7 @@ class PromptTuning(_PromptMethod):
     """Prompt tuning (Lester et al. 2021, arXiv:2104.08691): n trainable virtual-token embeddings, no encoder."""
 
     name = "prompt-tuning"
+    what = "peft prompt tuning: n trainable virtual-token embeddings (Lester et al. 2021, arXiv:2104.08691)"
     Options = PromptOptions
     extra_inference = "n virtual tokens on every input"
 

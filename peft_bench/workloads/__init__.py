@@ -54,6 +54,9 @@ class Workload:
     targets: tuple[str, ...] | None = None  # None: the architecture's defaults (see arch.py)
     position_limit: int | None = None  # positions the model embeds (arch.position_limit); None: no limit or images
     dtype: str = "float32"  # the weights' own element type (a checkpoint's config.dtype): what --dtype auto runs
+    # A random-weight architecture from a published config that `sweep --vary width|depth` may scale:
+    # (models kind, the config, its builder from a config dict); None: not scalable (pretrained weights, an MLP).
+    scalable: tuple[str, dict, Callable[[dict], nn.Module]] | None = field(default=None, repr=False)
 
     def data(self, seed: int = 0) -> D.Data:
         d = self.load_data(seed)
@@ -81,6 +84,18 @@ class Workload:
 
     def with_options(self, **changes: object) -> Workload:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def scaled(self, width: int | None = None, depth: int | None = None) -> Workload:
+        """This workload with its architecture's width and/or depth changed (`models.scaled`)."""
+        if width is None and depth is None:
+            return self
+        if self.scalable is None:
+            raise UserError(f"{self.name} cannot be scaled (width/depth): only the random-weight -arch workloads "
+                            "(and their -tiny versions) can")
+        kind, config, build = self.scalable
+        changed = models.scaled(kind, config, width, depth)
+        return replace(self, build_model=lambda: build(changed),
+                       position_limit=arch.position_limit(changed) if self.position_limit is not None else None)
 
     def sized(self, reserve: int = 0) -> Workload:
         """This workload with a concrete sequence length that leaves `reserve` positions (the virtual tokens of the
@@ -117,8 +132,12 @@ def list_workloads() -> list[str]:
     return _REGISTRY.names()
 
 
+# Other names for embedded workloads (issues and papers name the tiny GPT-Neo after the 125M architecture it narrows).
+ALIASES = {"gpt-neo-125m-arch-tiny": "gpt-neo-tiny", "t5-small-arch-tiny": "t5-tiny"}
+
+
 def get_workload(name: str) -> Workload:
-    return _REGISTRY.get(name)
+    return _REGISTRY.get(ALIASES.get(name, name))
 
 
 # -- embedded assets ----------------------------------------------------------------------------------
@@ -165,14 +184,17 @@ for size, suffix in (("full", ""), ("tiny", "-tiny")):
         lambda size=size: models.gpt_neo(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
         max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
         train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100,
-        position_limit=arch.position_limit(models.GPT_NEO_125M if not tiny else models.GPT_NEO_TINY)))
+        position_limit=arch.position_limit(models.GPT_NEO_125M if not tiny else models.GPT_NEO_TINY),
+        scalable=("gpt-neo", models.GPT_NEO_125M if not tiny else models.GPT_NEO_TINY,
+                  lambda c: models.gpt_neo("full", **c))))
     register(Workload(
         "t5-small-arch" if not tiny else "t5-tiny",
         "T5-small architecture from its published config (random weights), text-to-text sentiment" if not tiny
         else "T5, 2+2 layers × 32 wide (random weights), text-to-text sentiment", "encoder-decoder", "seq2seq",
         False, lambda size=size: models.t5(size), D.rotten_tomatoes, minilm_tokenizer, _STAND_IN,
         max_length=128 if not tiny else 32, batch_size=4 if not tiny else 8,
-        train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100))
+        train_limit=None if not tiny else 400, test_limit=48 if not tiny else 100,
+        scalable=("t5", models.T5_SMALL if not tiny else models.T5_TINY, lambda c: models.t5("full", **c))))
 
 
 register(Workload(

@@ -1,0 +1,162 @@
+"""`peft-bench capacity`: the largest batch or context each method trains within a memory cap.
+
+    peft-bench capacity --workloads gpt-neo-125m-arch --methods full,lora --memory-cap 4GiB --vary batch_size
+
+For each method, fresh-process probes (a warm-up step and two more training steps, nothing else) at growing values:
+doubling until a probe does not fit, then bisection between the last value that fits and the first that does not.
+"Fits" means, on CUDA, that the steps ran with the process limited to the cap (`set_per_process_memory_fraction`: an
+allocation beyond it is a real CUDA out-of-memory); on CPU, where no cap can be enforced, that the process's measured
+peak resident memory over the steps (VmHWM, the whole process: weights, runtime and all) stayed within the cap.
+A probe that fails for another reason (the data has fewer examples than the batch, the positions end) ends the search
+at the last value that fitted, with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SEARCH = {"batch_size": (1, 1, 4096), "seq_len": (16, 8, 1 << 16)}  # start, granularity, ceiling
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--memory-cap takes a size such as 4GiB, 512MiB or 2.5GB; got {text!r}")
+    return int(float(m.group(1)) * UNITS[(m.group(2) or "").upper()])
+
+
+def _probe_spec(workload: str, method: str, device: str, vary: str, cap: int):
+    from .runner import RunOptions, plan
+
+    (spec,) = [c for c in plan(RunOptions(suite="custom", methods=[method], workloads=[workload], device=device,
+                                          train_steps=4)) if not c.replica]
+    return dataclasses.replace(spec, probes="capacity", warmup_steps=1, timed_steps=2, train_steps=4,
+                               memory_cap_bytes=cap if device == "cuda" else None, vary=vary, base_probe=False)
+
+
+def search(workload: str, method: str, device: str, vary: str, cap: int, timeout: float | None,
+           log=print) -> list[dict]:
+    """Every probe of one method's search, in order; each row says whether it fitted."""
+    from .runner import _run_isolated
+
+    start, step, ceiling = SEARCH[vary]
+    base = _probe_spec(workload, method, device, vary, cap)
+    rows: list[dict] = []
+
+    def probe(v: int) -> bool | None:
+        spec = dataclasses.replace(base, **{"batch_size" if vary == "batch_size" else "max_length": v}, vary_value=v)
+        if vary == "seq_len":
+            from ..workloads import get_workload
+            from .cell import virtual_tokens
+
+            try:
+                get_workload(workload).with_options(max_length=v).sized(virtual_tokens(
+                    _method(method, spec.method_options)))
+            except UserError as e:
+                rows.append({"method": method, "workload": workload, "vary": vary, "value": v, "status": "limit",
+                             "reason": str(e), "peak_bytes": None, "fits": None})
+                return None
+        row = _run_isolated(spec, timeout)
+        peak = row.get("capacity_peak_bytes")
+        ok = row.get("status") == "ok"
+        fits = ok and (device == "cuda" or float(peak) <= cap)
+        reason = row.get("reason", "") if not ok else ("" if fits else f"peak {float(peak) / 2**30:.2f} GiB > cap")
+        rows.append({"method": method, "workload": workload, "vary": vary, "value": v, "status": row.get("status"),
+                     "reason": reason, "peak_bytes": peak, "fits": fits})
+        word = "fits" if fits else "over the cap" if ok or row.get("status") == "oom" else row.get("status")
+        log(f"  {method} × {workload}, {vary} {v}: {word}"
+            + (f" (peak {float(peak) / 2**20:,.0f} MiB)" if peak else f" — {reason}" if reason else ""))
+        if not ok and row.get("status") != "oom":
+            return None  # not a memory answer: stop here
+        return fits
+
+    lo, hi = None, None
+    v = start
+    while v <= ceiling:
+        got = probe(v)
+        if got is None:
+            break
+        if not got:
+            hi = v
+            break
+        lo = v
+        v *= 2
+    if lo is not None and hi is not None:
+        while hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            if mid in (lo, hi):
+                break
+            got = probe(mid)
+            if got is None:
+                break
+            lo, hi = (mid, hi) if got else (lo, mid)
+    return rows
+
+
+def _method(name: str, options: dict):
+    from ..methods import get_method
+
+    return get_method(name, **options)
+
+
+def largest(rows: list[dict]) -> dict | None:
+    fits = [r for r in rows if r["fits"]]
+    return max(fits, key=lambda r: r["value"]) if fits else None
+
+
+def run(workloads: list[str], methods: list[str], cap: int, vary: str, device: str = "cpu", out: Path | None = None,
+        timeout: float | None = None, argv: list[str] | None = None) -> int:
+    import pandas as pd
+
+    from . import report
+    from .runner import check_out_dir, prepare_out_dir, refuse_if_busy
+
+    if vary not in SEARCH:
+        raise UserError(f"--vary takes batch_size or seq_len for capacity, got {vary!r}")
+    out = check_out_dir(out or Path("results") / "capacity")
+    for w in workloads:  # every name checked before anything runs
+        for m in methods:
+            _probe_spec(w, m, device, vary, cap)
+    refuse_if_busy(device)
+    out = prepare_out_dir(out)
+    rows: list[dict] = []
+    for w in workloads:
+        for m in methods:
+            print(f"{m} × {w}: searching the largest {vary} within {cap / 2**30:.2f} GiB", file=sys.stderr)
+            rows += search(w, m, device, vary, cap, timeout, log=lambda s: print(s, file=sys.stderr))
+            pd.DataFrame(rows).to_csv(out / "capacity.csv", index=False)
+    report.atomic_write_text(out / "summary.md", summary(rows, cap, vary, device, argv))
+    print(f"results: {out}/capacity.csv, summary.md", file=sys.stderr)
+    return 0
+
+
+def summary(rows: list[dict], cap: int, vary: str, device: str, argv: list[str] | None) -> str:
+    from .report import sig, table
+
+    how = ("the process limited to the cap on the GPU (torch.cuda.set_per_process_memory_fraction)" if device == "cuda"
+           else "the measured peak resident memory of the whole process (VmHWM) within the cap")
+    lines = ["# Capacity under a memory cap", "",
+             f"`peft-bench {' '.join(argv or ['capacity'])}`: the largest {vary} that trains within "
+             f"{cap / 2**30:.2f} GiB, by {how}; fresh-process probes, doubling then bisection. Every probe is in "
+             "`capacity.csv`.", ""]
+    body = []
+    for (w, m) in dict.fromkeys((r["workload"], r["method"]) for r in rows):
+        mine = [r for r in rows if (r["workload"], r["method"]) == (w, m)]
+        best = largest(mine)
+        over = [r for r in mine if r["fits"] is False and (best is None or r["value"] > best["value"])]
+        stop = min(over, key=lambda r: r["value"]) if over else next((r for r in mine if r["fits"] is None), None)
+        full = largest([r for r in rows if (r["workload"], r["method"]) == (w, "full")])
+        body.append([w, m, str(best["value"]) if best else "none fits",
+                     f"{float(best['peak_bytes']) / 2**20:,.0f}" if best and best["peak_bytes"] else "–",
+                     (f"{stop['value']}: " + (f"{float(stop['peak_bytes']) / 2**20:,.0f} MiB" if stop["peak_bytes"]
+                                              else stop["reason"])) if stop else "–",
+                     f"{sig(best['value'] / full['value'])}×" if best and full else "–"])
+    lines += table(["workload", "method", f"largest {vary} within the cap", "its peak MiB",
+                    "first value beyond (peak or reason)", "vs full"], body) + [""]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,302 @@
+"""How cost grows: a sweep's fitted power laws, crossovers between methods, and their plots.
+
+`peft-bench sweep --workloads W --methods M --vary NAME=v1,v2,...` runs the usual cells (fresh processes, repeats,
+checks) once per value; the rows carry `vary` (the parameter) and `vary_value`. From them, per method and metric:
+
+    y ≈ c + a · x^b        fitted by least squares on log(y − c) against log(x)
+
+where c is the static part (weights + gradients + optimizer state) for the memory peaks when it does not change
+along the sweep (a real constant, measured, not fitted), else 0. The exponent b has a 95 % t interval from the
+regression's standard error (n − 2 degrees of freedom) and R² is that of the log-log regression. Where an exact
+count exists beside the measurement — trainable parameters (the closed form) and static memory (the closed form of
+weights, gradients and AdamW state) — `fits.csv` also gives the largest relative difference between the two.
+
+Crossovers: for every pair of methods and metric, the value of the varied parameter at which their curves cross
+(interpolated linearly in log x between the two measured points around the sign change), or "none in the measured
+range"; and for each method against full fine-tuning, where its peak-memory saving falls under 20 %.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+# What a sweep can vary, and where each lands in a cell: a method option (only methods that have it vary; the others
+# run once, as a reference line), a cell field (the sequence length, the batch), or the architecture (width, depth of
+# the random-weight -arch workloads, from their published configs).
+VARY = {"rank": ("option", "r"), "virtual_tokens": ("option", "num_virtual_tokens"), "seq_len": ("cell", "max_length"),
+        "batch_size": ("cell", "batch_size"), "width": ("cell", "width"), "depth": ("cell", "depth")}
+
+# (column, label, unit); the memory parts are the tensor-memory tracker's at the step's peak.
+METRICS = [("trainable_params", "trainable parameters", ""), ("tensor_peak_bytes", "tensor peak", "B"),
+           ("activations_bytes", "saved activations at the peak", "B"),
+           ("saved_activations_max_bytes", "saved activations, most held", "B"),
+           ("weights_bytes", "weights", "B"), ("gradients_bytes", "gradients", "B"),
+           ("optimizer_bytes", "optimizer state", "B"), ("temporaries_bytes", "temporaries at the peak", "B"),
+           ("process_peak_bytes", "process peak", "B"), ("step_time_s", "step time", "s"),
+           ("tokens_per_s", "tokens/s", "1/s")]
+PEAKS = {"tensor_peak_bytes", "process_peak_bytes"}  # the ones with a constant term: the static part
+ANALYTIC = {"trainable_params": "closed_form_trainable_params"}
+SAVING_THRESHOLD = 0.20  # "LoRA's memory is within 20 % of full fine-tuning's"
+
+
+def is_sweep(df) -> bool:
+    return "vary" in df.columns and df.vary.fillna("").astype(str).str.len().gt(0).any()
+
+
+def labelled(df):
+    """The frame with each method named with its point ("lora @ seq_len=64"), for the per-cell tables."""
+    out = df.copy()
+    has = out.vary_value.notna()
+    out.loc[has, "method"] = out.method[has] + " @ " + out.vary[has].astype(str) + "=" + out.vary_value[has].map(
+        lambda v: f"{v:g}")
+    return out
+
+
+def points(df):
+    """Ok rows of the sweep, the reference rows (no value: a method without the varied option) apart."""
+    ok = df[(df.status == "ok") & (df.get("replica", 0).fillna(0) == 0)]
+    return ok[ok.vary_value.notna()], ok[ok.vary_value.isna()]
+
+
+def power_fit(x: np.ndarray, y: np.ndarray, c: float = 0.0) -> dict | None:
+    """y ≈ c + a·x^b by least squares in log-log; None with fewer than 3 usable points."""
+    from scipy import stats
+
+    z = y - c
+    keep = (x > 0) & (z > 0) & np.isfinite(z)
+    x, z = x[keep], z[keep]
+    if len(x) < 3 or len(set(x)) < 3:
+        return None
+    lx, lz = np.log(x), np.log(z)
+    fit = stats.linregress(lx, lz)
+    t = stats.t.ppf(0.975, len(x) - 2)
+    return {"a": float(math.exp(fit.intercept)), "exponent": float(fit.slope),
+            "exponent_ci_low": float(fit.slope - t * fit.stderr), "exponent_ci_high": float(fit.slope + t * fit.stderr),
+            "r2": float(fit.rvalue ** 2), "c": c, "points": len(x)}
+
+
+def _static(g) -> np.ndarray:
+    return (g.weights_bytes + g.gradients_bytes + g.optimizer_bytes).to_numpy(dtype=float)
+
+
+def fits(df) -> list[dict]:
+    """One row per (workload, method, metric): the fitted law, and the analytic count's difference where one exists."""
+    pts, _ = points(df)
+    out = []
+    for (wl, method), g in pts.groupby(["workload", "method"], sort=False):
+        g = g.sort_values("vary_value")
+        x = g.vary_value.to_numpy(dtype=float)
+        for col, label, unit in METRICS:
+            if col not in g.columns:
+                continue
+            y = g[col].to_numpy(dtype=float)
+            c = 0.0
+            if col in PEAKS:
+                static = _static(g)
+                if np.all(np.isfinite(static)) and static.max() <= 1.01 * static.min():
+                    c = float(np.median(static))
+            f = power_fit(x, y, c)
+            if f is None:
+                continue
+            row = {"workload": wl, "method": method, "vary": g.vary.iloc[0], "metric": col, "label": label,
+                   "unit": unit, **f, "x_min": float(x.min()), "x_max": float(x.max())}
+            exact = ANALYTIC.get(col)
+            if exact in g.columns:
+                row["analytic"] = exact
+                row["analytic_max_rel_diff"] = float(np.max(np.abs(y - g[exact].to_numpy(float)) / y))
+            elif col == "tensor_peak_bytes" and "static_closed_form_bytes" in g.columns:
+                row["analytic"] = "static_closed_form_bytes (weights + gradients + AdamW state)"
+                row["analytic_max_rel_diff"] = float(np.max(np.abs(_static(g) - g.static_closed_form_bytes.to_numpy(
+                    float)) / _static(g)))
+            out.append(row)
+    return out
+
+
+def activation_per_token(df) -> list[dict]:
+    """Saved activations (most held during the step) per token per layer, the slope of a straight-line fit against
+    tokens per step (batch × sequence length), for sweeps that change the tokens (seq_len, batch_size)."""
+    from scipy import stats
+
+    pts, _ = points(df)
+    out = []
+    for (wl, method), g in pts.groupby(["workload", "method"], sort=False):
+        if g.vary.iloc[0] not in ("seq_len", "batch_size") or len(g) < 3:
+            continue
+        tokens = (g.batch_size * g.seq_len).to_numpy(float)
+        fit = stats.linregress(tokens, g.saved_activations_max_bytes.to_numpy(float))
+        first = g.iloc[0]
+        layers = transformer_layers(wl, first.get("width"), first.get("depth"))
+        out.append({"workload": wl, "method": method, "bytes_per_token": fit.slope, "r2": fit.rvalue ** 2,
+                    "layers": layers, "bytes_per_token_per_layer": fit.slope / layers if layers else float("nan")})
+    return out
+
+
+def transformer_layers(workload: str, width=None, depth=None) -> int:
+    """Transformer layers of a workload's model as the cell built it (encoder and decoder stacks together), read
+    from its config on the meta device."""
+    import torch
+
+    from ..arch import dims
+    from ..workloads import get_workload
+
+    def whole(v):
+        return int(v) if v is not None and v == v else None
+
+    w = get_workload(workload).scaled(whole(width), whole(depth))
+    with torch.device("meta"):
+        config = w.build_model().config
+    d = dims(config)
+    return d.layers + (d.decoder_layers if getattr(config, "is_encoder_decoder", False) else 0)
+
+
+def _curve(pts, refs, wl: str, method: str, col: str, xs: list[float]) -> np.ndarray | None:
+    g = pts[(pts.workload == wl) & (pts.method == method)]
+    if len(g):
+        s = g.set_index("vary_value")[col]
+        return np.array([float(s.get(x, np.nan)) for x in xs])
+    r = refs[(refs.workload == wl) & (refs.method == method)]
+    if len(r):  # a reference: the same value at every point
+        return np.full(len(xs), float(r[col].iloc[0]))
+    return None
+
+
+def crossing(xs: list[float], diff: np.ndarray) -> float | None:
+    """The x where `diff` changes sign, interpolated linearly in log x between the two points around it."""
+    for i in range(len(xs) - 1):
+        a, b = diff[i], diff[i + 1]
+        if not (math.isfinite(a) and math.isfinite(b)):
+            continue
+        if a == 0:
+            return xs[i]
+        if a * b < 0:
+            t = a / (a - b)
+            return float(math.exp(math.log(xs[i]) + t * (math.log(xs[i + 1]) - math.log(xs[i]))))
+    return None
+
+
+def crossovers(df) -> list[dict]:
+    pts, refs = points(df)
+    out = []
+    for wl, g in pts.groupby("workload", sort=False):
+        xs = sorted(set(g.vary_value.astype(float)))
+        methods = list(dict.fromkeys(list(g.method) + list(refs[refs.workload == wl].method)))
+        for col in ("tensor_peak_bytes", "step_time_s", "tokens_per_s", "trainable_params"):
+            curves = {m: _curve(pts, refs, wl, m, col, xs) for m in methods}
+            for i, a in enumerate(methods):
+                for b in methods[i + 1:]:
+                    ya, yb = curves[a], curves[b]
+                    if ya is None or yb is None:
+                        continue
+                    x = crossing(xs, ya - yb)
+                    out.append({"workload": wl, "metric": col, "a": a, "b": b, "x": x,
+                                "text": (f"{a} and {b} cross at {g.vary.iloc[0]} ≈ {x:.3g}" if x is not None else
+                                         f"{a} vs {b}: none in the measured range "
+                                         f"({'higher' if np.nanmean(ya - yb) > 0 else 'lower'} throughout)")})
+        full = _curve(pts, refs, wl, "full", "tensor_peak_bytes", xs)
+        if full is not None:
+            for m in methods:
+                if m == "full":
+                    continue
+                y = _curve(pts, refs, wl, m, "tensor_peak_bytes", xs)
+                saving = 1 - y / full
+                x = crossing(xs, saving - SAVING_THRESHOLD)
+                kind = g.vary.iloc[0]
+                if x is not None:
+                    text = (f"{m}'s peak-memory saving over full fine-tuning falls under {SAVING_THRESHOLD:.0%} at "
+                            f"{kind} ≈ {x:.3g} (saving {saving[0]:.0%} at {xs[0]:g}, {saving[-1]:.0%} at {xs[-1]:g})")
+                else:
+                    side = "above" if np.nanmin(saving) >= SAVING_THRESHOLD else "under"
+                    text = (f"{m}'s peak-memory saving over full fine-tuning stays {side} {SAVING_THRESHOLD:.0%} in "
+                            f"the measured range ({saving[0]:.0%} at {kind} {xs[0]:g}, {saving[-1]:.0%} at {xs[-1]:g})")
+                out.append({"workload": wl, "metric": "saving_vs_full", "a": m, "b": "full", "x": x, "text": text})
+    return out
+
+
+def write(df, out: Path) -> list[str]:
+    """fits.csv, crossovers.csv, the log-log plots; return the summary section's lines."""
+    import pandas as pd
+
+    from .report import sig, table
+
+    rows = fits(df)
+    pd.DataFrame(rows).to_csv(out / "fits.csv", index=False)
+    cross = crossovers(df)
+    pd.DataFrame(cross).to_csv(out / "crossovers.csv", index=False)
+    plot(df, rows, out / "sweep.png")
+    pts, refs = points(df)
+    kind = str(pts.vary.iloc[0]) if len(pts) else "?"
+    lines = [f"## Sweep: {kind}", "",
+             f"Values: {', '.join(f'{v:g}' for v in sorted(set(pts.vary_value.astype(float))))}"
+             + (f"; run once (they have no {kind}): {', '.join(sorted(set(refs.method)))}" if len(refs) else "")
+             + ". Fitted y ≈ c + a·x^b (least squares in log-log; c = the measured static part for the peaks when "
+             "it is constant along the sweep, else 0); b with its 95 % CI; R² of the log-log fit. `fits.csv` has "
+             "every method × metric; plot `sweep.png`.", ""]
+    shown = [r for r in rows if r["metric"] in ("tensor_peak_bytes", "saved_activations_max_bytes", "step_time_s",
+                                                "trainable_params")]
+    lines += table(["workload", "method", "metric", "exponent b (95% CI)", "R²", "c", "exact count vs measured"],
+                   [[r["workload"], r["method"], r["label"],
+                     f"{r['exponent']:.3f} ({r['exponent_ci_low']:.3f} to {r['exponent_ci_high']:.3f})",
+                     f"{r['r2']:.3f}", sig(r["c"]) if r["c"] else "0",
+                     (f"max rel. diff {r['analytic_max_rel_diff']:.2g}" if "analytic_max_rel_diff" in r
+                      and r["analytic_max_rel_diff"] == r["analytic_max_rel_diff"] else "–")] for r in shown]) + [""]
+    act = activation_per_token(df)
+    if act:
+        lines += ["Saved activations per token (straight-line fit against batch × sequence length):", ""]
+        lines += table(["workload", "method", "bytes per token", "per token per layer", "R²"],
+                       [[a["workload"], a["method"], sig(a["bytes_per_token"]), sig(a["bytes_per_token_per_layer"]),
+                         f"{a['r2']:.3f}"] for a in act]) + [""]
+    lines += ["Crossovers:", ""] + [f"- {c['text']}" for c in cross if c["metric"] in ("tensor_peak_bytes",
+                                                                                         "step_time_s",
+                                                                                         "saving_vs_full")] + [""]
+    return lines
+
+
+def plot(df, rows: list[dict], path: Path) -> None:
+    """Log-log panels (peak memory, saved activations, step time, trainable parameters): measured points, fitted
+    lines dashed, methods run once as horizontal dotted lines."""
+    from . import plots
+
+    plt = plots.plt
+    pts, refs = points(df)
+    if pts.empty:
+        return
+    methods = list(dict.fromkeys(list(pts.method) + list(refs.method)))
+    looks = plots.style(methods)
+    panels = [("tensor_peak_bytes", "tensor peak (MiB)", 2**20), ("saved_activations_max_bytes",
+                                                                  "saved activations (MiB)", 2**20),
+              ("step_time_s", "step time (ms)", 1e-3), ("trainable_params", "trainable parameters", 1)]
+    fig, axes = plots._grid(len(panels), width=4.6, height=3.6)
+    fitted = {(r["method"], r["metric"]): r for r in rows}
+    kind = str(pts.vary.iloc[0])
+    for ax, (col, label, scale) in zip(axes, panels):
+        for m in methods:
+            colour, marker = looks[m]
+            g = pts[pts.method == m].sort_values("vary_value")
+            if len(g):
+                x = g.vary_value.to_numpy(float)
+                ax.plot(x, g[col] / scale, marker=marker, ls="none", color=colour, label=m)
+                f = fitted.get((m, col))
+                if f:
+                    xx = np.geomspace(x.min(), x.max(), 50)
+                    ax.plot(xx, (f["c"] + f["a"] * xx ** f["exponent"]) / scale, ls="--", lw=0.8, color=colour)
+            else:
+                r = refs[refs.method == m]
+                if len(r):
+                    ax.axhline(float(r[col].iloc[0]) / scale, ls=":", lw=1, color=colour, label=f"{m} (no {kind})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(kind)
+        ax.set_ylabel(label)
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(4, len(handles)))
+    fig.suptitle(f"How cost grows with {kind} (log-log; dashed: fitted c + a·x^b)", fontsize=10)
+    rows_ = -(-len(handles) // 4)
+    fig.tight_layout(rect=(0, min(0.4, (0.17 * rows_ + 0.1) / fig.get_size_inches()[1]), 1, 1))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
