@@ -146,6 +146,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError("sweep needs --workloads (e.g. gpt-neo-125m-arch-tiny)")
     opts = _run_options(args)
     opts.vary = args.vary
+    opts.probes = "cost"  # how cost grows: no accuracy, latency or checkpoint probes at every point
     opts.out = args.out or Path("results") / "sweep"
     return run_suite(opts, args.argv)
 

@@ -70,7 +70,9 @@ class CellSpec:
     replica: int = 0  # 1: the A/A copy of a cell, measured in its own processes to give the noise floor
     probes: str = "all"  # "all": every probe; "timing": only the training steps up to the last timed one (repeats);
     # "accuracy": the whole training budget, then accuracy and forgetting only (no memory, latency or checkpoint);
-    # "capacity": warm-up and timed steps only, reporting the process's peak memory in them (peft-bench capacity)
+    # "capacity": warm-up and timed steps only, reporting the process's peak memory in them (peft-bench capacity);
+    # "cost": counts, training memory, timing and FLOPs with the after-training checks; no accuracy, inference
+    # latency or checkpoint (peft-bench sweep: how cost grows)
     split: str = "test"  # "validation": train without the validation split, score on it (peft-bench tune)
     base_probe: bool = True  # score the base model's accuracy (the runner asks once per pretrained base and run)
     test_examples: int | None = None  # cap on the test split (a suite's cheaper budget); None: the workload's
@@ -198,6 +200,12 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
     # its own check), which a restored checkpoint on a fresh base does not have.
     trained_out = _logits(model, check_batch)
     checks = checks_probe(method, model, check_batch, base_out)
+    if spec.probes == "cost":
+        row = _identity(spec, w, method, targets)
+        for record in (params, mem, tim, flo, checks):
+            row.update(R.as_row(record))
+        row.update(replica=spec.replica, status="ok", reason="")
+        return row
     test = _to(data.test, spec)
     trained_acc = accuracy(model, test, form, w.batch_size)
     tuned_loss, tokens = general_loss(model, form, data, w)

@@ -115,31 +115,59 @@ def fits(df) -> list[dict]:
     return out
 
 
+def gpt_neo_saved_bytes_per_token_per_layer(config, seq_len: int, element: int = 4) -> float:
+    """What autograd saves for backward per token in one GPT-Neo block under full fine-tuning (every weight trains;
+    dropout 0, as the published config), counted from transformers' GPT-Neo and PyTorch's saved tensors:
+
+        ln_1: its input (h) and mean, rstd (2)      q, k, v projections: their shared input, ln_1's output (h)
+        QKᵀ and ·V: contiguous copies of q, k, v (3h)     softmax: its output, one row per head (heads × seq_len)
+        out_proj: its input, the merged heads (h)   ln_2: its input (h) and mean, rstd (2)
+        c_fc: its input (h)                         gelu_new = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))): x for
+        c_proj: its input (4h)                      x³, tanh's output, 0.5·x and 1 + tanh (4 × 4h)
+
+    = (28h + heads·seq_len + 4) elements (mean and rstd are float32, as the rest here)."""
+    h, heads = config.hidden_size, config.num_heads
+    return float(element * (28 * h + heads * seq_len + 4))
+
+
 def activation_per_token(df) -> list[dict]:
-    """Saved activations (most held during the step) per token per layer, the slope of a straight-line fit against
-    tokens per step (batch × sequence length), for sweeps that change the tokens (seq_len, batch_size)."""
+    """Saved activations (most held during the step) per token per layer. Over depth: the slope of a straight line
+    against the number of layers, divided by the tokens per step (batch × sequence length) — the head's share drops
+    out; beside it, for full fine-tuning of GPT-Neo, the count from the architecture
+    (`gpt_neo_saved_bytes_per_token_per_layer`). Over the sequence length or batch: the slope against tokens per
+    step divided by the layers (the head's per-token share, e.g. the logits, included)."""
     from scipy import stats
 
     pts, _ = points(df)
     out = []
     for (wl, method), g in pts.groupby(["workload", "method"], sort=False):
-        if g.vary.iloc[0] not in ("seq_len", "batch_size") or len(g) < 3:
+        kind = g.vary.iloc[0]
+        if kind not in ("seq_len", "batch_size", "depth") or len(g) < 3:
             continue
-        tokens = (g.batch_size * g.seq_len).to_numpy(float)
-        fit = stats.linregress(tokens, g.saved_activations_max_bytes.to_numpy(float))
+        saved = g.saved_activations_max_bytes.to_numpy(float)
         first = g.iloc[0]
-        layers = transformer_layers(wl, first.get("width"), first.get("depth"))
-        out.append({"workload": wl, "method": method, "bytes_per_token": fit.slope, "r2": fit.rvalue ** 2,
-                    "layers": layers, "bytes_per_token_per_layer": fit.slope / layers if layers else float("nan")})
+        row = {"workload": wl, "method": method, "vary": kind}
+        if kind == "depth":
+            fit = stats.linregress(g.vary_value.to_numpy(float), saved)
+            tokens = float(first.batch_size * first.seq_len)
+            row.update(bytes_per_token_per_layer=fit.slope / tokens, r2=fit.rvalue ** 2)
+            config = model_config(wl, first.get("width"), None)
+            if method == "full" and getattr(config, "model_type", "") == "gpt_neo":
+                row["analytic"] = gpt_neo_saved_bytes_per_token_per_layer(config, int(first.seq_len))
+        else:
+            fit = stats.linregress((g.batch_size * g.seq_len).to_numpy(float), saved)
+            layers = transformer_layers(wl, first.get("width"), first.get("depth"))
+            row.update(bytes_per_token_per_layer=fit.slope / layers, r2=fit.rvalue ** 2)
+        if "analytic" in row:
+            row["difference"] = row["bytes_per_token_per_layer"] / row["analytic"] - 1
+        out.append(row)
     return out
 
 
-def transformer_layers(workload: str, width=None, depth=None) -> int:
-    """Transformer layers of a workload's model as the cell built it (encoder and decoder stacks together), read
-    from its config on the meta device."""
+def model_config(workload: str, width=None, depth=None):
+    """The config of a workload's model as the cell built it (scaled), read on the meta device."""
     import torch
 
-    from ..arch import dims
     from ..workloads import get_workload
 
     def whole(v):
@@ -147,7 +175,14 @@ def transformer_layers(workload: str, width=None, depth=None) -> int:
 
     w = get_workload(workload).scaled(whole(width), whole(depth))
     with torch.device("meta"):
-        config = w.build_model().config
+        return w.build_model().config
+
+
+def transformer_layers(workload: str, width=None, depth=None) -> int:
+    """Transformer layers of a workload's model as the cell built it (encoder and decoder stacks together)."""
+    from ..arch import dims
+
+    config = model_config(workload, width, depth)
     d = dims(config)
     return d.layers + (d.decoder_layers if getattr(config, "is_encoder_decoder", False) else 0)
 
@@ -244,10 +279,14 @@ def write(df, out: Path) -> list[str]:
                       and r["analytic_max_rel_diff"] == r["analytic_max_rel_diff"] else "–")] for r in shown]) + [""]
     act = activation_per_token(df)
     if act:
-        lines += ["Saved activations per token (straight-line fit against batch × sequence length):", ""]
-        lines += table(["workload", "method", "bytes per token", "per token per layer", "R²"],
-                       [[a["workload"], a["method"], sig(a["bytes_per_token"]), sig(a["bytes_per_token_per_layer"]),
-                         f"{a['r2']:.3f}"] for a in act]) + [""]
+        pd.DataFrame(act).to_csv(out / "activations.csv", index=False)
+        lines += ["Saved activations per token per layer (bytes; a straight-line fit against "
+                  + ("the depth, ÷ tokens per step" if kind == "depth" else "tokens per step, ÷ layers") + "; "
+                  "the count from the architecture where one is written down — `activations.csv`):", ""]
+        lines += table(["workload", "method", "fitted", "R²", "from the architecture", "difference"],
+                       [[a["workload"], a["method"], sig(a["bytes_per_token_per_layer"]), f"{a['r2']:.4f}",
+                         sig(a["analytic"]) if "analytic" in a else "–",
+                         f"{a['difference']:+.1%}" if "difference" in a else "–"] for a in act]) + [""]
     lines += ["Crossovers:", ""] + [f"- {c['text']}" for c in cross if c["metric"] in ("tensor_peak_bytes",
                                                                                          "step_time_s",
                                                                                          "saving_vs_full")] + [""]

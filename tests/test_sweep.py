@@ -1,0 +1,150 @@
+"""Sweeps (fitted growth, crossovers) and capacity under a memory cap: the arithmetic against closed forms, the search
+against a synthetic memory model, and one real sweep through the CLI (issue 14's done-when)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from peft_bench.bench import capacity, sweep
+from peft_bench.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_power_fit_recovers_a_known_law_with_its_constant():
+    x = np.array([32.0, 64, 128, 256, 512])
+    f = sweep.power_fit(x, 1000 + 3 * x ** 1.5, c=1000)
+    assert f["exponent"] == pytest.approx(1.5, abs=1e-9) and f["a"] == pytest.approx(3) and f["r2"] == pytest.approx(1)
+    noisy = 3 * x ** 1.5 * np.array([1.05, 0.95, 1.04, 0.97, 1.02])
+    g = sweep.power_fit(x, noisy)
+    assert g["exponent_ci_low"] < 1.5 < g["exponent_ci_high"] and 0.9 < g["r2"] < 1
+
+
+def test_power_fit_needs_three_distinct_points():
+    assert sweep.power_fit(np.array([1.0, 2.0]), np.array([1.0, 2.0])) is None
+
+
+def test_crossing_is_interpolated_in_log_x():
+    assert sweep.crossing([2, 8], np.array([1.0, -1.0])) == pytest.approx(4.0)
+    assert sweep.crossing([2, 8, 32], np.array([1.0, 0.5, 0.2])) is None
+
+
+def _frame(kind: str = "seq_len") -> pd.DataFrame:
+    """full: static 100 + 1 per token; lora: static 10 + 1 per token (its saving shrinks as activations grow)."""
+    rows = []
+    for m, static in (("full", 100.0), ("lora", 10.0)):
+        for x in (8, 32, 128, 512):
+            act = float(x)
+            rows.append(dict(method=m, workload="w", status="ok", replica=0, vary=kind, vary_value=float(x),
+                             weights_bytes=static, gradients_bytes=0.0, optimizer_bytes=0.0, activations_bytes=act,
+                             temporaries_bytes=0.0, tensor_peak_bytes=static + act, saved_activations_max_bytes=act,
+                             process_peak_bytes=static + act + 50, step_time_s=0.01 * x, tokens_per_s=100.0,
+                             trainable_params=1000.0 if m == "full" else 10.0, closed_form_trainable_params=1000.0
+                             if m == "full" else 10.0, batch_size=1, seq_len=x))
+    return pd.DataFrame(rows)
+
+
+def test_fits_take_the_static_part_as_the_constant_and_find_linear_activations():
+    rows = {(r["method"], r["metric"]): r for r in sweep.fits(_frame())}
+    peak = rows[("lora", "tensor_peak_bytes")]
+    assert peak["c"] == 10.0 and peak["exponent"] == pytest.approx(1.0) and peak["r2"] == pytest.approx(1.0)
+    assert rows[("full", "trainable_params")]["analytic_max_rel_diff"] == 0
+
+
+def test_crossovers_name_where_the_saving_falls_under_twenty_percent():
+    texts = [c for c in sweep.crossovers(_frame()) if c["metric"] == "saving_vs_full"]
+    (lora,) = texts
+    # saving = 90 / (100 + x): 20 % at x = 350, between the measured 128 and 512 (interpolated in log x)
+    assert 128 < lora["x"] < 512 and "falls under 20%" in lora["text"]
+    peak = [c for c in sweep.crossovers(_frame()) if c["metric"] == "tensor_peak_bytes"]
+    assert peak and peak[0]["x"] is None and "none in the measured range" in peak[0]["text"]
+
+
+def test_parse_bytes_and_bad_caps():
+    assert capacity.parse_bytes("4GiB") == 4 * 2**30 and capacity.parse_bytes("512 MiB") == 512 * 2**20
+    assert capacity.parse_bytes("2.5GB") == 2_500_000_000
+    for bad in ("four", "0GiB", "-1GiB", "3 parsecs"):
+        with pytest.raises(UserError, match="--memory-cap takes a size"):
+            capacity.parse_bytes(bad)
+
+
+def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeypatch):
+    """A synthetic process: peak = 100 MiB + 10 MiB per batch element; a 1,000 MiB cap fits batch 90, not 91."""
+    from peft_bench.bench import runner
+
+    probed = []
+
+    def fake(spec, timeout):
+        probed.append(spec.batch_size)
+        return {"status": "ok", "capacity_peak_bytes": (100 + 10 * spec.batch_size) * 2**20}
+
+    monkeypatch.setattr(runner, "_run_isolated", fake)
+    rows = capacity.search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20, None, log=lambda s: None)
+    assert capacity.largest(rows)["value"] == 90
+    assert probed[:8] == [1, 2, 4, 8, 16, 32, 64, 128]  # doubling until over the cap, then bisection
+    assert len(probed) <= 8 + 7
+
+
+def test_capacity_stops_at_a_failure_that_is_not_memory(monkeypatch):
+    from peft_bench.bench import runner
+
+    def fake(spec, timeout):
+        if spec.batch_size >= 16:
+            return {"status": "error", "reason": "the training split has fewer examples than a batch"}
+        return {"status": "ok", "capacity_peak_bytes": 2**20}
+
+    monkeypatch.setattr(runner, "_run_isolated", fake)
+    rows = capacity.search("gpt-neo-tiny", "lora", "cpu", "batch_size", 2**30, None, log=lambda s: None)
+    assert capacity.largest(rows)["value"] == 8 and rows[-1]["fits"] is False and "fewer examples" in rows[-1]["reason"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--vary", "seq_len=32,64"], "at least three distinct positive values"),
+    (["--vary", "colour=1,2,3"], "NAME one of rank, virtual_tokens, seq_len"),
+    (["--vary", "rank=1,2,x"], "values must be integers"),
+    (["--vary", "rank=2,4,8", "--methods", "full,prefix"], "--vary rank applies to none of the chosen methods"),
+    (["--vary", "width=32,48,100"], "width 100 is not a multiple of GPT-Neo's head size 8"),
+    (["--vary", "seq_len=32,64,512"], "sequence length 512 does not fit the model's 256 positions"),
+])
+def test_bad_sweeps_are_refused_in_one_line_before_anything_is_written(args, message, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_BENCH_ALLOW_BUSY": "1"}
+    cmd = [sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-125m-arch-tiny", "--methods",
+           "full,lora", "--out", str(tmp_path / "o")]
+    if "--methods" in args:
+        cmd = cmd[:6] + cmd[8:]
+    p = subprocess.run(cmd + args, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert message in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_of_sequence_length_fits_peak_memory_growth(tmp_path):
+    """Issue 14's done-when: full and LoRA over 32…256 tokens; the exponent of peak memory (above the static weights,
+    gradients and optimizer state) lies in 0.8–2.3 with R² ≥ 0.9 for both."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_BENCH_ALLOW_BUSY": "1"}
+    out = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-125m-arch-tiny",
+                        "--methods", "full,lora", "--vary", "seq_len=32,64,128,256", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert sorted(set(metrics.vary_value)) == [32, 64, 128, 256] and set(metrics.vary) == {"seq_len"}
+    assert (metrics.seq_len == metrics.vary_value).all()
+    fits = pd.read_csv(out / "fits.csv")
+    assert {"method", "metric", "exponent", "r2"} <= set(fits.columns)
+    peak = fits[fits.metric == "tensor_peak_bytes"].set_index("method")
+    for m in ("full", "lora"):
+        assert 0.8 <= peak.loc[m, "exponent"] <= 2.3 and peak.loc[m, "r2"] >= 0.9, peak
+    assert (out / "sweep.png").stat().st_size > 10_000
+    text = (out / "summary.md").read_text()
+    assert "## Sweep: seq_len" in text and "peak-memory saving over full fine-tuning" in text
+    assert not math.isnan(peak.loc["lora", "c"])
