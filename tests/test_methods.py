@@ -462,3 +462,18 @@ def test_adalora_allocates_ranks_every_step():
     layers = 2 * 2  # q and v in two layers
     assert trained(False) == layers * 6
     assert trained(True) < layers * 6
+
+
+def test_adalora_task_loss_leaves_out_its_regulariser():
+    """AdaLoRA's forward adds 0.5 × an orthogonality penalty to the loss; the learning and forgetting probes take the
+    task's loss alone (the same model's forward without peft's wrapper)."""
+    m, model = applied("adalora", "gpt-neo")
+    randomise_adapter(m, model)
+    batch = tiny_batch("gpt-neo")
+    with torch.no_grad():
+        trained_on = float(model(**batch).loss)
+        with m.task_loss(model):
+            task = float(model(**batch).loss)
+        plain = float(model.get_base_model()(**batch).loss)
+    assert task == pytest.approx(plain, abs=1e-6) and trained_on > task + 1e-4
+    assert model.peft_config["default"].orth_reg_weight == 0.5  # restored

@@ -113,3 +113,24 @@ def test_a_cell_clearly_below_its_base_never_stands_on_the_pareto_front():
     assert not on_front(cell(0.517), 0.763)
     assert on_front(cell(0.740), 0.763)  # its interval reaches the base: within the noise, may stand
     assert on_front(cell(0.517), 0.465)
+
+
+def test_plots_give_every_method_its_own_look_for_any_number_of_methods(tmp_path):
+    """20+ methods: one (colour, marker) pair each, and the accuracy plot draws them all without running out."""
+    import pandas as pd
+
+    from peft_bench.bench import plots
+
+    names = [f"m{i}" for i in range(26)]
+    looks = plots.style(names)
+    assert len(set(looks.values())) == len(names)
+    rows = [dict(method=m, workload="w", status="ok", pretrained="true", tensor_peak_bytes=(i + 1) * 2**20,
+                 accuracy=0.5 + i / 100, test_examples=200, base_accuracy=0.5, loss_probe_drop_ci_low=0.1,
+                 trainable_params=10 * (i + 1), trainable_pct=0.1, weights_bytes=2**20, gradients_bytes=0,
+                 optimizer_bytes=0, activations_bytes=0, temporaries_bytes=0, process_peak_bytes=2**21,
+                 step_time_s=0.01, forward_s=0.004, backward_s=0.005, optimizer_s=0.001)
+            for i, m in enumerate(names)]
+    df = pd.DataFrame(rows)
+    plots.make_all(df, tmp_path)
+    for name in ("accuracy_vs_memory.png", "step_time.png", "peak_memory.png", "trainable_params.png"):
+        assert (tmp_path / name).stat().st_size > 10_000

@@ -208,7 +208,8 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
         return row
     test = _to(data.test, spec)
     trained_acc = accuracy(model, test, form, w.batch_size)
-    tuned_loss, tokens = general_loss(model, form, data, w)
+    with method.task_loss(model):
+        tuned_loss, tokens = general_loss(model, form, data, w)
     unmerged, merged = inference_probe(spec, method, model, check_batch)
     ckpt, roundtrip = checkpoint_probe(spec, method, model, build, check_batch, base_out, trained_out,
                                        checks.check_tolerance)
@@ -242,7 +243,8 @@ def _accuracy_only(spec: CellSpec, method: Method, model: nn.Module, build, data
     trained_acc = accuracy(model, test, form, w.batch_size)
     base_acc, forget = math.nan, R.ForgettingRecord(math.nan, math.nan, 0, 0)
     if spec.split == "test":
-        tuned_loss, tokens = general_loss(model, form, data, w)
+        with method.task_loss(model):
+            tuned_loss, tokens = general_loss(model, form, data, w)
         del model
         base = build()
         if spec.base_probe:
@@ -438,7 +440,8 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     # The learning probe is scored in every process, timed repeats included, so each runs the same prefix.
     probe = [_on(b, spec) for b in itertools.islice(endless(data.train, form, batch_size, spec.seed + PROBE_SEED),
                                                     PROBE_BATCHES)]
-    before = probe_losses(model, probe)
+    with method.task_loss(model):
+        before = probe_losses(model, probe)
     step(_on(next(stream), spec))  # step 0: first-call allocations and the optimizer state
     bar.update()
     with memory.track_process_peak(device) as proc:
@@ -482,7 +485,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
         samples_per_s=batch_size / st.median, tokens_per_s=(sum(real_tokens) / len(real_tokens)) / st.median,
         padded_tokens_per_s=padded / st.median, first_losses=json.dumps([round(x, 6) for x in losses[:3]]),
         final_loss=losses[-1], canary_flops_per_s=canary, **loss_trend(losses),
-        **learning(before, probe_losses(model, probe) if instrument or steps else []))
+        **learning(before, _task_losses(method, model, probe) if instrument or steps else []))
     if not instrument:
         return None, tim, None
     process_peak = proc.peak_bytes - baseline
@@ -508,6 +511,11 @@ PROBE_SEED = 7_919  # its batches' order, apart from the training stream's
 
 
 @torch.no_grad()
+def _task_losses(method: Method, model: nn.Module, batches: list[dict]) -> list[float]:
+    with method.task_loss(model):
+        return probe_losses(model, batches)
+
+
 def probe_losses(model: nn.Module, batches: list[dict]) -> list[float]:
     """The model's loss on each probe *example* (a batch of one, padding trimmed), in eval mode (no dropout): paired
     per example, before and after, a drop is told from noise even when batches differ a lot in label balance."""

@@ -100,6 +100,11 @@ class Method:
         """Told before `apply` how many optimizer steps training will take (AdaLoRA's rank budget needs it)."""
         self.total_steps = total_steps
 
+    def task_loss(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Inside it, the model's `loss` is the task's alone: a method that adds a regulariser to the loss it trains
+        on (AdaLoRA's orthogonality penalty) leaves it out, so that learning and forgetting probes measure the task."""
+        return contextlib.nullcontext()
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step, before the gradients are cleared (AdaLoRA reallocates ranks here);
         part of the timed step."""

@@ -14,9 +14,10 @@ method, beside p-tuning).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -208,7 +209,7 @@ class PeftTuner(PeftAdapter):
 
             if self.arch.model_type not in IA3:
                 raise UnsupportedError(f"ia3 has no default targets for model type {self.arch.model_type!r}; "
-                                       "name them with --method-options targets=...")
+                                       "name them with --targets")
             names = resolve_targets(model, tuple(IA3[self.arch.model_type]), self.arch)
             ff = tuple(FF.get(self.arch.model_type, ()))
             return names, {n for n in names if any(n == p or n.endswith("." + p) for p in ff)}
@@ -239,6 +240,20 @@ class PeftTuner(PeftAdapter):
             if ".ranknum." in n:  # AdaLoRA's rank counter, a constant peft creates frozen (a move to the meta
                 p.requires_grad_(False)  # device makes it a fresh, trainable Parameter)
         return model
+
+    @contextlib.contextmanager
+    def task_loss(self, model: nn.Module) -> Iterator[None]:
+        """AdaLoRA adds orth_reg_weight × its orthogonality penalty to every loss its forward returns: zero inside."""
+        config = model.peft_config.get("default") if hasattr(model, "peft_config") else None
+        weight = getattr(config, "orth_reg_weight", None)
+        if weight is None:
+            yield
+            return
+        config.orth_reg_weight = 0.0
+        try:
+            yield
+        finally:
+            config.orth_reg_weight = weight
 
     def after_step(self, model: nn.Module) -> None:
         if self.tuner.per_step:
