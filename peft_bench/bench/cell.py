@@ -280,10 +280,16 @@ def general_loss(model: nn.Module, form, data, w) -> tuple[float, int]:
 
 
 def method_config(method: Method, default_targets: tuple[str, ...]) -> str:
-    """The method's effective options in one line (default targets resolved on the architecture), so two rows
-    with different options never look identical."""
+    """The method's effective options in one line (defaults filled in, targets as the method resolved them on the
+    architecture), so two rows with different options never look identical."""
     parts = []
-    for k, v in dataclasses.asdict(method.options).items():
+    values = {**dataclasses.asdict(method.options), **getattr(method, "settings", {})}  # a peft tuner's defaults
+    resolved = getattr(method, "targets", None)  # the layers it wrapped, by their own names
+    if "targets" not in values and resolved:
+        values["targets"] = None
+    for k, v in values.items():
+        if k == "targets" and v is None and resolved:
+            v = tuple(dict.fromkeys(n.split(".")[-1] for n in resolved))
         if k == "targets" and v is None:
             v = default_targets or ("every Linear",)
         if v is None:
