@@ -88,10 +88,12 @@ def _most(groups) -> int:
 
 
 def style(methods: list[str]) -> dict[str, tuple[tuple, str]]:
-    """A distinct (colour, marker) per method, for any number of methods: 20 colours (tab20) × 12 markers, paired
-    so that no two of the first 60 methods share both."""
+    """A distinct (colour, marker) per method, for any number of methods: 20 colours (tab20's strong shades first,
+    then its light ones, so the first ten differ in hue) × 12 markers, paired so that no two of the first 60 methods
+    share both."""
     cmap = plt.get_cmap("tab20")
-    return {m: (cmap(i % 20), "osD^vP*Xph<>"[i % 12]) for i, m in enumerate(methods)}
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return {m: (cmap(order[i % 20]), "osD^vP*Xph<>"[i % 12]) for i, m in enumerate(methods)}
 
 
 def peak_memory(groups, path: Path) -> None:
@@ -155,11 +157,15 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 def on_front(r, base_accuracy: float) -> bool:
     """Whether a cell may stand on the Pareto front: it learned (see `report.learned`) and is not clearly worse than
     the base it started from — a trained model whose whole Wilson interval lies below the untouched base's accuracy
-    is no trade-off worth drawing."""
+    is no trade-off worth drawing — and clear of the majority class: a classifier whose interval reaches the rate of
+    always answering the commonest label has learned nothing a user would pay memory for."""
     from ..measure.stats import wilson
     from .report import learned
 
-    return learned(r) and wilson(round(r.accuracy * r.test_examples), r.test_examples)[1] >= base_accuracy
+    low, high = wilson(round(r.accuracy * r.test_examples), r.test_examples)
+    majority = getattr(r, "majority_rate", float("nan"))
+    clear = not (majority == majority) or low > majority
+    return learned(r) and high >= base_accuracy and clear
 
 
 def accuracy_vs_memory(groups, path: Path) -> None:
@@ -173,7 +179,8 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     looks = style(methods)
     colours = {m: c for m, (c, _) in looks.items()}
     markers = {m: k for m, (_, k) in looks.items()}
-    fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.6, height=4.0)
+    many = len(methods) > 9
+    fig, axes = _grid(len(groups), width=(8.0 if many else 6.0) if len(groups) == 1 else 4.6, height=4.0)
     for ax, (wl, g) in zip(axes, groups):
         rows = [r for _, r in g.iterrows()]
         for r in rows:
@@ -189,7 +196,7 @@ def accuracy_vs_memory(groups, path: Path) -> None:
         front = pareto(pts)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", lw=1, zorder=2)
         ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=160, facecolors="none",
-                   edgecolors="tab:red", zorder=4, label="Pareto front (learned, not below the base)")
+                   edgecolors="tab:red", zorder=4, label="Pareto front (learned, clear of majority, not below base)")
         if len(base):
             ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base, before training")
         ax.set_title(f"{wl} (n={int(rows[0].test_examples):,})", fontsize=10)
@@ -199,7 +206,7 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    ncol = 3 if len(handles) <= 9 else 5
+    ncol = 3 if len(handles) <= 9 else 4
     legend_rows = -(-len(handles) // ncol)
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=ncol)
     fig.suptitle("Accuracy vs peak memory\n(hollow marker: training loss did not go down)", fontsize=10)

@@ -558,7 +558,17 @@ def _ckpt_row(r) -> list[str]:
 
 MATRIX_MAX = 8  # methods beyond which the all-pairs matrix is unreadable: named pairs instead
 GLANCE = ["method", "trainable params", "tensor peak ÷ full", "step time ÷ full (95% CI)", "merges",
-          "inference unmerged ÷ base", "accuracy (95% Wilson CI)"]
+          "accuracy (95% Wilson CI)"]
+
+
+def in_registry_order(g):
+    """Rows in the methods' registration order (then a sweep's value), whatever order the cells finished in."""
+    from ..methods import list_methods
+
+    rank = {m: i for i, m in enumerate(list_methods())}
+    key = g.method.map(lambda m: rank.get(str(m).split(" @ ")[0], len(rank)))
+    cols = ["vary_value"] if "vary_value" in g.columns else []
+    return g.assign(_order=key).sort_values(["_order", *cols], kind="stable").drop(columns="_order")
 
 
 def glance(g, floor: float) -> list[str]:
@@ -571,10 +581,11 @@ def glance(g, floor: float) -> list[str]:
     rows = []
     for _, r in ok.iterrows():
         acc = _accuracy_cell(r).split(", n=")[0]
+        if pretrained(r) and learned(r) and not _num(r, "accuracy_ci_low") > _num(r, "majority_rate"):
+            acc = f"not clear of majority ({_num(r, 'majority_rate'):.3f}): {acc}"
         rows.append([r.method, f"{int(r.trainable_params):,}", f"{sig(r.tensor_peak_bytes / peak)}×",
                      _ratio_cell(r, floor) or "", "yes" if _num(r, "merge_max_abs_diff") == _num(
-                         r, "merge_max_abs_diff") else "no",
-                     f"{sig(r.inference_adapter_s / r.inference_base_s)}×", acc])
+                         r, "merge_max_abs_diff") else "no", acc])
     return table(GLANCE, rows)
 
 
@@ -661,6 +672,7 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
         lines += [f"Tables and plots of cost show seed {int(main.seed.min())}; accuracy over every seed is in its own "
                   "section below.", ""]
     for wl, g in main.groupby("workload", sort=False):
+        g = in_registry_order(g)
         ok = g[g.status == "ok"]
         first = ok.iloc[0] if len(ok) else g.iloc[0]
         pre = str(first.get("pretrained", "")).lower() == "true"

@@ -70,6 +70,9 @@ def power_fit(x: np.ndarray, y: np.ndarray, c: float = 0.0) -> dict | None:
     x, z = x[keep], z[keep]
     if len(x) < 3 or len(set(x)) < 3:
         return None
+    if np.all(z == z[0]):  # does not grow at all (trainable parameters over the sequence length): b = 0 exactly
+        return {"a": float(z[0]), "exponent": 0.0, "exponent_ci_low": 0.0, "exponent_ci_high": 0.0, "r2": 1.0,
+                "c": c, "points": len(x), "constant": True}
     lx, lz = np.log(x), np.log(z)
     fit = stats.linregress(lx, lz)
     t = stats.t.ppf(0.975, len(x) - 2)
@@ -107,10 +110,15 @@ def fits(df) -> list[dict]:
             if exact in g.columns:
                 row["analytic"] = exact
                 row["analytic_max_rel_diff"] = float(np.max(np.abs(y - g[exact].to_numpy(float)) / y))
-            elif col == "tensor_peak_bytes" and "static_closed_form_bytes" in g.columns:
-                row["analytic"] = "static_closed_form_bytes (weights + gradients + AdamW state)"
-                row["analytic_max_rel_diff"] = float(np.max(np.abs(_static(g) - g.static_closed_form_bytes.to_numpy(
-                    float)) / _static(g)))
+                row["analytic_note"] = ("= closed form in every cell" if row["analytic_max_rel_diff"] == 0 else
+                                        f"closed form differs by up to {row['analytic_max_rel_diff']:.2%}")
+            elif col == "tensor_peak_bytes" and "static_matches_closed_form" in g.columns:
+                # weights, every gradient and the AdamW state as the tracker saw them = their closed form, per cell
+                same = g.static_matches_closed_form.astype(str).str.lower().eq("true")
+                row["analytic"] = (f"static memory = closed form (weights + gradients + AdamW state) in "
+                                   f"{int(same.sum())} of {len(same)} cells")
+                row["analytic_max_rel_diff"] = 0.0 if same.all() else float("nan")
+                row["analytic_note"] = row["analytic"]
             out.append(row)
     return out
 
@@ -226,10 +234,12 @@ def crossovers(df) -> list[dict]:
                     if ya is None or yb is None:
                         continue
                     x = crossing(xs, ya - yb)
-                    out.append({"workload": wl, "metric": col, "a": a, "b": b, "x": x,
-                                "text": (f"{a} and {b} cross at {g.vary.iloc[0]} ≈ {x:.3g}" if x is not None else
-                                         f"{a} vs {b}: none in the measured range "
-                                         f"({'higher' if np.nanmean(ya - yb) > 0 else 'lower'} throughout)")})
+                    name = dict((c_, lab) for c_, lab, _ in METRICS).get(col, col)
+                    first = a if ya[0] > yb[0] else b
+                    text = (f"{name}: {a} and {b} cross at {g.vary.iloc[0]} ≈ {x:.3g} ({first} higher below it)"
+                            if x is not None else f"{name}: {a} {'above' if np.nanmean(ya - yb) > 0 else 'below'} "
+                            f"{b} throughout the measured range (no crossover)")
+                    out.append({"workload": wl, "metric": col, "a": a, "b": b, "x": x, "text": text})
         full = _curve(pts, refs, wl, "full", "tensor_peak_bytes", xs)
         if full is not None:
             for m in methods:
@@ -273,15 +283,16 @@ def write(df, out: Path) -> list[str]:
                                                 "trainable_params")]
     lines += table(["workload", "method", "metric", "exponent b (95% CI)", "R²", "c", "exact count vs measured"],
                    [[r["workload"], r["method"], r["label"],
+                     "constant" if r.get("constant") else
                      f"{r['exponent']:.3f} ({r['exponent_ci_low']:.3f} to {r['exponent_ci_high']:.3f})",
                      f"{r['r2']:.3f}", sig(r["c"]) if r["c"] else "0",
-                     (f"max rel. diff {r['analytic_max_rel_diff']:.2g}" if "analytic_max_rel_diff" in r
-                      and r["analytic_max_rel_diff"] == r["analytic_max_rel_diff"] else "–")] for r in shown]) + [""]
+                     r.get("analytic_note", "–")] for r in shown]) + [""]
     act = activation_per_token(df)
     if act:
         pd.DataFrame(act).to_csv(out / "activations.csv", index=False)
         lines += ["Saved activations per token per layer (bytes; a straight-line fit against "
-                  + ("the depth, ÷ tokens per step" if kind == "depth" else "tokens per step, ÷ layers") + "; "
+                  + ("the depth, ÷ tokens per step" if kind == "depth" else
+                     "tokens per step, ÷ layers — the head's per-token share, e.g. the logits, included") + "; "
                   "the count from the architecture where one is written down — `activations.csv`):", ""]
         lines += table(["workload", "method", "fitted", "R²", "from the architecture", "difference"],
                        [[a["workload"], a["method"], sig(a["bytes_per_token_per_layer"]), f"{a['r2']:.4f}",
