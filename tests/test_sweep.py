@@ -133,7 +133,8 @@ def test_sweep_of_sequence_length_fits_peak_memory_growth(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_BENCH_ALLOW_BUSY": "1"}
     out = tmp_path / "sweep"
     p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-125m-arch-tiny",
-                        "--methods", "full,lora", "--vary", "seq_len=32,64,128,256", "--out", str(out)],
+                        "--methods", "full,lora", "--vary", "seq_len=32,64,128,256", "--out", str(out),
+                        "--steps", "5"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     metrics = pd.read_csv(out / "metrics.csv")
@@ -148,3 +149,19 @@ def test_sweep_of_sequence_length_fits_peak_memory_growth(tmp_path):
     text = (out / "summary.md").read_text()
     assert "## Sweep: seq_len" in text and "peak-memory saving over full fine-tuning" in text
     assert not math.isnan(peak.loc["lora", "c"])
+
+
+def test_depth_sweep_finds_the_saved_activations_gpt_neo_layers_hold(tmp_path):
+    """Saved activations per token per layer, fitted over depth (2, 4, 6 layers of the tiny GPT-Neo, full
+    fine-tuning), against the count written down from the architecture: 4 · (28·32 + 4 heads · 32 tokens + 4) =
+    4,112 bytes. The issue asks for 10 %; the count is exact."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_BENCH_ALLOW_BUSY": "1"}
+    out = tmp_path / "depth"
+    p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-tiny", "--methods",
+                        "full", "--vary", "depth=2,4,6", "--steps", "4", "--out", str(out)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (row,) = pd.read_csv(out / "activations.csv").to_dict("records")
+    assert row["analytic"] == 4 * (28 * 32 + 4 * 32 + 4)
+    assert abs(row["difference"]) < 0.10 and row["r2"] > 0.99
+    assert pd.read_csv(out / "metrics.csv").depth.tolist() == [2, 4, 6]
