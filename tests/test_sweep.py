@@ -65,7 +65,7 @@ def test_crossovers_name_where_the_saving_falls_under_twenty_percent():
     # saving = 90 / (100 + x): 20 % at x = 350, between the measured 128 and 512 (interpolated in log x)
     assert 128 < lora["x"] < 512 and "falls under 20%" in lora["text"]
     peak = [c for c in sweep.crossovers(_frame()) if c["metric"] == "tensor_peak_bytes"]
-    assert peak and peak[0]["x"] is None and "none in the measured range" in peak[0]["text"]
+    assert peak and peak[0]["x"] is None and "no crossover" in peak[0]["text"]
 
 
 def test_parse_bytes_and_bad_caps():
@@ -134,7 +134,7 @@ def test_sweep_of_sequence_length_fits_peak_memory_growth(tmp_path):
     out = tmp_path / "sweep"
     p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-125m-arch-tiny",
                         "--methods", "full,lora", "--vary", "seq_len=32,64,128,256", "--out", str(out),
-                        "--steps", "5"],
+                        "--steps", "4"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     metrics = pd.read_csv(out / "metrics.csv")
@@ -151,17 +151,33 @@ def test_sweep_of_sequence_length_fits_peak_memory_growth(tmp_path):
     assert not math.isnan(peak.loc["lora", "c"])
 
 
-def test_depth_sweep_finds_the_saved_activations_gpt_neo_layers_hold(tmp_path):
-    """Saved activations per token per layer, fitted over depth (2, 4, 6 layers of the tiny GPT-Neo, full
-    fine-tuning), against the count written down from the architecture: 4 · (28·32 + 4 heads · 32 tokens + 4) =
-    4,112 bytes. The issue asks for 10 %; the count is exact."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_BENCH_ALLOW_BUSY": "1"}
-    out = tmp_path / "depth"
-    p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-tiny", "--methods",
-                        "full", "--vary", "depth=2,4,6", "--steps", "4", "--out", str(out)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    (row,) = pd.read_csv(out / "activations.csv").to_dict("records")
-    assert row["analytic"] == 4 * (28 * 32 + 4 * 32 + 4)
-    assert abs(row["difference"]) < 0.10 and row["r2"] > 0.99
-    assert pd.read_csv(out / "metrics.csv").depth.tolist() == [2, 4, 6]
+def test_saved_activations_per_layer_equal_gpt_neo_s_count_from_the_architecture():
+    """What a depth sweep fits, measured directly: the tensor tracker's most-held saved activations of one full
+    fine-tuning step on the tiny GPT-Neo at 2, 4 and 6 layers; the slope per layer per token equals the count
+    written down from the architecture, 4 · (28·32 + 4 heads · 32 tokens + 4) = 4,112 bytes (the issue asks 10 %)."""
+    import torch
+
+    from peft_bench.measure.memory import StepMemoryTracker
+    from peft_bench.workloads import get_workload
+
+    w = get_workload("gpt-neo-125m-arch-tiny")
+    batch, seq = 2, 32
+    ids = torch.randint(5, 1000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    saved = []
+    for depth in (2, 4, 6):
+        torch.manual_seed(0)
+        model = w.scaled(depth=depth).build_model().train()
+        opt = torch.optim.AdamW(model.parameters())
+        model(input_ids=ids, labels=ids).loss.backward()  # a first step: AdamW's state exists before the tracked one
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with StepMemoryTracker(model, opt) as mem:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        saved.append(mem.max_parts["activations"])
+    per_layer = [(b - a) / 2 / (batch * seq) for a, b in zip(saved, saved[1:])]
+    config = w.scaled(depth=2).build_model().config
+    analytic = sweep.gpt_neo_saved_bytes_per_token_per_layer(config, seq)
+    assert analytic == 4 * (28 * 32 + 4 * 32 + 4)
+    for p in per_layer:
+        assert abs(p / analytic - 1) < 0.10, (per_layer, analytic)
