@@ -34,6 +34,7 @@ def test_power_fit_needs_three_distinct_points():
 
 def test_crossing_is_interpolated_in_log_x():
     assert sweep.crossing([2, 8], np.array([1.0, -1.0])) == pytest.approx(4.0)
+    assert sweep.crossing([2, 8, 32], np.array([0.0, 0.0, 0.0])) is None
     assert sweep.crossing([2, 8, 32], np.array([1.0, 0.5, 0.2])) is None
 
 

@@ -600,6 +600,8 @@ def counterparts(g, samples: list[dict], floor: float) -> list[str]:
     ok = {r.method: r for _, r in g[g.status == "ok"].iterrows() if r.cell_key in by_key}
     body = []
     for name, r in ok.items():
+        if " @ " in str(name):  # a sweep's point ("lora @ rank=4"): its curve is compared in the sweep section
+            continue
         ref = method_class(name).reference
         if ref in ok and min(len(by_key[r.cell_key]), len(by_key[ok[ref].cell_key])) >= 2:
             est = paired_ratio(times_by_round(by_key[r.cell_key]), times_by_round(by_key[ok[ref].cell_key]))

@@ -207,13 +207,12 @@ def _curve(pts, refs, wl: str, method: str, col: str, xs: list[float]) -> np.nda
 
 
 def crossing(xs: list[float], diff: np.ndarray) -> float | None:
-    """The x where `diff` changes sign, interpolated linearly in log x between the two points around it."""
+    """The x where `diff` changes sign, interpolated linearly in log x between the two points around it (equal
+    values are no crossing: the sign must change)."""
     for i in range(len(xs) - 1):
         a, b = diff[i], diff[i + 1]
         if not (math.isfinite(a) and math.isfinite(b)):
             continue
-        if a == 0:
-            return xs[i]
         if a * b < 0:
             t = a / (a - b)
             return float(math.exp(math.log(xs[i]) + t * (math.log(xs[i + 1]) - math.log(xs[i]))))
@@ -233,8 +232,12 @@ def crossovers(df) -> list[dict]:
                     ya, yb = curves[a], curves[b]
                     if ya is None or yb is None:
                         continue
-                    x = crossing(xs, ya - yb)
                     name = dict((c_, lab) for c_, lab, _ in METRICS).get(col, col)
+                    if np.allclose(ya, yb, rtol=1e-6, atol=0):
+                        out.append({"workload": wl, "metric": col, "a": a, "b": b, "x": None,
+                                    "text": f"{name}: {a} and {b} equal at every point"})
+                        continue
+                    x = crossing(xs, ya - yb)
                     first = a if ya[0] > yb[0] else b
                     text = (f"{name}: {a} and {b} cross at {g.vary.iloc[0]} ≈ {x:.3g} ({first} higher below it)"
                             if x is not None else f"{name}: {a} {'above' if np.nanmean(ya - yb) > 0 else 'below'} "
