@@ -446,8 +446,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     # The learning probe is scored in every process, timed repeats included, so each runs the same prefix.
     probe = [_on(b, spec) for b in itertools.islice(endless(data.train, form, batch_size, spec.seed + PROBE_SEED),
                                                     PROBE_BATCHES)]
-    with method.task_loss(model):
-        before = probe_losses(model, probe)
+    before = _task_losses(method, model, probe)
     step(_on(next(stream), spec))  # step 0: first-call allocations and the optimizer state
     bar.update()
     with memory.track_process_peak(device) as proc:

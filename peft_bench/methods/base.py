@@ -277,6 +277,11 @@ def heads_disabled(copies: list[HeadCopy]) -> Iterator[None]:
             c.enabled = True
 
 
+def head_size(model: nn.Module, arch: ArchInfo) -> int:
+    """Parameters of the model's classifier heads (what peft's `modules_to_save` trains as a copy)."""
+    return sum(p.numel() for h in arch.head_modules for p in getattr(model, h).parameters())
+
+
 def head_param_count(copies: list[HeadCopy]) -> int:
     return sum(p.numel() for c in copies for p in c.trained.parameters())
 

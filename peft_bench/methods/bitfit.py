@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import UnsupportedError
 from . import register
-from .base import Method, MethodOptions, copy_heads, head_param_count, heads_disabled, parametrize_frozen, set_trainable
+from .base import Method, copy_heads, head_param_count, heads_disabled, parametrize_frozen, set_trainable
 
 DELTAS = "bias_deltas.safetensors"
 
@@ -43,16 +42,10 @@ def biased_modules(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
             if isinstance(getattr(m, "bias", None), nn.Parameter) and n.split(".")[0] not in skip]
 
 
-@dataclass(frozen=True)
-class BitFitOptions(MethodOptions):
-    pass
-
-
 @register
 class BitFit(Method):
     name = "bitfit"
     what = "hand-written BitFit: trainable deltas on every bias (Ben Zaken et al. 2022, arXiv:2106.10199)"
-    Options = BitFitOptions
     can_merge = True
     checkpoint_format = "bias deltas (safetensors)"
     extra_inference = "none when merged; unmerged, one add per bias"

@@ -28,6 +28,7 @@ from .base import (
     MethodOptions,
     copy_heads,
     head_param_count,
+    head_size,
     heads_disabled,
     opt,
     require,
@@ -83,7 +84,7 @@ class HFLoRA(PeftAdapter):
 
     def _inject(self, model: nn.Module) -> nn.Module:
         self.targets = resolve_targets(model, self.options.targets, self.arch)
-        self._head_count = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
+        self._head_count = head_size(model, self.arch)
         conv1d = any(layer_dims(model.get_submodule(n))[2] for n in self.targets)
         return _peft().get_peft_model(model, peft_lora_config(self.options, self.targets, self.arch,
                                                               fan_in_fan_out=conv1d))
@@ -183,7 +184,7 @@ class _PromptMethod(Method):
         require_prompt_model(self.name, self.arch)
         self.hidden = self.options.encoder_hidden_size or dims(model.config).hidden
         self.heads = []
-        self._n_head = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
+        self._n_head = head_size(model, self.arch)
         return _peft().get_peft_model(model, self._config(self.arch.task_type, model.config))
 
     def _disabled(self, model: nn.Module) -> contextlib.AbstractContextManager:

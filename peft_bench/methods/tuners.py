@@ -25,7 +25,7 @@ from torch import nn
 from ..arch import dims, layer_dims
 from ..errors import UnsupportedError
 from . import register
-from .base import Method, MethodOptions, opt, require, resolve_targets
+from .base import Method, MethodOptions, head_size, opt, require, resolve_targets
 from .hf import PeftAdapter, PromptOptions, _peft, _PromptMethod
 
 
@@ -221,7 +221,7 @@ class PeftTuner(PeftAdapter):
         conv1d = any(layer_dims(model.get_submodule(n))[2] for n in self.targets)
         if conv1d and not self.tuner.conv1d:
             raise UnsupportedError(f"{self.name} in peft wraps nn.Linear, not GPT-2's Conv1D layers")
-        self._head_count = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
+        self._head_count = head_size(model, self.arch)
         cls = getattr(peft, self.tuner.config)
         extra = {"feedforward_modules": sorted(self.feedforward)} if self.tuner.targets == "ia3" else {}
         if conv1d:
@@ -236,7 +236,7 @@ class PeftTuner(PeftAdapter):
             model = peft.get_peft_model(model, config)
         except ValueError as e:  # peft's own refusal of a size (FourierFT's n_frequency, OFT's blocks, ...)
             raise UnsupportedError(f"{self.name}: peft refuses this model: {str(e).splitlines()[0]}") from None
-        for n, p in model.named_parameters():
+        for n, p in model.named_parameters() if self.tuner.per_step else ():
             if ".ranknum." in n:  # AdaLoRA's rank counter, a constant peft creates frozen (a move to the meta
                 p.requires_grad_(False)  # device makes it a fresh, trainable Parameter)
         return model
@@ -292,18 +292,12 @@ def norm_layers(model: nn.Module, skip: tuple[str, ...]) -> list[str]:
             and n.split(".")[0] not in skip]
 
 
-@dataclass(frozen=True)
-class LNTuningOptions(MethodOptions):
-    pass
-
-
 @register
 class LNTuning(PeftAdapter):
     """LN tuning (Zhao et al. 2023, arXiv:2312.11420): a trainable copy of every normalisation layer, through peft."""
 
     name = "ln-tuning"
     what = "peft LN tuning: a trainable copy of every normalisation layer (Zhao et al. 2023, arXiv:2312.11420)"
-    Options = LNTuningOptions
     can_merge = True
     checkpoint_format = "peft adapter: the normalisation layers' weights and biases"
     extra_inference = "none"
@@ -316,7 +310,7 @@ class LNTuning(PeftAdapter):
         self.targets = norm_layers(model, self.arch.head_modules)
         if not self.targets:
             raise UnsupportedError(f"ln-tuning tunes normalisation layers; {type(model).__name__} has none")
-        self._head_count = sum(p.numel() for h in self.arch.head_modules for p in getattr(model, h).parameters())
+        self._head_count = head_size(model, self.arch)
         config = _peft().LNTuningConfig(target_modules=self.targets, task_type=self.arch.task_type,
                                         modules_to_save=list(self.arch.head_modules) or None)
         return _peft().get_peft_model(model, config)
