@@ -201,11 +201,7 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
     trained_out = _logits(model, check_batch)
     checks = checks_probe(method, model, check_batch, base_out)
     if spec.probes == "cost":
-        row = _identity(spec, w, method, targets)
-        for record in (params, mem, tim, flo, checks):
-            row.update(R.as_row(record))
-        row.update(replica=spec.replica, status="ok", reason="")
-        return row
+        return _ok_row(spec, w, method, targets, params, mem, tim, flo, checks)
     test = _to(data.test, spec)
     trained_acc = accuracy(model, test, form, w.batch_size)
     with method.task_loss(model):
@@ -227,11 +223,7 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
     infer = R.InferenceRecord(base_latency.median, base_latency.iqr, unmerged.median, unmerged.iqr, merged.median,
                               merged.iqr)
 
-    row = _identity(spec, w, method, targets)
-    for record in (params, mem, tim, flo, infer, checks, ckpt, acc, forget):
-        row.update(R.as_row(record))
-    row.update(replica=spec.replica, status="ok", reason="")
-    return row
+    return _ok_row(spec, w, method, targets, params, mem, tim, flo, infer, checks, ckpt, acc, forget)
 
 
 def _accuracy_only(spec: CellSpec, method: Method, model: nn.Module, build, data, form, w,
@@ -251,8 +243,14 @@ def _accuracy_only(spec: CellSpec, method: Method, model: nn.Module, build, data
             base_acc = accuracy(base, test, form, w.batch_size)
         base_loss, _ = general_loss(base, form, data, w)
         forget = R.ForgettingRecord(tuned_loss - base_loss, base_loss, len(data.general) if tokens else 0, tokens)
+    return _ok_row(spec, w, method, targets, tim,
+                   R.AccuracyRecord.of(trained_acc, base_acc, len(data.test), majority(data.test)), forget)
+
+
+def _ok_row(spec: CellSpec, w, method: Method, targets: tuple[str, ...], *records) -> dict:
+    """A finished cell's row: its identity, then each probe's record."""
     row = _identity(spec, w, method, targets)
-    for record in (tim, R.AccuracyRecord.of(trained_acc, base_acc, len(data.test), majority(data.test)), forget):
+    for record in records:
         row.update(R.as_row(record))
     row.update(replica=spec.replica, status="ok", reason="")
     return row

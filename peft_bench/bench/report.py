@@ -213,7 +213,7 @@ def build(out: Path) -> None:
 
     if sweep.is_sweep(df):  # fits, crossovers and the log-log plot; the per-cell tables name each point
         lines = sweep.write(df, out)
-        text = summary(sweep.labelled(df), env, samples)
+        text = summary(sweep.labelled(df), env, samples, per_method=False)
         head, sep, rest = text.partition("\n## ")
         atomic_write_text(out / "summary.md", head + "\n".join(lines) + "\n" + sep.lstrip("\n") + rest)
         return
@@ -600,8 +600,6 @@ def counterparts(g, samples: list[dict], floor: float) -> list[str]:
     ok = {r.method: r for _, r in g[g.status == "ok"].iterrows() if r.cell_key in by_key}
     body = []
     for name, r in ok.items():
-        if " @ " in str(name):  # a sweep's point ("lora @ rank=4"): its curve is compared in the sweep section
-            continue
         ref = method_class(name).reference
         if ref in ok and min(len(by_key[r.cell_key]), len(by_key[ok[ref].cell_key])) >= 2:
             est = paired_ratio(times_by_round(by_key[r.cell_key]), times_by_round(by_key[ok[ref].cell_key]))
@@ -639,7 +637,9 @@ def pairwise(g, samples: list[dict], floor: float) -> list[str]:
     return table(header, body)
 
 
-def summary(df, env: dict, samples: list[dict] | None = None) -> str:
+def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool = True) -> str:
+    """`per_method`: one row per method and workload (not a sweep's points), so the hand-written-vs-peft table
+    applies."""
     samples = samples or []
     rows = [r for _, r in df.iterrows()]
     floor, aa = floor_of_frame(df)
@@ -690,7 +690,7 @@ def summary(df, env: dict, samples: list[dict] | None = None) -> str:
             lines += ["At a glance, relative to full fine-tuning on this workload (details in the next table):", ""]
             lines += glance(g, floor) + [""]
         lines += table(MAIN, [_main_row(r, floor) for _, r in g.iterrows()]) + [""]
-        pair = counterparts(g, samples, floor) if len(g) > MATRIX_MAX else []
+        pair = counterparts(g, samples, floor) if per_method and len(g) > MATRIX_MAX else []
         if pair:
             lines += ["Hand-written methods against their peft counterparts (same options, same workload):", ""]
             lines += pair + [""]
