@@ -192,7 +192,10 @@ def _run_options(args: argparse.Namespace):
                       method_options=options, batch_size=args.batch_size, max_length=args.seq_len,
                       train_steps=args.steps, dtype=args.dtype, model=args.model, dataset=args.dataset,
                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                      mnist_root=args.mnist_root, repeats=args.repeats, allow_busy=args.allow_busy)
+                      mnist_root=args.mnist_root, repeats=args.repeats, allow_busy=args.allow_busy,
+                      nproc=tuple(args.nproc) if args.nproc else None,
+                      parallel=tuple(args.parallel) if args.parallel else None, nnodes=args.nnodes,
+                      rdzv_endpoint=args.rdzv_endpoint or "")
     return opts
 
 
@@ -286,6 +289,12 @@ def _run_arguments(r: argparse.ArgumentParser, sweep: bool = False) -> None:
     r.add_argument("--allow-busy", action="store_true",
                    help="measure even if other processes use the CPU/GPU (each row records the interference)")
     r.add_argument("--mnist-root", help="mlp-mnist: use the full MNIST under this directory via torchvision")
+    r.add_argument("--nproc", type=_int_list, help="run each cell under torchrun with this many processes per node "
+                   "(comma-separated for several, e.g. 1,2: the one-process cell is the scaling reference)")
+    r.add_argument("--parallel", type=_list, help="ddp | fsdp (comma-separated for both; default ddp) with --nproc")
+    r.add_argument("--nnodes", type=_positive(int, "--nnodes"), default=1, help="machines, each running the same "
+                   "command (torchrun --nnodes)")
+    r.add_argument("--rdzv-endpoint", help="HOST:PORT every node's torchrun meets at (several nodes)")
 
 
 def build_parser() -> argparse.ArgumentParser:

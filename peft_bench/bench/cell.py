@@ -81,6 +81,11 @@ class CellSpec:
     vary: str = ""  # a sweep's varied parameter (rank, seq_len, ...), and its value in this cell
     vary_value: float | None = None
     memory_cap_bytes: int | None = None  # capacity probes on CUDA: the process may not allocate beyond this
+    parallel: str = ""  # "ddp" | "fsdp": the cell runs under torchrun (`peft_bench.bench.distributed`)
+    nproc: int = 0  # processes per node under torchrun (0: a single-process cell)
+    nnodes: int = 1
+    rdzv_endpoint: str = ""  # host:port of the rendezvous for several nodes ("": this machine alone)
+    threads_per_rank: int = 0  # intra-op threads per rank (0: torch's default)
 
     def key(self) -> str:
         """Identity of a cell (--resume, compare): the same key means the same measurement. Fields at their
@@ -89,10 +94,16 @@ class CellSpec:
         d.pop("matmul_peak_flops")
         d.pop("probes")
         d.pop("base_probe")
-        for late in ("width", "depth", "vary", "vary_value", "memory_cap_bytes"):
-            if not d[late]:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for late in LATE_FIELDS:
+            if d[late] == defaults[late]:
                 d.pop(late)
         return json.dumps(d, sort_keys=True)
+
+
+# Fields added after results were first published: left out of a cell's key while at their default.
+LATE_FIELDS = ("width", "depth", "vary", "vary_value", "memory_cap_bytes", "parallel", "nproc", "nnodes",
+               "rdzv_endpoint", "threads_per_rank")
 
 
 class CellError(RuntimeError):

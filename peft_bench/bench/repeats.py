@@ -108,6 +108,19 @@ def _match_full(key: str, keys: list[str]) -> str | None:
     return None
 
 
+def _single_process(key: str, keys: list[str]) -> str | None:
+    """The key of the same distributed cell on one process (same mode, threads per rank, per-rank batch)."""
+    d = json.loads(key)
+    if not d.get("parallel"):
+        return None
+    want = peer_key(key, nproc=1, nnodes=1, rdzv_endpoint="", replica=0)
+    want_d = {k: v for k, v in json.loads(want).items() if not (k in ("nnodes", "rdzv_endpoint") and v in (1, ""))}
+    for k in keys:
+        if json.loads(k) == want_d:
+            return k
+    return None
+
+
 def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:
     """metrics.csv rows with their repeat-level columns filled from the samples."""
     by_key = used(samples)
@@ -140,6 +153,12 @@ def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:
             ratio = paired_ratio(times_by_round(got), times_by_round(by_key[ref]))
         row.update(step_time_vs_full=ratio.value, step_time_vs_full_ci_low=ratio.low,
                    step_time_vs_full_ci_high=ratio.high)
+        if _int0(row.get("world_size")) > 1:  # weak scaling vs one process
+            one = _single_process(row["cell_key"], keys)
+            eff = paired_ratio(times_by_round(by_key[one]), times_by_round(got)) if one in by_key else \
+                Estimate.missing()
+            row.update(scaling_efficiency=eff.value, scaling_efficiency_ci_low=eff.low,
+                       scaling_efficiency_ci_high=eff.high)
         if _int0(row.get("replica")) == 1:
             orig = peer_key(row["cell_key"], replica=0)
             aa = paired_ratio(times_by_round(got), times_by_round(by_key.get(orig, {})))

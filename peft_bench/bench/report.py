@@ -28,7 +28,8 @@ COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
 TEXT = {"method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task", "family",
         "split",
         "tokenizer", "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format",
-        "static_matches_closed_form", "vary"}
+        "static_matches_closed_form", "vary", "parallel", "backend", "comm_matches_closed_form",
+        "shards_cover_model"}
 REQUIRED = {"method", "workload", "status", "cell_key"}
 BETTER = records.better()
 

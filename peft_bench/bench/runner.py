@@ -63,6 +63,10 @@ class RunOptions:
     repeats: int | None = None  # None: the suite's default
     allow_busy: bool = False
     vary: tuple[str, tuple[int, ...]] | None = None  # a sweep: (parameter, values); each cell once per value
+    nproc: tuple[int, ...] | None = None  # under torchrun: each cell once per process count (per node)
+    parallel: tuple[str, ...] | None = None  # ddp | fsdp: each cell once per mode (default ddp with --nproc)
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
 
 
 
@@ -121,6 +125,9 @@ def plan(opts: RunOptions) -> list[CellSpec]:
                 trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
     if opts.vary:
         cells = expand(cells, opts)
+    if opts.nproc or opts.parallel or opts.nnodes > 1 or opts.rdzv_endpoint or suite.nproc:
+        cells = distribute(cells, dataclasses.replace(opts, nproc=opts.nproc or suite.nproc or None,
+                                                      parallel=opts.parallel or suite.parallel or None))
     for c in cells:  # options are validated here, before the first cell runs
         get_method(c.method, **c.method_options)
     cells = _base_once(cells)
@@ -160,6 +167,41 @@ def expand(cells: list[CellSpec], opts: RunOptions) -> list[CellSpec]:
         if name == "seq_len" and w.family == "mlp":
             raise UserError(f"--vary seq_len: {w.name} takes images, not sequences")
         w.with_options(max_length=c.max_length).sized(virtual_tokens(get_method(c.method, **c.method_options)))
+    return out
+
+
+def distribute(cells: list[CellSpec], opts: RunOptions) -> list[CellSpec]:
+    """Each planned cell once per parallel mode and process count, run under torchrun; checked before anything runs.
+    Every rank gets the same number of threads in the whole run (this machine's cores ÷ the largest --nproc), so a
+    one-process cell is the scaling reference of the same cell on N processes."""
+    from .distributed import MODES, threads_per_rank
+
+    if not opts.nproc:
+        raise UserError("--parallel, --nnodes and --rdzv-endpoint need --nproc (processes per node), e.g. --nproc 2")
+    if any(n < 1 for n in opts.nproc):
+        raise UserError(f"--nproc takes positive integers, got {','.join(map(str, opts.nproc))}")
+    modes = opts.parallel or ("ddp",)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise UserError(f"--parallel takes {' or '.join(MODES)} (comma-separated for both), got {','.join(bad)}")
+    if opts.nnodes < 1:
+        raise UserError(f"--nnodes must be at least 1, got {opts.nnodes}")
+    if opts.nnodes > 1 and not opts.rdzv_endpoint:
+        raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the rendezvous every node joins)")
+    if opts.device == "cuda":
+        import torch
+
+        if max(opts.nproc) > torch.cuda.device_count():
+            raise UserError(f"--nproc {max(opts.nproc)} on cuda: this machine has {torch.cuda.device_count()} GPUs "
+                            "(one rank per GPU)")
+    threads = threads_per_rank(max(opts.nproc))
+    out = []
+    for c in cells:
+        for mode in modes:
+            for n in sorted(set(opts.nproc)):
+                out.append(dataclasses.replace(c, parallel=mode, nproc=n, nnodes=opts.nnodes,
+                                               rdzv_endpoint=opts.rdzv_endpoint, threads_per_rank=threads,
+                                               base_probe=False))
     return out
 
 
@@ -220,9 +262,9 @@ def repeats_of(opts: RunOptions) -> int:
 
 def _aa_cell(cells: list[CellSpec], suite) -> CellSpec:
     """The cell measured twice for the noise floor: the suite's choice when planned, else the first supported."""
-    for c in cells:
-        if (c.method, c.workload) == suite.aa:
-            return c
+    matches = [c for c in cells if (c.method, c.workload) == suite.aa]
+    if matches:  # under torchrun, the most processes: where ranks contend most
+        return max(matches, key=lambda c: c.nproc)
     for c in cells:
         if not c.workload or not method_class(c.method).unsupported_reason(get_workload(c.workload).family):
             return c
@@ -419,11 +461,29 @@ def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
     base = {"method": spec.method, "workload": spec.workload or f"hub:{spec.model}", "device": spec.device,
             "options": json.dumps(spec.method_options, sort_keys=True), "seed": spec.seed}
     reason = method_class(spec.method).unsupported_reason(get_workload(spec.workload).family) if spec.workload else None
+    if not reason and spec.parallel:
+        reason = get_method(spec.method, **spec.method_options).unsupported_parallel(spec.parallel)
     if reason:  # known without building anything
         w = get_workload(spec.workload)
         return {**base, "family": w.family, "task": w.task, "pretrained": w.pretrained, "status": "unsupported",
                 "reason": reason}
     from ..measure.interference import Window
+
+    if spec.parallel:  # torchrun: the ranks' CPU time comes back through the waited-for children's usage
+        import resource
+
+        from .distributed import launch
+
+        with Window() as window:
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            row = launch(spec, timeout)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            window.also_own(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        if row.get("status") == "ok":
+            load = window.load
+            row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
+                       interference_repeats=int(load.busy), remeasured=0)
+        return {**base, **row}
 
     row = None
     with tempfile.TemporaryDirectory() as tmp, Window() as window:

@@ -4,6 +4,7 @@
 * default — the embedded workloads at their real sizes on CPU, 3 repeats; about 52 minutes on 2 cores.
 * custom  — no workloads of its own: `run --workloads X` / `--model M` without --suite, each at its own budget.
 * accuracy — the pretrained workloads, every method, 3 seeds, accuracy probes only: mean accuracy with its CI.
+* distributed — gpt-neo-125m-arch, full / lora / prefix on 1 and 2 processes under torchrun, DDP and FSDP2.
 * gpu     — the embedded workloads at real size with larger budgets, for CUDA; the tutorial's hub models
             run on top with `--model EleutherAI/gpt-neo-125m --dataset stanfordnlp/imdb` (hub or local copy).
 """
@@ -42,6 +43,8 @@ class Suite:
     aa: tuple[str, str] | None = None  # (method, workload) measured twice for the noise floor when repeats > 1
     seeds: tuple[int, ...] = (0,)  # each cell once per seed (`--seeds` overrides)
     probes: str = "all"  # "accuracy": training and accuracy only (see cell.CellSpec.probes)
+    nproc: tuple[int, ...] = ()  # under torchrun with these process counts (`--nproc` overrides); () single process
+    parallel: tuple[str, ...] = ()  # ddp / fsdp (`--parallel` overrides)
 
 
 # AdamW learning rates chosen by `peft-bench tune` (highest validation accuracy, on a validation split held apart
@@ -112,6 +115,12 @@ for _suite in (
            "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
            "smollm2-135m-sentiment": dataclasses.replace(SMOLLM2_BUDGET, test_examples=300)},
           methods=ALL, repeats=2, aa=("lora", "gpt-neo-125m-arch")),
+    # Data-parallel and sharded training under torchrun: 1 and 2 processes × DDP and FSDP2, communication counted
+    # (2 ranks × 1 thread on this 2-core machine; about 30 min).
+    Suite("distributed", ("gpt-neo-125m-arch",),
+          {"gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=2, timed_steps=6)},
+          methods=("full", "lora", "prefix"), repeats=2, aa=("lora", "gpt-neo-125m-arch"), nproc=(1, 2),
+          parallel=("ddp", "fsdp")),
     # No budgets of its own: each workload's own (see own_budget). What `run --workloads/--model` without --suite runs.
     Suite("custom", (), {}, methods=ALL),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),

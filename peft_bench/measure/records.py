@@ -211,8 +211,63 @@ class ForgettingRecord:
     forgetting_tokens: int = metric("tokens predicted in it (the n of both losses)")
 
 
+@dataclass(frozen=True)
+class DistributedRecord:
+    """Cells run under torchrun (`--nproc`); empty for single-process cells. Step times of such a cell are the
+    slowest rank's: each timed step's wall time is the maximum over the ranks, and step_time_s their median."""
+
+    world_size: int = metric("processes (ranks) that trained the cell together, each on its own batch of batch_size")
+    parallel: str = metric("ddp: DistributedDataParallel (every rank holds the whole model, gradients all-reduced); "
+                           "fsdp: FSDP2 fully_shard per transformer block and the root (parameters, gradients and "
+                           "optimizer state sharded, parameters all-gathered for compute)")
+    backend: str = metric("torch.distributed backend: gloo (CPU) or nccl (CUDA)")
+    threads_per_rank: int = metric("intra-op threads of each rank (torch.set_num_threads)")
+    fastest_rank_step_time_s: float = metric("median over the timed steps of the fastest rank's wall time (the "
+                                             "slowest rank's is step_time_s)")
+    allreduce_bytes_per_step: int = metric("payload all-reduced per training step, per rank: the bytes of every "
+                                           "tensor passed to all_reduce (DDP's gradient buckets), counted at the call",
+                                           "lower")
+    allgather_bytes_per_step: int = metric("payload all-gathered per step, per rank: bytes of each all-gather's "
+                                           "output (FSDP's parameter unsharding, forward and backward)", "lower")
+    reducescatter_bytes_per_step: int = metric("payload reduce-scattered per step, per rank: bytes of each "
+                                               "reduce-scatter's input (FSDP's gradient reduction)", "lower")
+    other_collective_bytes_per_step: int = metric("payload of any other collective in a step (broadcasts)")
+    comm_bytes_per_step: int = metric("sum of the four payloads above: what one rank hands to collectives per step",
+                                      "lower")
+    collectives_per_step: float = metric("collective calls per training step, per rank")
+    wire_bytes_per_rank_per_step: float = metric("estimate, not counted: bytes one rank sends per step if every "
+                                                 "collective ran as a ring (all-reduce 2(N−1)/N × payload, all-gather "
+                                                 "and reduce-scatter (N−1)/N)")
+    comm_closed_form_bytes: int = metric("gradient payload predicted from the trainable count: element size × "
+                                         "trainable parameters (ddp: the all-reduce), × trainable parameters padded "
+                                         "per tensor to a multiple of the world size on dim 0 (fsdp: the "
+                                         "reduce-scatter)")
+    comm_matches_closed_form: bool = metric("the counted gradient payload equals comm_closed_form_bytes")
+    rank_process_peak_max_bytes: int = metric("largest over ranks of process_peak_bytes (each rank's resident-set "
+                                              "or CUDA-reserved high-water mark over its measured steps, minus its "
+                                              "footprint before the model was built)", "lower")
+    rank_process_peak_min_bytes: int = metric("smallest over ranks of the same")
+    rank_weights_max_bytes: int = metric("largest over ranks of the parameter and buffer bytes the rank holds "
+                                         "between steps (its shard under fsdp, local elements only)", "lower")
+    rank_weights_min_bytes: int = metric("smallest over ranks of the same")
+    rank_gradients_max_bytes: int = metric("largest over ranks of the gradient bytes held after a step (local "
+                                           "shard under fsdp; DDP's gradients are views into its buckets)")
+    rank_optimizer_max_bytes: int = metric("largest over ranks of the AdamW state bytes held (local shard under fsdp)")
+    shards_cover_model: bool = metric("fsdp: the ranks' parameter shards add up to exactly the model's elements; "
+                                      "ddp: every rank holds every element")
+    replicas_max_abs_diff: float = metric("ddp, after training: max |trainable parameter on a rank − rank 0's| "
+                                          "(0 when the all-reduce kept the replicas identical; empty for fsdp)")
+    unused_parameters: int = metric("trainable tensors that received no gradient in a probe step before wrapping "
+                                    "(> 0: DDP runs with find_unused_parameters)")
+    scaling_efficiency: float = metric("weak scaling: step time of the same cell with one process ÷ this cell's, "
+                                       "median over paired rounds (each rank keeps its batch, so 1.0 means N "
+                                       "processes train N× the examples per second)", "higher")
+    scaling_efficiency_ci_low: float = metric("95 % bootstrap CI of scaling_efficiency over rounds, low end")
+    scaling_efficiency_ci_high: float = metric("the same CI's high end")
+
+
 RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, RepeatsRecord, InterferenceRecord, FlopsRecord, InferenceRecord,
-           ChecksRecord, CheckpointRecord, AccuracyRecord, ForgettingRecord)
+           ChecksRecord, CheckpointRecord, AccuracyRecord, ForgettingRecord, DistributedRecord)
 
 
 def columns() -> list[str]:

@@ -122,6 +122,13 @@ class Method:
         """Why this method cannot serve a model of `family` (mlp / encoder / decoder / encoder-decoder), or None."""
         return None
 
+    # Why the method cannot train under a parallel mode ("ddp" / "fsdp"), where it cannot; probed for the core
+    # methods on the tiny GPT-Neo, Llama and T5 (tests/test_distributed.py).
+    parallel_unsupported: dict[str, str] = {}
+
+    def unsupported_parallel(self, mode: str) -> str | None:
+        return self.parallel_unsupported.get(mode)
+
     # -- merging and disabling ---------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:
         """Fold the adapter into the base weights. Idempotent: merging a merged model does nothing."""

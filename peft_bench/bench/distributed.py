@@ -1,0 +1,410 @@
+"""Cells on several processes: torchrun launches the ranks, each trains under DDP or FSDP2, communication counted.
+
+Parent side (`launch`): the runner hands a `CellSpec` with `parallel` set; it becomes one
+`python -m torch.distributed.run --nproc-per-node N ... -m peft_bench.bench.distributed SPEC DIR` in a new session.
+Global rank 0 gathers every rank's record and writes the cell's row; a rank that raises writes its own error row and
+ends its process, which makes torchrun stop the others. The run goes on in every case: a rank that dies becomes an
+`error` row naming the rank and its exit code, a cell that outlives `--cell-timeout` (a hung collective) a `timeout`
+row, and no process of the cell survives either (the whole process tree is killed).
+
+Rank side (`rank_main`): build the model exactly as a single-process cell does (same seed on every rank), count its
+trainable parameters against the closed form, then wrap it —
+
+- ddp: `DistributedDataParallel(gradient_as_bucket_view=True)` (gradients are views into the all-reduce buckets:
+  no second copy), with DDP's stock all-reduce hook so the buckets go through `dist.all_reduce` where they are
+  counted. Trainable tensors that get no gradient in a probe step before wrapping (none for the methods here) turn
+  on `find_unused_parameters`; otherwise it stays off, so a parameter that stops receiving gradients later is DDP's
+  error, not silently skipped.
+- fsdp: FSDP2 `fully_shard` on each repeated block (every element of a ModuleList of one block class) and on the
+  root. FSDP2 shards parameter by parameter, so frozen and trainable parameters in one unit are never flattened
+  together: only the trainable ones get gradients and are reduce-scattered (checked: the reduce-scatter payload
+  equals the closed form of the trainable parameters, per tensor padded to the world size).
+
+— then warm-up and timed steps (each rank with its own batches), the collectives of the timed steps counted
+(`peft_bench.measure.comm`), the rank's process peak over its steps, and what it holds between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+MODES = ("ddp", "fsdp")
+RANK_SEED_STRIDE = 104_729  # each rank's batch order: seed + rank × stride (rank 0 sees a single process's batches)
+KILL_GRACE_S = 10.0
+
+
+# -- parent side ------------------------------------------------------------------------------------------------
+def threads_per_rank(nproc: int) -> int:
+    """Each rank's share of this machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, nproc))
+
+
+def torchrun_args(spec, entry: list[str]) -> list[str]:
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc), "--max-restarts", "0",
+            "--monitor-interval", "0.1"]
+    if spec.nnodes > 1 or spec.rdzv_endpoint:
+        args += ["--nnodes", str(spec.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
+                 "--rdzv-id", f"peft-bench-{abs(hash(spec.key())) % 10**9}"]
+    else:
+        args += ["--standalone"]
+    return args + entry
+
+
+def launch(spec, timeout: float | None) -> dict:
+    """Run one distributed cell; its row (ok, or error/timeout with the reason)."""
+    with tempfile.TemporaryDirectory(prefix="peft-bench-dist-") as tmp:
+        spec_path, log_path = Path(tmp, "spec.json"), Path(tmp, "torchrun.log")
+        spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads_per_rank or threads_per_rank(spec.nproc)),
+               "TORCHELASTIC_ERROR_FILE": str(Path(tmp, "error.json")), "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(torchrun_args(spec, ["-m", "peft_bench.bench.distributed", str(spec_path), tmp]),
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(proc)
+                return {"status": "timeout", "reason": f"distributed cell exceeded --cell-timeout {timeout:g}s (a "
+                        "rank hung or the ranks waited on each other); every process of it was killed"}
+            except BaseException:  # Ctrl-C / SIGTERM: the ranks end with the run
+                kill_tree(proc)
+                raise
+            finally:
+                kill_tree(proc)  # nothing of the cell outlives it, even a rank torchrun lost track of
+        result = Path(tmp, "result.json")
+        if result.exists():
+            return json.loads(result.read_text())
+        errors = sorted(Path(tmp).glob("rank*.json"))
+        if errors:
+            return json.loads(errors[0].read_text())
+        return {"status": "error", "reason": dead_rank_reason(log_path.read_text(errors="replace"), proc.returncode)}
+
+
+def dead_rank_reason(log: str, code: int | None) -> str:
+    """One line from torchrun's failure report: which rank ended and how."""
+    found = re.search(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", log, re.S)
+    if found:
+        rank, exitcode = int(found.group(1)), int(found.group(2))
+        how = f"killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with status {exitcode}"
+        return f"rank {rank} {how} without a result; torchrun stopped the other ranks"
+    tail = [x for x in log.strip().splitlines() if x.strip()][-1:] or [""]
+    return f"torchrun exited with status {code} and no result: {tail[0][:200]}"
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM to torchrun and every process under it (the ranks run in sessions of their own), then SIGKILL to
+    whatever is left after a grace period."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=KILL_GRACE_S)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=KILL_GRACE_S)
+    try:
+        proc.wait(KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# -- rank side --------------------------------------------------------------------------------------------------
+def rank_main(spec_path: str, out_dir: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from ..errors import UnsupportedError, UserError
+    from .cell import CellSpec, _quiet
+
+    _quiet()
+    spec = CellSpec(**json.loads(Path(spec_path).read_text()))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    torch.set_num_threads(spec.threads_per_rank or threads_per_rank(spec.nproc))
+    cuda = spec.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)  # "cuda" below is this rank's own GPU
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=600))
+    try:
+        _fault(spec.inject_fault, rank, world)
+        row = run_rank(spec, rank, world, backend)
+    except Exception as e:  # this rank's error row; its exit makes torchrun stop the others
+        status = "unsupported" if isinstance(e, UnsupportedError) else "oom" if type(e).__name__ in (
+            "OutOfMemoryError", "MemoryError") else "error"
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        reason = text if isinstance(e, (UnsupportedError, UserError)) else \
+            f"rank {rank}: {type(e).__name__}" + (f": {text}" if text else "")
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({**getattr(e, "identity", {}), "status": status,
+                                                                 "reason": reason}, default=float))
+        sys.stderr.flush()
+        os._exit(1)
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        out = combine(rows, spec)
+        tmp = Path(out_dir, "result.json.tmp")
+        tmp.write_text(json.dumps(out, default=float))
+        tmp.replace(Path(out_dir, "result.json"))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _fault(fault: str | None, rank: int, world: int) -> None:
+    """Tests: the last rank dies (SIGKILL, as the OOM killer would) or hangs before the first collective."""
+    if rank != world - 1:
+        return
+    if fault == "rank-dies":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "rank-hangs":
+        time.sleep(3600)
+    if fault == "rank-raises":
+        raise RuntimeError("injected fault on the last rank")
+
+
+def blocks(model) -> list:
+    """The repeated blocks of a model: every element of a ModuleList whose elements are all of one class (the
+    transformer layers; encoder and decoder stacks both). FSDP shards each as one unit."""
+    from torch import nn
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(x) for x in m}) == 1:
+            if not any(b is m or _contains(b, m) for b in out):
+                out.extend(m)
+    return out
+
+
+def _contains(outer, inner) -> bool:
+    return any(x is inner for x in outer.modules())
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _bytes(tensors) -> int:
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+
+
+def padded_numel(shape, world: int) -> int:
+    """Elements of a tensor sharded on dim 0 by FSDP2 across `world` ranks, padding included."""
+    if not shape:
+        return world  # a scalar: one (padded) element per rank
+    rows = -(-shape[0] // world) * world
+    return rows * math.prod(shape[1:])
+
+
+def run_rank(spec, rank: int, world: int, backend: str) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from ..arch import describe
+    from ..errors import UnsupportedError
+    from ..measure import memory
+    from ..measure.comm import CommCounter, ring_wire_bytes, route_ddp_through_python
+    from ..measure.timing import StepClock, canary_flops
+    from ..methods import get_method
+    from ..workloads.tasks import endless, model_inputs
+    from .cell import DATA_SEED, _builder, _identity, _on, _workload, params_probe
+
+    torch.manual_seed(spec.seed)
+    method = get_method(spec.method, **spec.method_options)
+    method.schedule(spec.train_steps)
+    w = _workload(spec, method)
+    try:
+        reason = method.unsupported_reason(w.family) or method.unsupported_parallel(spec.parallel)
+        if reason:
+            raise UnsupportedError(reason)
+        data, form = w.data(DATA_SEED), w.formulation()
+        baseline = memory.process_footprint(spec.device)
+        model = method.apply(_builder(w, spec)()).to(spec.device)
+        targets = describe(model).default_targets
+        params = params_probe(method, model)
+        trainable = method.trainable_parameters(model)
+        e = {p.element_size() for p in trainable.values()}
+        element = e.pop() if len(e) == 1 else 4
+        stream = endless(data.train, form, w.batch_size, spec.seed + RANK_SEED_STRIDE * rank)
+        module = model
+        unused = 0
+        if spec.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            unused = _unused(model, trainable, _on(next(stream), spec))
+            model = DDP(model, device_ids=[torch.cuda.current_device()] if spec.device == "cuda" else None,
+                        gradient_as_bucket_view=True, find_unused_parameters=unused > 0)
+            route_ddp_through_python(model)
+            closed_comm = element * params.trainable_params
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            # one rank has nothing to reduce: FSDP2 then issues no collective at all
+            closed_comm = element * sum(padded_numel(tuple(p.shape), world) for p in trainable.values()) \
+                if world > 1 else 0
+            total_elements = sum(p.numel() for p in module.parameters())
+            for b in blocks(module):
+                fully_shard(b)
+            fully_shard(module)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+        model.train()
+        clock = StepClock(spec.device)
+        walls, parts, losses, tokens = [], [], [], []
+
+        def step(batch) -> None:
+            clock.start()
+            opt.zero_grad(set_to_none=True)
+            loss = model(**model_inputs(batch)).loss
+            clock.mark()
+            loss.backward()
+            clock.mark()
+            opt.step()
+            method.after_step(module)
+            wall, split = clock.stop()
+            losses.append(float(loss.detach()))
+            return wall, split
+
+        start, end = spec.warmup_steps, spec.warmup_steps + spec.timed_steps
+        canary = math.inf
+        step(_on(next(stream), spec))
+        with memory.track_process_peak(spec.device) as proc, CommCounter() as comm:
+            for i in range(1, end):
+                batch = _on(next(stream), spec)
+                if i == start:
+                    canary = canary_flops(spec.device)
+                    comm.bytes.clear()
+                    comm.calls.clear()
+                wall, split = step(batch)
+                if i >= start:
+                    walls.append(wall)
+                    parts.append(split)
+                    tokens.append(form.tokens(batch))
+        canary = min(canary, canary_flops(spec.device))
+        if not all(math.isfinite(x) for x in losses):
+            from .cell import CellError
+
+            raise CellError("training loss is not finite; the measurement is void")
+        held = {"weights": _bytes(list(model.parameters()) + list(model.buffers())),
+                "gradients": _bytes(p.grad for p in model.parameters() if p.grad is not None),
+                "optimizer": _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
+        if spec.parallel == "ddp":  # the replicas stayed identical
+            flat = torch.cat([p.detach().reshape(-1).float() for p in trainable.values()])
+            ref = flat.clone()
+            dist.broadcast(ref, 0)
+            diff = torch.tensor([float((flat - ref).abs().max())], device=flat.device)
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            replicas, covered = float(diff), True
+        else:
+            n = torch.tensor([sum(_local(p).numel() for p in model.parameters())], device=spec.device)
+            dist.all_reduce(n)
+            replicas, covered = math.nan, int(n) == total_elements
+        steps = len(walls)
+        return {"identity": _identity(spec, w, method, targets), "params": dataclasses.asdict(params),
+                "walls": walls, "parts": parts, "losses": losses, "tokens": tokens, "canary": canary,
+                "comm_bytes": {k: v / steps for k, v in comm.bytes.items()},
+                "comm_calls": sum(comm.calls.values()) / steps, "closed_comm": closed_comm,
+                "process_peak": proc.peak_bytes - baseline, "baseline": baseline, "source": proc.source,
+                "held": held, "replicas": replicas, "covered": covered, "unused": unused, "backend": backend,
+                "world": world, "wire": ring_wire_bytes({k: v / steps for k, v in comm.bytes.items()}, world)}
+    except Exception as e:
+        e.identity = {k: v for k, v in _identity(spec, w, method, ()).items() if k != "method_config"}
+        raise
+
+
+def _unused(model, trainable: dict, batch: dict) -> int:
+    """Trainable tensors without a gradient after one forward and backward (no optimizer step; gradients cleared)."""
+    from ..workloads.tasks import model_inputs
+
+    model(**model_inputs(batch)).loss.backward()
+    n = sum(p.grad is None for p in trainable.values())
+    for p in trainable.values():
+        p.grad = None
+    return n
+
+
+def combine(rows: list[dict], spec) -> dict:
+    """The cell's row from every rank's record: step times of the slowest rank, memory max/min over ranks."""
+    from ..measure import records as R
+    from ..measure.timing import Stats
+    from .cell import learning, loss_trend
+
+    r0 = rows[0]
+    world = len(rows)
+    slowest = [max(r["walls"][i] for r in rows) for i in range(len(r0["walls"]))]
+    fastest = [min(r["walls"][i] for r in rows) for i in range(len(r0["walls"]))]
+    st = Stats.of(slowest)
+    split = [Stats.of([p[k] for r in rows for p in r["parts"]]).median for k in range(3)]
+    batch = r0["identity"]["batch_size"] * world
+    tokens = sum(sum(r["tokens"]) / len(r["tokens"]) for r in rows)
+    padded = batch * (r0["identity"]["seq_len"] or 1)
+    losses = r0["losses"]
+    tim = R.TimingRecord(
+        step_time_s=st.median, step_time_iqr_s=st.iqr, step_time_split_s=sum(split), forward_s=split[0],
+        backward_s=split[1], optimizer_s=split[2], timed_steps=len(slowest), samples_per_s=batch / st.median,
+        tokens_per_s=tokens / st.median, padded_tokens_per_s=padded / st.median,
+        first_losses=json.dumps([round(x, 6) for x in losses[:3]]), final_loss=losses[-1],
+        canary_flops_per_s=min(r["canary"] for r in rows), **loss_trend(losses), **learning([], []))
+    comm = r0["comm_bytes"]
+    kinds = {k: int(round(comm.get(k, 0))) for k in ("allreduce", "allgather", "reducescatter", "other")}
+    grad_payload = kinds["allreduce"] if spec.parallel == "ddp" else kinds["reducescatter"]
+    held = [r["held"] for r in rows]
+    peaks = [r["process_peak"] for r in rows]
+    dist_rec = R.DistributedRecord(
+        world_size=world, parallel=spec.parallel, backend=r0["backend"],
+        threads_per_rank=spec.threads_per_rank or threads_per_rank(spec.nproc),
+        fastest_rank_step_time_s=Stats.of(fastest).median,
+        allreduce_bytes_per_step=kinds["allreduce"], allgather_bytes_per_step=kinds["allgather"],
+        reducescatter_bytes_per_step=kinds["reducescatter"], other_collective_bytes_per_step=kinds["other"],
+        comm_bytes_per_step=sum(kinds.values()), collectives_per_step=r0["comm_calls"],
+        wire_bytes_per_rank_per_step=r0["wire"], comm_closed_form_bytes=r0["closed_comm"],
+        comm_matches_closed_form=grad_payload == r0["closed_comm"],
+        rank_process_peak_max_bytes=max(peaks), rank_process_peak_min_bytes=min(peaks),
+        rank_weights_max_bytes=max(h["weights"] for h in held), rank_weights_min_bytes=min(h["weights"] for h in held),
+        rank_gradients_max_bytes=max(h["gradients"] for h in held),
+        rank_optimizer_max_bytes=max(h["optimizer"] for h in held), shards_cover_model=all(r["covered"] for r in rows),
+        replicas_max_abs_diff=r0["replicas"], unused_parameters=r0["unused"], scaling_efficiency=math.nan,
+        scaling_efficiency_ci_low=math.nan, scaling_efficiency_ci_high=math.nan)
+    row = {**r0["identity"], **r0["params"], **R.as_row(tim), **R.as_row(dist_rec),
+           "process_peak_bytes": max(peaks), "process_baseline_bytes": r0["baseline"], "memory_source": r0["source"],
+           "replica": spec.replica, "status": "ok", "reason": ""}
+    if not row["comm_matches_closed_form"]:
+        row.update(status="error", reason=f"gradient payload counted {grad_payload} B per step != closed form "
+                   f"{r0['closed_comm']} B ({spec.parallel}, {world} ranks)")
+    if not row["shards_cover_model"]:
+        row.update(status="error", reason="the ranks' parameter shards do not add up to the model")
+    if row["replicas_max_abs_diff"] > 0:
+        row.update(status="error", reason=f"DDP replicas differ after training (max |Δ| "
+                   f"{row['replicas_max_abs_diff']:.3g}): the all-reduce did not keep them identical")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, out_dir = argv or sys.argv[1:]
+    return rank_main(spec_path, out_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
