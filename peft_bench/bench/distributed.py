@@ -93,7 +93,8 @@ def launch(spec, timeout: float | None) -> dict:
 
 def dead_rank_reason(log: str, code: int | None) -> str:
     """One line from torchrun's failure report: which rank ended and how."""
-    found = re.search(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", log, re.S)
+    root = log[log.find("Root Cause"):] if "Root Cause" in log else log  # the first rank to fail, not the ones stopped
+    found = re.search(r"rank\s*:\s*(\d+)[^\n]*\n(?:[^\n]*\n)*?\s*exitcode\s*:\s*(-?\d+)", root)
     if found:
         rank, exitcode = int(found.group(1)), int(found.group(2))
         how = f"killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with status {exitcode}"

@@ -147,6 +147,8 @@ def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:
                         "pct_of_matmul_peak"):
                 if col in row and row[col] not in ("", None):
                     row[col] = _f(row[col]) * scale
+            if row.get("fastest_rank_step_time_s") not in ("", None):  # a time: the inverse scale
+                row["fastest_rank_step_time_s"] = _f(row["fastest_rank_step_time_s"]) / scale
         ratio = Estimate.missing()
         ref = _match_full(row["cell_key"], keys)
         if ref and ref in by_key:

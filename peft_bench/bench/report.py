@@ -206,6 +206,13 @@ def build(out: Path) -> None:
                                                           sort_keys=True) + "\n")
         atomic_write_text(out / "summary.md", text)
         return
+    from . import dist_report
+
+    if dist_report.is_distributed(df):  # under torchrun: communication, scaling and memory per rank
+        text = dist_report.summary(df, env)
+        dist_report.plot(df, out / "distributed.png")
+        atomic_write_text(out / "summary.md", text)
+        return
     if accuracy_only(df):
         plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
         atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))

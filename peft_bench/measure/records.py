@@ -223,7 +223,8 @@ class DistributedRecord:
     backend: str = metric("torch.distributed backend: gloo (CPU) or nccl (CUDA)")
     threads_per_rank: int = metric("intra-op threads of each rank (torch.set_num_threads)")
     fastest_rank_step_time_s: float = metric("median over the timed steps of the fastest rank's wall time (the "
-                                             "slowest rank's is step_time_s)")
+                                             "slowest rank's is step_time_s), scaled like the throughputs from the "
+                                             "first repeat's process to the repeats' median")
     allreduce_bytes_per_step: int = metric("payload all-reduced per training step, per rank: the bytes of every "
                                            "tensor passed to all_reduce (DDP's gradient buckets), counted at the call",
                                            "lower")

@@ -128,7 +128,7 @@ class CausalLMSentiment(_Text):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         offset = logits.shape[1] - batch["input_ids"].shape[1]  # prompt-learning methods prepend virtual tokens
         last = batch["attention_mask"].sum(1) - 2  # position that predicts the label token
-        scores = logits[torch.arange(len(last)), last + offset][:, self.label_ids]
+        scores = logits[torch.arange(len(last), device=last.device), last + offset][:, self.label_ids.to(logits.device)]
         return scores.argmax(-1)
 
 
@@ -182,7 +182,7 @@ class Seq2SeqSentiment(_Text):
 
     def predict(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.logits[:, 0, self.label_ids].argmax(-1)
+        return out.logits[:, 0, self.label_ids.to(out.logits.device)].argmax(-1)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -238,11 +238,15 @@ def accuracy(model: nn.Module, split: Split, form: Formulation, batch_size: int)
     """Share of `split` the model labels correctly (eval mode, no dropout; batches by length, padding trimmed)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = sum(int((pred == truth).sum()) for pred, truth in predictions(model, split, form, batch_size))
+    model.train(was_training)
+    return correct / len(split)
+
+
+def predictions(model: nn.Module, split: Split, form: Formulation, batch_size: int) -> Iterator[tuple]:
+    """(predicted labels, true labels) per evaluation batch, both on the model's device: every tensor of a batch is
+    moved to the device of the model's parameters before the forward (text is tokenized on the CPU per batch)."""
     device = next(model.parameters()).device
     for b in batches(by_length(split), form, batch_size, seed=0, shuffle=False):
         b = {k: v.to(device) for k, v in trim(b).items()}
-        truth = b.get("class_labels", b["labels"])
-        correct += int((form.predict(model, b) == truth).sum())
-    model.train(was_training)
-    return correct / len(split)
+        yield form.predict(model, b), b.get("class_labels", b["labels"])

@@ -1,0 +1,238 @@
+"""The summary of a run under torchrun (`--nproc`): communication per step, speed and scaling, memory per rank.
+
+Rows only (metrics.csv, repeats.csv, environment.json): it can be rebuilt years later from the files.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..measure import records
+from .report import _mib, _size, ci, floor_of_frame, in_registry_order, noise_section, sig, table
+
+
+def is_distributed(df) -> bool:
+    return "world_size" in df.columns and df.world_size.notna().any()
+
+
+def _f(r, key: str) -> float:
+    try:
+        return float(r.get(key))
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _label(r) -> str:
+    return f"{r.parallel} × {int(_f(r, 'world_size'))}"
+
+
+def _yes(x) -> str:
+    return "yes" if str(x).lower() == "true" else "**no**"
+
+
+def ordered(df):
+    """Methods in registry order, then DDP before FSDP, then fewer ranks first; the A/A copy left out."""
+    df = df[df.replica.fillna(0).astype(int) == 0] if "replica" in df.columns else df
+    out = in_registry_order(df.copy()).copy()
+    order = {m: i for i, m in enumerate(dict.fromkeys(out.method))}
+    return out.assign(_m=out.method.map(order), _p=out.parallel.map({"ddp": 0, "fsdp": 1}).fillna(2),
+                      _n=out.world_size.fillna(0)).sort_values(["workload", "_m", "_p", "_n"], kind="stable")
+
+
+def comm_ratios(ok) -> list[str]:
+    """Gradient communication of each method against full fine-tuning's, per workload, mode and world size."""
+    lines = []
+    for (wl, mode, n), g in ok.groupby(["workload", "parallel", "world_size"], sort=False):
+        if n < 2:
+            continue
+        full = g[g.method == "full"]
+        if not len(full):
+            continue
+        ref = _f(full.iloc[0], "comm_bytes_per_step")
+        for _, r in g.iterrows():
+            if r.method == "full" or not _f(r, "comm_bytes_per_step"):
+                continue
+            grad = "allreduce_bytes_per_step" if mode == "ddp" else "reducescatter_bytes_per_step"
+            lines.append(f"- {wl}, {mode} × {int(n)}: full : {r.method} = **{sig(ref / _f(r, 'comm_bytes_per_step'))} : 1"
+                         f"** in bytes per step ({_size(ref)} vs {_size(_f(r, 'comm_bytes_per_step'))}); gradients alone "
+                         f"{sig(_f(full.iloc[0], grad) / _f(r, grad))} : 1 ({_size(_f(full.iloc[0], grad))} vs "
+                         f"{_size(_f(r, grad))}).")
+    return lines
+
+
+def fsdp_lines(ok) -> list[str]:
+    """What sharding saved per rank against the same cell on one process."""
+    lines = []
+    f = ok[ok.parallel == "fsdp"]
+    for (wl, m), g in f.groupby(["workload", "method"], sort=False):
+        one = g[g.world_size == 1]
+        for _, r in g[g.world_size > 1].iterrows():
+            if not len(one):
+                continue
+            o = one.iloc[0]
+            lines.append(f"- {wl}, {m}: weights held per rank {_mib(_f(r, 'rank_weights_max_bytes'))} MiB on "
+                         f"{int(r.world_size)} ranks vs {_mib(_f(o, 'rank_weights_max_bytes'))} MiB on one "
+                         f"(× {sig(_f(r, 'rank_weights_max_bytes') / _f(o, 'rank_weights_max_bytes'))}); gradients "
+                         f"× {sig(_ratio(r, o, 'rank_gradients_max_bytes'))}, AdamW state × "
+                         f"{sig(_ratio(r, o, 'rank_optimizer_max_bytes'))}; process peak × "
+                         f"{sig(_ratio(r, o, 'rank_process_peak_max_bytes'))}.")
+    return lines
+
+
+def _ratio(a, b, key: str) -> float:
+    d = _f(b, key)
+    return _f(a, key) / d if d else math.nan
+
+
+COMM = ["workload", "method", "mode × ranks", "trainable params", "all-reduce", "all-gather", "reduce-scatter",
+        "total per step", "gradient payload = closed form", "collectives", "wire per rank (ring estimate)"]
+SPEED = ["workload", "method", "mode × ranks", "step ms, slowest rank (95% CI)", "fastest rank ms", "samples/s (all ranks)",
+         "tokens/s (all ranks)", "scaling efficiency (95% CI)"]
+MEMORY = ["workload", "method", "mode × ranks", "process peak MiB, max / min over ranks", "weights held MiB, max / min",
+          "gradients MiB", "AdamW state MiB", "shards add up to the model", "replicas max abs diff"]
+USED = ("world_size", "parallel", "step_time_s", "fastest_rank_step_time_s", "allreduce_bytes_per_step",
+        "allgather_bytes_per_step", "reducescatter_bytes_per_step", "comm_bytes_per_step",
+        "wire_bytes_per_rank_per_step", "comm_closed_form_bytes", "scaling_efficiency", "rank_process_peak_max_bytes",
+        "rank_weights_max_bytes", "rank_gradients_max_bytes", "rank_optimizer_max_bytes", "shards_cover_model",
+        "replicas_max_abs_diff", "unused_parameters", "threads_per_rank")
+
+
+def summary(df, env: dict) -> str:
+    floor, aa = floor_of_frame(df)
+    rows = ordered(df)
+    ok = rows[rows.status == "ok"]
+    first = ok.iloc[0] if len(ok) else rows.iloc[0]
+    lines = ["# peft-bench distributed: data-parallel and sharded training", ""]
+    if env:
+        lines += [f"Made by `{env.get('command', '?')}` on {env.get('date_utc', '?')}: {env.get('cpu', '?')}, "
+                  f"{env.get('cpu_count')} cores, {(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB"
+                  + (f", GPU {env['gpu']}" if env.get("gpu") else "")
+                  + f"; torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}; "
+                  f"commit {str(env.get('git_commit', ''))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
+                  f"dtype {env.get('dtype', 'float32')}; {env.get('repeats', 1)} repeat(s) per cell, round-robin.", ""]
+    lines += [f"Each cell runs under torchrun (`torch.distributed`, backend {first.get('backend', '')}), "
+              f"{int(_f(first, 'threads_per_rank'))} thread(s) per rank in every cell, so the one-process cell is "
+              f"the scaling reference of the same cell on more; every rank trains on its own batch of "
+              f"{int(_f(first, 'batch_size'))}" + (f" × {int(_f(first, 'seq_len'))} tokens"
+                                                   if math.isfinite(_f(first, "seq_len")) else "")
+              + f" (its own shuffle); {int(_f(first, 'timed_steps'))} timed steps per repeat, after warm-up. "
+              "A step's time is the slowest rank's. Communication is counted at the collective calls during the timed "
+              "steps (DDP's buckets through its stock all-reduce hook, FSDP2's all-gathers and reduce-scatters), "
+              "as the payload per rank: the whole tensor each collective acts on. Each cell checks itself: the "
+              "trainable count equals its closed form; the gradient payload per step equals the element size × the "
+              "trainable parameters (DDP's all-reduce; FSDP's reduce-scatter, each tensor padded to the world size); "
+              "DDP's replicas are identical after training; FSDP's shards add up to the model.", ""]
+    lines += noise_section(aa, floor, df)
+    bad = rows[rows.status != "ok"]
+    if len(bad):
+        lines += ["Cells without numbers:", ""] + [f"- {r.workload} {r.method} {r.get('parallel', '')}: {r.status} — "
+                                                   f"{r.reason}" for _, r in bad.iterrows()] + [""]
+    ratios = comm_ratios(ok)
+    if ratios:
+        lines += ["## Communication ratio", ""] + ratios + [""]
+    lines += ["## Communication per training step, per rank", ""]
+    lines += table(COMM, [[r.workload, r.method, _label(r), f"{int(_f(r, 'trainable_params')):,}",
+                           _size(_f(r, "allreduce_bytes_per_step")) if _f(r, "allreduce_bytes_per_step") else "0",
+                           _size(_f(r, "allgather_bytes_per_step")) if _f(r, "allgather_bytes_per_step") else "0",
+                           _size(_f(r, "reducescatter_bytes_per_step")) if _f(r, "reducescatter_bytes_per_step") else "0",
+                           _size(_f(r, "comm_bytes_per_step")) if _f(r, "comm_bytes_per_step") else "0",
+                           f"{_yes(r.comm_matches_closed_form)} ({int(_f(r, 'comm_closed_form_bytes')):,} B)",
+                           sig(_f(r, "collectives_per_step")),
+                           _size(_f(r, "wire_bytes_per_rank_per_step")) if _f(r, "wire_bytes_per_rank_per_step") else "0"]
+                          for _, r in ok.iterrows()]) + [""]
+    lines += ["## Speed and scaling", "",
+              "Scaling efficiency: the one-process cell's step time ÷ this cell's, paired by round (weak scaling: "
+              "each rank keeps its batch, so 1.0 means N ranks process N× the examples per second). On this machine "
+              "the ranks share two cores, memory bandwidth and caches, so it measures contention as much as "
+              "communication.", ""]
+    lines += table(SPEED, [[r.workload, r.method, _label(r),
+                            ci(_f(r, "step_time_s"), _f(r, "step_time_ci_low_s"), _f(r, "step_time_ci_high_s"), 1e3),
+                            sig(_f(r, "fastest_rank_step_time_s") * 1e3), sig(_f(r, "samples_per_s")),
+                            sig(_f(r, "tokens_per_s")),
+                            ci(_f(r, "scaling_efficiency"), _f(r, "scaling_efficiency_ci_low"),
+                               _f(r, "scaling_efficiency_ci_high")) or "reference"
+                            if _f(r, "world_size") == 1 else
+                            ci(_f(r, "scaling_efficiency"), _f(r, "scaling_efficiency_ci_low"),
+                               _f(r, "scaling_efficiency_ci_high"))]
+                           for _, r in ok.iterrows()]) + [""]
+    lines += ["## Memory per rank", "",
+              "What each rank holds between steps (its shard under FSDP) and its process peak over the measured "
+              "steps above its footprint before the model was built. Activations are not split out per rank: the "
+              "tensor-level tracker of single-process cells does not see through DDP's buckets or FSDP's DTensors; "
+              "they are inside the process peak.", ""]
+    lines += table(MEMORY, [[r.workload, r.method, _label(r),
+                             f"{_mib(_f(r, 'rank_process_peak_max_bytes'))} / {_mib(_f(r, 'rank_process_peak_min_bytes'))}",
+                             f"{_mib(_f(r, 'rank_weights_max_bytes'))} / {_mib(_f(r, 'rank_weights_min_bytes'))}",
+                             _mib(_f(r, "rank_gradients_max_bytes")), _mib(_f(r, "rank_optimizer_max_bytes")),
+                             _yes(r.shards_cover_model),
+                             sig(_f(r, "replicas_max_abs_diff")) if r.parallel == "ddp" else "–"]
+                            for _, r in ok.iterrows()]) + [""]
+    f = fsdp_lines(ok)
+    if f:
+        lines += ["FSDP against one process:", ""] + f + [""]
+        lines += ["Buffers (GPT-Neo's causal masks, for one) are not sharded, so the weights a rank holds fall to a "
+                  "little over 1/N. During a step each rank all-gathers the parameters of the unit it computes into "
+                  "buffers beside its shard (FSDP2 keeps the root's — embeddings, final norm — gathered from forward to "
+                  "backward), so the process peak falls by less than what is held, and can rise where frozen weights "
+                  "dominate and gradients and AdamW state are small.", ""]
+    lines += ["Plot: `distributed.png`. Every column: `metrics.csv`; each repeat's timing: `repeats.csv`.", "",
+              "Definitions:", ""]
+    defs = records.definitions()
+    lines += [f"- `{k}`: {defs[k]}" for k in USED if k in defs] + [""]
+    return "\n".join(lines)
+
+
+def plot(df, path: Path) -> None:
+    """Communication per step (log scale) and the memory each rank holds, per method × mode × ranks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import style
+
+    ok = ordered(df)
+    ok = ok[ok.status == "ok"]
+    if not len(ok):
+        return
+    labels = [f"{r.method}\n{_label(r)}" for _, r in ok.iterrows()]
+    st = style(list(dict.fromkeys(ok.method)))
+    colors = [st[m][0] for m in ok.method]
+    hatches = ["//" if p == "fsdp" else "" for p in ok.parallel]
+    fig, axes = plt.subplots(1, 3, figsize=(min(20, max(12, 0.45 * len(ok) * 3)), 4.8), constrained_layout=True)
+    x = range(len(ok))
+    comm = [_f(r, "comm_bytes_per_step") / 2**20 for _, r in ok.iterrows()]
+    axes[0].bar(x, [c if c > 0 else math.nan for c in comm], color=colors, hatch=hatches)
+    axes[0].set_yscale("log")
+    low = min([c for c in comm if c > 0] or [1.0]) / 4
+    axes[0].set_ylim(bottom=low)
+    for i, c in enumerate(comm):
+        if not c > 0:  # one rank: nothing crosses; said, not drawn as a tiny bar
+            axes[0].text(i, low * 1.3, "none", ha="center", va="bottom", fontsize=7, rotation=90)
+    axes[0].set_ylabel("MiB handed to collectives per step, per rank")
+    axes[0].set_title("communication (counted)")
+    held = [(_f(r, "rank_weights_max_bytes") + _f(r, "rank_gradients_max_bytes") + _f(r, "rank_optimizer_max_bytes"))
+            / 2**20 for _, r in ok.iterrows()]
+    peak = [_f(r, "rank_process_peak_max_bytes") / 2**20 for _, r in ok.iterrows()]
+    axes[1].bar(x, peak, color="lightgrey", label="process peak (largest rank)")
+    axes[1].bar(x, held, color=colors, hatch=hatches, label="weights + gradients + AdamW held")
+    axes[1].set_ylabel("MiB per rank")
+    axes[1].set_title("memory per rank")
+    axes[1].legend(fontsize=8, loc="upper right")
+    t = [_f(r, "step_time_s") * 1e3 for _, r in ok.iterrows()]
+    lo = [max(0.0, v - _f(r, "step_time_ci_low_s") * 1e3) if _f(r, "step_time_ci_low_s") == _f(r, "step_time_ci_low_s")
+          else 0 for v, (_, r) in zip(t, ok.iterrows())]
+    hi = [max(0.0, _f(r, "step_time_ci_high_s") * 1e3 - v) if _f(r, "step_time_ci_high_s") == _f(r, "step_time_ci_high_s")
+          else 0 for v, (_, r) in zip(t, ok.iterrows())]
+    axes[2].bar(x, t, yerr=[lo, hi], color=colors, hatch=hatches, capsize=3)
+    axes[2].set_ylabel("step time, slowest rank (ms; 95% CI)")
+    axes[2].set_title("speed")
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=7, rotation=90)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{', '.join(dict.fromkeys(ok.workload))}: data-parallel (ddp, plain) and sharded (fsdp, hatched) "
+                 "training")
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

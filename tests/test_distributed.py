@@ -1,0 +1,170 @@
+"""Distributed cells: the communication counter against closed forms, and torchrun cells end to end (2 ranks × 1
+thread over gloo on the tiny GPT-Neo): DDP's all-reduce = 4 × trainable, FSDP's shards, dead and hung ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+from peft_bench.bench import distributed as D
+from peft_bench.bench.cell import CellSpec
+from peft_bench.measure.comm import CommCounter, ring_wire_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def group():
+    """A one-rank gloo group in this process (the counter wraps the calls whatever the world size)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
+
+
+def test_counter_counts_each_collective_payload_and_restores_the_functions(group):
+    before = dist.all_reduce
+    a = torch.ones(10, 3)  # 120 B
+    out = torch.empty(8, dtype=torch.float64)  # all-gather output 64 B
+    with CommCounter() as comm:
+        dist.all_reduce(a)
+        dist.all_reduce(tensor=a)
+        dist.all_gather_into_tensor(out, torch.zeros(8, dtype=torch.float64))
+        dist.reduce_scatter_tensor(torch.empty(4), torch.ones(4))  # input 16 B
+    assert dict(comm.bytes) == {"allreduce": 240, "allgather": 64, "reducescatter": 16}
+    assert dict(comm.calls) == {"allreduce": 2, "allgather": 1, "reducescatter": 1}
+    assert dist.all_reduce is before  # nothing stays patched
+
+
+def test_ddp_hook_routes_buckets_through_the_counter(group):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from peft_bench.measure.comm import route_ddp_through_python
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    model[0].weight.requires_grad_(False)  # frozen: not communicated
+    ddp = DDP(model, gradient_as_bucket_view=True)
+    route_ddp_through_python(ddp)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ddp(torch.randn(4, 5)).sum().backward()  # the first step builds the buckets
+    with CommCounter() as comm:
+        ddp(torch.randn(4, 5)).sum().backward()
+    assert comm.bytes["allreduce"] == 4 * trainable == 4 * (7 + 21 + 3)
+
+
+def test_ring_estimate_and_padding_closed_forms():
+    assert ring_wire_bytes({"allreduce": 100}, 2) == 100  # 2(N-1)/N
+    assert ring_wire_bytes({"allreduce": 100, "allgather": 100}, 4) == 150 + 75
+    assert ring_wire_bytes({"allreduce": 100}, 1) == 0
+    assert D.padded_numel((50257, 768), 2) == 50258 * 768
+    assert D.padded_numel((768,), 2) == 768
+    assert D.padded_numel((3, 4), 4) == 16
+
+
+def test_blocks_are_the_repeated_layers_of_every_family():
+    from peft_bench.workloads import get_workload
+
+    with torch.device("meta"):
+        neo = get_workload("gpt-neo-tiny").build_model()
+        t5 = get_workload("t5-tiny").build_model()
+        mlp = get_workload("mlp-mnist-tiny").build_model()
+    assert [type(b).__name__ for b in D.blocks(neo)] == ["GPTNeoBlock"] * neo.config.num_layers
+    names = {type(b).__name__ for b in D.blocks(t5)}
+    assert names == {"T5Block"} and len(D.blocks(t5)) == t5.config.num_layers + t5.config.num_decoder_layers
+    assert all(type(b).__name__ != "T5LayerSelfAttention" for b in D.blocks(t5))  # not the layers inside a block
+    assert len(D.blocks(mlp)) <= 0 or all(isinstance(b, torch.nn.Module) for b in D.blocks(mlp))
+
+
+def test_dead_rank_reason_names_the_rank_and_signal():
+    log = ("Failures:\n[1]:\n  time      : x\n  host      : h\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15 "
+           "(pid: 9722)  (SIGTERM)\n------\nRoot Cause (first observed failure):\n[0]:\n  time      : x\n  host      : h\n"
+           "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 123)\n")  # torchrun's report, as printed
+    assert D.dead_rank_reason(log, 1) == "rank 1 killed by SIGKILL without a result; torchrun stopped the other ranks"
+
+
+def test_bad_distributed_options_are_refused_before_anything_runs(tmp_path, capsys):
+    from peft_bench.cli import main
+
+    out = tmp_path / "out"
+    for argv, text in ((["--parallel", "fsdp"], "need --nproc"), (["--nproc", "2", "--parallel", "zero"], "ddp or fsdp"),
+                       (["--nproc", "2", "--nnodes", "2"], "--rdzv-endpoint")):
+        code = main(["run", "--workloads", "gpt-neo-tiny", "--methods", "lora", "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and text in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def _cells(tmp_path, monkeypatch, *argv):
+    import pandas as pd
+
+    from peft_bench.cli import main
+
+    out = tmp_path / "dist"
+    monkeypatch.setenv("PEFT_BENCH_ALLOW_BUSY", "1")
+    assert main(["run", "--workloads", "gpt-neo-125m-arch-tiny", "--steps", "4", "--out", str(out), *argv]) == 0
+    return pd.read_csv(out / "metrics.csv"), out
+
+
+def test_ddp_and_fsdp_on_two_ranks(tmp_path, monkeypatch):
+    """The issue's done-when: ok rows with world_size 2, DDP's all-reduce = 4 × trainable (fp32) for full and LoRA;
+    FSDP's weights per rank about half of what a rank holds whole, its reduce-scatter = the padded closed form."""
+    df, out = _cells(tmp_path, monkeypatch, "--nproc", "2", "--parallel", "ddp,fsdp", "--methods", "full,lora")
+    assert (df.status == "ok").all(), df.reason.tolist()
+    assert (df.world_size == 2).all() and (df.backend == "gloo").all()
+    ddp, fsdp = df[df.parallel == "ddp"].set_index("method"), df[df.parallel == "fsdp"].set_index("method")
+    for m in ("full", "lora"):
+        assert ddp.loc[m, "allreduce_bytes_per_step"] == 4 * ddp.loc[m, "trainable_params"]
+        assert ddp.loc[m, "allgather_bytes_per_step"] == 0 and ddp.loc[m, "replicas_max_abs_diff"] == 0
+        assert fsdp.loc[m, "allreduce_bytes_per_step"] == 0
+        assert fsdp.loc[m, "reducescatter_bytes_per_step"] == fsdp.loc[m, "comm_closed_form_bytes"]
+        assert fsdp.loc[m, "reducescatter_bytes_per_step"] >= 4 * fsdp.loc[m, "trainable_params"]
+        # every frozen and trainable parameter is gathered at least once per step
+        assert fsdp.loc[m, "allgather_bytes_per_step"] >= ddp.loc[m, "rank_weights_max_bytes"] * 0.9
+        half = fsdp.loc[m, "rank_weights_max_bytes"] / ddp.loc[m, "rank_weights_max_bytes"]
+        assert 0.45 < half < 0.6, half  # buffers (attention masks) are not sharded
+        assert fsdp.loc[m, "rank_gradients_max_bytes"] * 2 == pytest.approx(ddp.loc[m, "rank_gradients_max_bytes"],
+                                                                            rel=0.01)
+        assert str(fsdp.loc[m, "shards_cover_model"]) == "True"
+    # LoRA communicates its adapter's gradients only: the ratio is the trainable ratio
+    assert ddp.loc["full", "allreduce_bytes_per_step"] / ddp.loc["lora", "allreduce_bytes_per_step"] == \
+        ddp.loc["full", "trainable_params"] / ddp.loc["lora", "trainable_params"]
+    text = (out / "summary.md").read_text()
+    assert "full : lora = **" in text and (out / "distributed.png").stat().st_size > 10_000
+    from tests.markdown import tables
+
+    assert len(tables(text)) == 3
+
+
+def _no_cell_processes(spec_dir_marker: str = "peft_bench.bench.distributed") -> list:
+    return [p for p in psutil.process_iter(["cmdline"]) if spec_dir_marker in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.parametrize("fault, status, text", [
+    ("rank-dies", "error", "rank 1 killed by SIGKILL"),
+    ("rank-raises", "error", "rank 1: RuntimeError: injected fault"),
+    ("rank-hangs", "timeout", "exceeded --cell-timeout"),
+])
+def test_a_dead_or_hung_rank_is_a_row_and_leaves_no_process(fault, status, text):
+    from peft_bench.bench.runner import _run_isolated
+
+    spec = CellSpec(method="lora", workload="gpt-neo-tiny", parallel="ddp", nproc=2, threads_per_rank=1,
+                    train_steps=4, warmup_steps=1, timed_steps=1, inject_fault=fault)
+    row = _run_isolated(spec, 8.0)
+    assert row["status"] == status and text in row["reason"], row
+    assert not _no_cell_processes()
+
+
+def test_cell_key_of_a_single_process_cell_is_unchanged():
+    """Results made before distributed cells existed keep their keys (--resume, compare)."""
+    c = CellSpec(method="lora", workload="gpt-neo-tiny")
+    assert "parallel" not in c.key() and "nproc" not in c.key() and "nnodes" not in c.key()
+    d = dataclasses.replace(c, parallel="ddp", nproc=1)
+    assert '"nproc": 1' in d.key() and '"parallel": "ddp"' in d.key() and math.isfinite(1.0)
