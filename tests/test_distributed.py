@@ -168,3 +168,11 @@ def test_cell_key_of_a_single_process_cell_is_unchanged():
     assert "parallel" not in c.key() and "nproc" not in c.key() and "nnodes" not in c.key()
     d = dataclasses.replace(c, parallel="ddp", nproc=1)
     assert '"nproc": 1' in d.key() and '"parallel": "ddp"' in d.key() and math.isfinite(1.0)
+
+
+def test_adalora_is_refused_under_fsdp_with_the_reason_and_runs_under_ddp():
+    from peft_bench.methods import get_method
+
+    assert "shard" in get_method("adalora").unsupported_parallel("fsdp")
+    assert get_method("adalora").unsupported_parallel("ddp") is None
+    assert get_method("lora").unsupported_parallel("fsdp") is None

@@ -269,6 +269,8 @@ class PeftTuner(PeftAdapter):
         return total + self._head_count
 
 
+PER_STEP_UNDER_FSDP = ("its rank allocation (peft's update_and_allocate, after every step) reads whole parameters "
+                       "and gradients; under FSDP each rank holds only its shard (tried: a size mismatch)")
 DEFAULT_TOTAL_STEPS = 1000  # AdaLoRA's schedule when nobody said how long training is (outside the engine)
 
 
@@ -276,7 +278,8 @@ def _register(t: Tuner) -> type[Method]:
     cls = type(t.name.title().replace("-", ""), (PeftTuner,),
                {"name": t.name, "Options": t.Options, "can_merge": t.can_merge, "tuner": t, "__doc__": t.paper, "what": t.paper,
                 "extra_inference": t.extra_inference, "load_trainable": t.per_step,
-                "checkpoint_format": f"peft adapter: {t.saved}"})
+                "checkpoint_format": f"peft adapter: {t.saved}",
+                "parallel_unsupported": {"fsdp": PER_STEP_UNDER_FSDP} if t.per_step else {}})
     return register(cls)
 
 
