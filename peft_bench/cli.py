@@ -195,7 +195,7 @@ def _run_options(args: argparse.Namespace):
                       mnist_root=args.mnist_root, repeats=args.repeats, allow_busy=args.allow_busy,
                       nproc=tuple(args.nproc) if args.nproc else None,
                       parallel=tuple(args.parallel) if args.parallel else None, nnodes=args.nnodes,
-                      rdzv_endpoint=args.rdzv_endpoint or "")
+                      rdzv_endpoint=args.rdzv_endpoint or "", gradient_checkpointing=args.gradient_checkpointing)
     return opts
 
 
@@ -295,6 +295,8 @@ def _run_arguments(r: argparse.ArgumentParser, sweep: bool = False) -> None:
     r.add_argument("--nnodes", type=_positive(int, "--nnodes"), default=1, help="machines, each running the same "
                    "command (torchrun --nnodes)")
     r.add_argument("--rdzv-endpoint", help="HOST:PORT every node's torchrun meets at (several nodes)")
+    r.add_argument("--gradient-checkpointing", action="store_true", help="recompute each transformer block's "
+                   "activations in backward (non-reentrant): less activation memory, more compute")
 
 
 def build_parser() -> argparse.ArgumentParser:

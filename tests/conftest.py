@@ -21,25 +21,6 @@ def seed() -> None:
     torch.manual_seed(0)
 
 
-_PEAKS: dict = {}
-
-
-@pytest.fixture(autouse=True)
-def matmul_peak_once_per_session(monkeypatch) -> None:
-    """Runs started in this process measure the matmul peak (MFU's denominator, ~8 s) once per test session instead
-    of once per run: still measured on this machine, in a forked child, per device and dtype. Runs started as a
-    subprocess (the CLI tests) measure their own."""
-    from peft_bench.bench import runner
-
-    real = runner.matmul_peak_in_child
-
-    def once(device: str, dtype: str) -> float:
-        if (device, dtype) not in _PEAKS:
-            _PEAKS[device, dtype] = real(device, dtype)
-        return _PEAKS[device, dtype]
-
-    monkeypatch.setattr(runner, "matmul_peak_in_child", once)
-
 
 def tiny_model(family: str) -> torch.nn.Module:
     torch.manual_seed(0)

@@ -86,6 +86,7 @@ class CellSpec:
     nnodes: int = 1
     rdzv_endpoint: str = ""  # host:port of the rendezvous for several nodes ("": this machine alone)
     threads_per_rank: int = 0  # intra-op threads per rank (0: torch's default)
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward (non-reentrant)
 
     def key(self) -> str:
         """Identity of a cell (--resume, compare): the same key means the same measurement. Fields at their
@@ -103,7 +104,7 @@ class CellSpec:
 
 # Fields added after results were first published: left out of a cell's key while at their default.
 LATE_FIELDS = ("width", "depth", "vary", "vary_value", "memory_cap_bytes", "parallel", "nproc", "nnodes",
-               "rdzv_endpoint", "threads_per_rank")
+               "rdzv_endpoint", "threads_per_rank", "gradient_checkpointing")
 
 
 class CellError(RuntimeError):
@@ -192,7 +193,7 @@ def _measure(spec: CellSpec, method: Method, w) -> dict:
     base_out = _logits(model, check_batch)
     base_bytes = _state_bytes(model)
     targets = describe(model).default_targets
-    model = method.apply(model).to(spec.device)
+    model = apply(spec, method, model)
     if spec.probes == "timing":  # a further repeat: the same process up to here, then only the timed steps
         _, tim, _ = train_probe(spec, method, model, data, form, w.batch_size, 0, 0, None, w.name, instrument=False)
         return {**R.as_row(tim), "replica": spec.replica, "status": "ok", "reason": ""}
@@ -268,7 +269,8 @@ def _ok_row(spec: CellSpec, w, method: Method, targets: tuple[str, ...], *record
 
 
 def _identity(spec: CellSpec, w, method: Method, targets: tuple[str, ...]) -> dict:
-    sweep = {k: getattr(spec, k) for k in ("width", "depth", "vary", "vary_value") if getattr(spec, k)}
+    sweep = {k: getattr(spec, k) for k in ("width", "depth", "vary", "vary_value", "gradient_checkpointing")
+             if getattr(spec, k)}
     return sweep | {"method": spec.method, "workload": w.name, "device": spec.device, "pretrained": w.pretrained,
             "task": w.task, "family": w.family, "batch_size": w.batch_size, "seq_len": w.max_length, "lr": spec.lr,
             "seed": spec.seed, "train_steps": spec.train_steps, "split": spec.split,
@@ -322,6 +324,31 @@ def _workload(spec: CellSpec, method: Method):
 
         w = w.with_options(load_data=lambda seed: mnist_torchvision(spec.mnist_root))
     return w.scaled(spec.width, spec.depth).sized(virtual_tokens(method))
+
+
+def apply(spec: CellSpec, method: Method, model: nn.Module) -> nn.Module:
+    """The method applied to the base model, gradient checkpointing turned on when asked, on the cell's device."""
+    if spec.gradient_checkpointing and method.extra_key_tokens:
+        raise UnsupportedError("--gradient-checkpointing: the method's virtual keys and values reach the model as "
+                               "past_key_values, which transformers drops under gradient checkpointing in training "
+                               "(tried on GPT-Neo: a size mismatch between the keys and the mask)")
+    model = method.apply(model)
+    if spec.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model.to(spec.device)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' gradient checkpointing (each block's activations recomputed in backward instead of kept), with
+    `use_reentrant=False`: torch's non-reentrant checkpoint sends gradients to the parameters inside a block even when
+    the block's input does not require grad — under PEFT the embeddings are frozen, and the reentrant variant would
+    leave every adapter inside a checkpointed block without a gradient (training nothing) unless the inputs are made
+    to require grad. The same RNG state is replayed, so dropout masks match the forward's."""
+    if not hasattr(model, "gradient_checkpointing_enable") or not getattr(model, "supports_gradient_checkpointing",
+                                                                            True):
+        raise UnsupportedError(f"--gradient-checkpointing: {type(model).__name__} has no transformer blocks to "
+                               "checkpoint (transformers' gradient checkpointing)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def virtual_tokens(method: Method) -> int:
@@ -719,7 +746,7 @@ def training_step(spec: CellSpec):
     method.schedule(spec.train_steps)
     w = _workload(spec, method)
     data, form = w.data(DATA_SEED), w.formulation()
-    model = method.apply(_builder(w, spec)()).to(spec.device)
+    model = apply(spec, method, _builder(w, spec)())
     opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=spec.lr)
     stream = endless(data.train, form, w.batch_size, spec.seed)
     batches = itertools.cycle([model_inputs(_on(next(stream), spec))

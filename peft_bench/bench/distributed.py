@@ -231,7 +231,7 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
     from ..measure.timing import StepClock, canary_flops
     from ..methods import get_method
     from ..workloads.tasks import endless, model_inputs
-    from .cell import DATA_SEED, _builder, _identity, _on, _workload, params_probe
+    from .cell import DATA_SEED, _builder, _identity, _on, _workload, apply, params_probe
 
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
@@ -243,7 +243,7 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
             raise UnsupportedError(reason)
         data, form = w.data(DATA_SEED), w.formulation()
         baseline = memory.process_footprint(spec.device)
-        model = method.apply(_builder(w, spec)()).to(spec.device)
+        model = apply(spec, method, _builder(w, spec)())
         targets = describe(model).default_targets
         params = params_probe(method, model)
         trainable = method.trainable_parameters(model)

@@ -22,7 +22,8 @@ from ..measure import records
 # The cell's identity first, then every record's fields (`peft_bench.measure.records`), then bookkeeping.
 IDENTITY = ["method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task",
             "family", "batch_size", "seq_len", "lr", "seed", "train_steps", "split", "tokenizer",
-            "width", "depth", "vary", "vary_value"]  # the last four: a sweep's point (empty otherwise)
+            "width", "depth", "vary", "vary_value",  # these four: a sweep's point (empty otherwise)
+            "gradient_checkpointing"]  # True when asked (--gradient-checkpointing), else empty
 BOOKKEEPING = ["suite", "cell_seconds", "cell_key"]
 COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
 TEXT = {"method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task", "family",

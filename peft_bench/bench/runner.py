@@ -67,6 +67,7 @@ class RunOptions:
     parallel: tuple[str, ...] | None = None  # ddp | fsdp: each cell once per mode (default ddp with --nproc)
     nnodes: int = 1
     rdzv_endpoint: str = ""
+    gradient_checkpointing: bool = False
 
 
 
@@ -122,7 +123,8 @@ def plan(opts: RunOptions) -> list[CellSpec]:
                 timed_steps=max(1, min(b.timed_steps, steps - wu - INSTRUMENTED_STEPS)),
                 train_steps=steps, latency_seconds=b.latency_seconds, test_examples=b.test_examples, model=opts.model,
                 dataset=opts.dataset,
-                trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root))
+                trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root,
+                gradient_checkpointing=opts.gradient_checkpointing))
     if opts.vary:
         cells = expand(cells, opts)
     if opts.nproc or opts.parallel or opts.nnodes > 1 or opts.rdzv_endpoint or suite.nproc:
