@@ -52,3 +52,13 @@ def test_a_batch_left_on_the_cpu_fails_on_the_stand_in_device():
     with MixedDevices() as mode:
         form.predict(model.eval(), b)
     assert mode.mixed
+
+
+def test_datasheet_peak_is_looked_up_by_gpu_name_most_specific_first():
+    from peft_bench.measure.timing import datasheet_peak_flops
+
+    assert datasheet_peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert datasheet_peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert datasheet_peak_flops("NVIDIA H100 80GB HBM3", "float32") == 67e12
+    assert datasheet_peak_flops("NVIDIA GeForce GTX 1080", "bfloat16") is None
+    assert datasheet_peak_flops(None, "float32") is None

@@ -134,11 +134,25 @@ def environment(opts, peak: float, argv: list[str] | None) -> dict:
         "memory_total_bytes": __import__("psutil").virtual_memory().total,
         "gpu": torch.cuda.get_device_name() if opts.device == "cuda" else None,
         "cuda": torch.version.cuda if opts.device == "cuda" else None,
+        "gpu_driver": _nvidia_driver() if opts.device == "cuda" else None,
         "matmul_peak_flops_per_s": peak, "git_commit": _git("rev-parse", "HEAD"),
         # Uncommitted changes to the code (results/ is output, not code).
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
     }
+    if env["gpu"]:  # the vendor's figure beside the measured one, labelled as such
+        from ..measure.timing import datasheet_peak_flops
+
+        env["gpu_datasheet_dense_peak_flops_per_s"] = datasheet_peak_flops(env["gpu"], env["dtype"])
     return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _cpu_model() -> str:
@@ -663,7 +677,10 @@ def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool =
                   f"{_seeds_text(env)}; dtype {env.get('dtype', 'float32')}; {_plural(env.get('repeats', 1), 'repeat')} "
                   f"per cell, round-robin. Measured matmul peak: "
                   f"{sig((env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9)} GFLOP/s "
-                  f"({env.get('dtype', 'float32')}).", ""]
+                  f"({env.get('dtype', 'float32')})"
+                  + (f"; the GPU's datasheet dense peak, for comparison only: "
+                     f"{sig(env['gpu_datasheet_dense_peak_flops_per_s'] / 1e9)} GFLOP/s"
+                     if env.get("gpu_datasheet_dense_peak_flops_per_s") else "") + ".", ""]
     lines += ["Every cell runs in fresh processes and checks itself before its numbers count: the trainable count "
               "equals its closed form; after training the disabled adapter reproduces the base model, merged equals "
               "unmerged and unmerge restores (within the tolerance in `check_tolerance`); the checkpoint restored "

@@ -114,3 +114,21 @@ def matmul_peak_flops(device: str, dtype: str = "float32", sizes: tuple[int, ...
         seconds = min(timed(lambda a=a, b=b: a @ b, device)[1] for _ in range(repeats + 1))
         best = max(best, 2 * n**3 / seconds)
     return best
+
+
+# Vendors' datasheet peaks, dense (no structured sparsity), FLOP/s — shown beside the measured matmul peak, labelled,
+# never used as the MFU denominator. Matched by substring of torch.cuda.get_device_name(), most specific first.
+DATASHEET_PEAK_FLOPS = (
+    ("H200", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),  # H200 SXM datasheet
+    ("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12}),
+    ("H100", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),  # H100 SXM
+    ("A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+)
+
+
+def datasheet_peak_flops(gpu_name: str | None, dtype: str) -> float | None:
+    """The datasheet's dense peak for this GPU and element type, or None when the GPU is not in the table."""
+    for key, peaks in DATASHEET_PEAK_FLOPS:
+        if gpu_name and key in gpu_name:
+            return peaks.get(dtype)
+    return None
