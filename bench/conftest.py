@@ -37,7 +37,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
     opts = RunOptions(suite=metafunc.config.getoption("--suite"), device=metafunc.config.getoption("--device"),
                       repeats=1)  # pytest-benchmark repeats the step itself; no A/A copy here
-    cells = {f"{c.workload or c.model}-{c.method}": c for c in plan(opts)}
+    planned = plan(opts)
+    if any(c.parallel for c in planned):  # pytest-benchmark times one process's step: it cannot time a torchrun cell
+        raise pytest.UsageError(f"suite {opts.suite!r} runs its cells under torchrun; use `peft-bench run --suite "
+                                f"{opts.suite}`")
+    cells = {f"{c.workload or c.model}-{c.method}": c for c in planned}
     metafunc.config.peft_bench_cells = cells
     metafunc.parametrize("cell_id", list(cells), ids=list(cells))
 
