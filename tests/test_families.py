@@ -55,7 +55,7 @@ METHODS = ("lora", "prefix", "p-tuning")  # hf-lora takes the same default targe
 BY_HAND = {
     ("gpt2", "lora"): 2 * 8 * (32 + 96),  # Conv1D c_attn: 32 → 3·32 (q, k, v fused), 2 layers
     ("gpt_neox", "lora"): 2 * 8 * (32 + 96),  # query_key_value, fused likewise
-    ("llama", "lora"): 2 * (8 * (32 + 32) + 8 * (32 + 16)),  # q: 32 → 32; v: 32 → 2 kv heads × 8 = 16
+    ("qwen2", "lora"): 2 * (8 * (32 + 32) + 8 * (32 + 16)),  # q: 32 → 32; v: 32 → 2 kv heads × 8 = 16
     ("llama", "prefix"): 20 * 2 * 2 * 16,  # n · layers · (k, v) · num_key_value_heads × head_dim
     ("qwen2", "prefix"): 20 * 2 * 2 * 16,
     ("distilbert", "lora"): 2 * 2 * 8 * (32 + 32) + (32 * 32 + 32) + (32 * 2 + 2),  # q_lin, v_lin + pre_classifier, classifier
@@ -91,7 +91,14 @@ def model_root(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
-@pytest.mark.parametrize("family", list(TINY))
+# Through the CLI from a saved directory: the families whose layers differ in kind (GPT-2's Conv1D, GPT-NeoX's fused
+# query_key_value, Qwen2's GQA with biases, BART's and T5's encoder-decoders, DistilBERT's own names). OPT, Llama and
+# RoBERTa share those layers' kinds (q_proj/v_proj, BERT's query/value): their targets, shapes and closed forms are
+# checked in-process below and in tests/test_methods.py — kept out of this matrix to fit the test time.
+CLI_FAMILIES = ("gpt2", "gpt_neox", "qwen2", "bart", "t5", "distilbert")
+
+
+@pytest.mark.parametrize("family", CLI_FAMILIES)
 def test_every_family_runs_every_method_from_a_saved_directory(family, model_root, reviews, tmp_path):
     out = tmp_path / "out"
     assert main(["run", "--model", saved(family, model_root), "--dataset", reviews, "--suite", "smoke", "--steps",
@@ -197,3 +204,15 @@ def test_a_checkpoint_runs_in_its_own_dtype_by_default_and_the_row_says_so(model
                  "--methods", "lora", "--out", str(tmp_path / "o")]) == 0
     row = pd.read_csv(tmp_path / "o" / "metrics.csv").iloc[0]
     assert row["status"] == "ok" and row["dtype"] == "bfloat16+float32"  # float32 adapters on a bfloat16 base, as peft
+
+
+@pytest.mark.parametrize("family, method", list(BY_HAND))
+def test_trainable_counts_worked_out_by_hand_in_process(family, method):
+    """The hand-worked counts above for every family listed, the CLI matrix's families or not."""
+    from peft_bench.methods import get_method
+
+    torch.manual_seed(0)
+    m = get_method(method)
+    model = m.apply(TINY[family]())
+    assert sum(p.numel() for p in m.trainable_parameters(model).values()) == BY_HAND[family, method]
+    assert m.closed_form_trainable(model) == BY_HAND[family, method]
