@@ -80,6 +80,16 @@ def fsdp_lines(ok) -> list[str]:
     return lines
 
 
+def _payload(r, key: str) -> str:
+    return _size(_f(r, key)) if _f(r, key) else "0"
+
+
+def _efficiency(r) -> str:
+    """The scaling efficiency with its CI; the one-process cell is the reference."""
+    text = ci(_f(r, "scaling_efficiency"), _f(r, "scaling_efficiency_ci_low"), _f(r, "scaling_efficiency_ci_high"))
+    return text or ("reference" if _f(r, "world_size") == 1 else "")
+
+
 def _ratio(a, b, key: str) -> float:
     d = _f(b, key)
     return _f(a, key) / d if d else math.nan
@@ -133,13 +143,13 @@ def summary(df, env: dict) -> str:
         lines += ["## Communication ratio", ""] + ratios + [""]
     lines += ["## Communication per training step, per rank", ""]
     lines += table(COMM, [[r.workload, r.method, _label(r), f"{int(_f(r, 'trainable_params')):,}",
-                           _size(_f(r, "allreduce_bytes_per_step")) if _f(r, "allreduce_bytes_per_step") else "0",
-                           _size(_f(r, "allgather_bytes_per_step")) if _f(r, "allgather_bytes_per_step") else "0",
-                           _size(_f(r, "reducescatter_bytes_per_step")) if _f(r, "reducescatter_bytes_per_step") else "0",
-                           _size(_f(r, "comm_bytes_per_step")) if _f(r, "comm_bytes_per_step") else "0",
+                           _payload(r, "allreduce_bytes_per_step"),
+                           _payload(r, "allgather_bytes_per_step"),
+                           _payload(r, "reducescatter_bytes_per_step"),
+                           _payload(r, "comm_bytes_per_step"),
                            f"{_yes(r.comm_matches_closed_form)} ({int(_f(r, 'comm_closed_form_bytes')):,} B)",
                            sig(_f(r, "collectives_per_step")),
-                           _size(_f(r, "wire_bytes_per_rank_per_step")) if _f(r, "wire_bytes_per_rank_per_step") else "0"]
+                           _payload(r, "wire_bytes_per_rank_per_step")]
                           for _, r in ok.iterrows()]) + [""]
     lines += ["## Speed and scaling", "",
               "Scaling efficiency: the one-process cell's step time ÷ this cell's, paired by round (weak scaling: "
@@ -150,11 +160,7 @@ def summary(df, env: dict) -> str:
                             ci(_f(r, "step_time_s"), _f(r, "step_time_ci_low_s"), _f(r, "step_time_ci_high_s"), 1e3),
                             sig(_f(r, "fastest_rank_step_time_s") * 1e3), sig(_f(r, "samples_per_s")),
                             sig(_f(r, "tokens_per_s")),
-                            ci(_f(r, "scaling_efficiency"), _f(r, "scaling_efficiency_ci_low"),
-                               _f(r, "scaling_efficiency_ci_high")) or "reference"
-                            if _f(r, "world_size") == 1 else
-                            ci(_f(r, "scaling_efficiency"), _f(r, "scaling_efficiency_ci_low"),
-                               _f(r, "scaling_efficiency_ci_high"))]
+                            _efficiency(r)]
                            for _, r in ok.iterrows()]) + [""]
     lines += ["## Memory per rank", "",
               "What each rank holds between steps (its shard under FSDP) and its process peak over the measured "
