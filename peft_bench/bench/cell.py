@@ -169,7 +169,7 @@ def run_cell(spec: CellSpec) -> dict:
     try:
         return _measure(spec, method, w)
     except Exception as e:
-        e.identity = {k: v for k, v in _identity(spec, w, method, ()).items() if k not in ("method_config",)}
+        e.identity = failure_identity(spec, w, method)
         raise
 
 
@@ -266,6 +266,11 @@ def _ok_row(spec: CellSpec, w, method: Method, targets: tuple[str, ...], *record
         row.update(R.as_row(record))
     row.update(replica=spec.replica, status="ok", reason="")
     return row
+
+
+def failure_identity(spec: CellSpec, w, method: Method) -> dict:
+    """What a failed cell's row says of it: its identity without the method's resolved configuration."""
+    return {k: v for k, v in _identity(spec, w, method, ()).items() if k != "method_config"}
 
 
 def _identity(spec: CellSpec, w, method: Method, targets: tuple[str, ...]) -> dict:
@@ -513,9 +518,7 @@ def train_probe(spec: CellSpec, method: Method, model: nn.Module, data, form, ba
     bar.close()
     if peak_out is not None:
         peak_out.update(bytes=proc.peak_bytes, source=proc.source)
-    if not all(math.isfinite(x) for x in losses):
-        raise CellError(f"training loss is not finite (first non-finite at step {_first_bad(losses)}); "
-                        "the measurement is void")
+    check_finite(losses)
     if not walls:
         raise CellError("no step was timed: raise train_steps above warm-up")
     st = timing.Stats.of(walls)
@@ -593,6 +596,13 @@ def _counted_step(model: nn.Module, method: Method, step, batch: dict) -> tuple[
         model, lambda: step(batch), getattr(model, "config", None), batch, method.extra_input_tokens,
         method.extra_key_tokens)))
     return counted, box["analytic"]
+
+
+def check_finite(losses: list[float]) -> None:
+    """A non-finite training loss voids the measurement: the cell is an error."""
+    if not all(math.isfinite(x) for x in losses):
+        raise CellError(f"training loss is not finite (first non-finite at step {_first_bad(losses)}); "
+                        "the measurement is void")
 
 
 def _first_bad(xs: list[float]) -> int:

@@ -231,7 +231,7 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
     from ..measure.timing import StepClock, canary_flops
     from ..methods import get_method
     from ..workloads.tasks import endless, model_inputs
-    from .cell import DATA_SEED, _builder, _identity, _on, _workload, apply, params_probe
+    from .cell import DATA_SEED, _builder, _identity, _on, _workload, apply, check_finite, failure_identity, params_probe
 
     torch.manual_seed(spec.seed)
     method = get_method(spec.method, **spec.method_options)
@@ -275,7 +275,7 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
         clock = StepClock(spec.device)
         walls, parts, losses, tokens = [], [], [], []
 
-        def step(batch) -> None:
+        def step(batch) -> tuple[float, list[float]]:
             clock.start()
             opt.zero_grad(set_to_none=True)
             loss = model(**model_inputs(batch)).loss
@@ -304,10 +304,7 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
                     parts.append(split)
                     tokens.append(form.tokens(batch))
         canary = min(canary, canary_flops(spec.device))
-        if not all(math.isfinite(x) for x in losses):
-            from .cell import CellError
-
-            raise CellError("training loss is not finite; the measurement is void")
+        check_finite(losses)
         held = {"weights": _bytes(list(model.parameters()) + list(model.buffers())),
                 "gradients": _bytes(p.grad for p in model.parameters() if p.grad is not None),
                 "optimizer": _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
@@ -323,15 +320,16 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
             dist.all_reduce(n)
             replicas, covered = math.nan, int(n) == total_elements
         steps = len(walls)
+        payload = {k: v / steps for k, v in comm.bytes.items()}
         return {"identity": _identity(spec, w, method, targets), "params": dataclasses.asdict(params),
                 "walls": walls, "parts": parts, "losses": losses, "tokens": tokens, "canary": canary,
-                "comm_bytes": {k: v / steps for k, v in comm.bytes.items()},
+                "comm_bytes": payload,
                 "comm_calls": sum(comm.calls.values()) / steps, "closed_comm": closed_comm,
                 "process_peak": proc.peak_bytes - baseline, "baseline": baseline, "source": proc.source,
                 "held": held, "replicas": replicas, "covered": covered, "unused": unused, "backend": backend,
-                "world": world, "wire": ring_wire_bytes({k: v / steps for k, v in comm.bytes.items()}, world)}
+                "wire": ring_wire_bytes(payload, world)}
     except Exception as e:
-        e.identity = {k: v for k, v in _identity(spec, w, method, ()).items() if k != "method_config"}
+        e.identity = failure_identity(spec, w, method)
         raise
 
 

@@ -113,12 +113,8 @@ def _single_process(key: str, keys: list[str]) -> str | None:
     d = json.loads(key)
     if not d.get("parallel"):
         return None
-    want = peer_key(key, nproc=1, nnodes=1, rdzv_endpoint="", replica=0)
-    want_d = {k: v for k, v in json.loads(want).items() if not (k in ("nnodes", "rdzv_endpoint") and v in (1, ""))}
-    for k in keys:
-        if json.loads(k) == want_d:
-            return k
-    return None
+    want = {k: v for k, v in {**d, "nproc": 1, "replica": 0}.items() if k not in ("nnodes", "rdzv_endpoint")}
+    return next((k for k in keys if json.loads(k) == want), None)
 
 
 def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:

@@ -481,11 +481,7 @@ def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
             row = launch(spec, timeout)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             window.also_own(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-        if row.get("status") == "ok":
-            load = window.load
-            row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
-                       interference_repeats=int(load.busy), remeasured=0)
-        return {**base, **row}
+        return {**base, **_with_load(row, window.load)}
 
     row = None
     with tempfile.TemporaryDirectory() as tmp, Window() as window:
@@ -506,16 +502,20 @@ def _run_isolated(spec: CellSpec, timeout: float | None) -> dict:
             row = json.loads(row_path.read_text())
             window.also_own(float(row.pop("cell_cpu_s", 0.0)))  # the cell's own CPU time is not interference
     if row is not None:
-        if row.get("status") == "ok":
-            load = window.load
-            row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
-                       interference_repeats=int(load.busy), remeasured=0)
-        return {**base, **row}
+        return {**base, **_with_load(row, window.load)}
     if proc.exitcode is not None and proc.exitcode < 0:
         sig = signal.Signals(-proc.exitcode).name
         hint = " (likely the kernel's out-of-memory killer)" if sig == "SIGKILL" else ""
         return {**base, "status": "oom" if sig == "SIGKILL" else "error", "reason": f"cell killed by {sig}{hint}"}
     return {**base, "status": "error", "reason": f"cell process exited with status {proc.exitcode}"}
+
+
+def _with_load(row: dict, load) -> dict:
+    """An ok row gets what other processes did to the machine while the cell ran."""
+    if row.get("status") == "ok":
+        row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
+                   interference_repeats=int(load.busy), remeasured=0)
+    return row
 
 
 def _require_cuda() -> None:

@@ -17,18 +17,15 @@ from collections import defaultdict
 
 import torch
 
-# collective → (the argument whose size is the payload, what the payload is)
+# torch.distributed function → (the argument whose size is the payload, the kind it is counted as)
 COLLECTIVES = {
-    "all_reduce": "tensor",
-    "broadcast": "tensor",
-    "all_gather_single": "output_tensor",
-    "all_gather_into_tensor": "output_tensor",
-    "reduce_scatter_single": "input",
-    "reduce_scatter_tensor": "input",
+    "all_reduce": ("tensor", "allreduce"),
+    "broadcast": ("tensor", "other"),
+    "all_gather_single": ("output_tensor", "allgather"),
+    "all_gather_into_tensor": ("output_tensor", "allgather"),
+    "reduce_scatter_single": ("input", "reducescatter"),
+    "reduce_scatter_tensor": ("input", "reducescatter"),
 }
-KIND = {"all_reduce": "allreduce", "broadcast": "other", "all_gather_single": "allgather",
-        "all_gather_into_tensor": "allgather", "reduce_scatter_single": "reducescatter",
-        "reduce_scatter_tensor": "reducescatter"}
 RING_FACTOR = {"allreduce": lambda n: 2 * (n - 1) / n, "allgather": lambda n: (n - 1) / n,
                "reducescatter": lambda n: (n - 1) / n, "other": lambda n: (n - 1) / n}
 
@@ -53,22 +50,22 @@ class CommCounter:
     def __enter__(self) -> CommCounter:
         import torch.distributed as dist
 
-        for name, arg in COLLECTIVES.items():
+        for name, (arg, kind) in COLLECTIVES.items():
             f = getattr(dist, name, None)
             if f is None:
                 continue
             self._saved[name] = f
-            setattr(dist, name, self._wrap(f, name, arg))
+            setattr(dist, name, self._wrap(f, arg, kind))
         return self
 
-    def _wrap(self, f, name: str, arg: str):
+    def _wrap(self, f, arg: str, kind: str):
         sig = inspect.signature(f)
 
         @functools.wraps(f)
         def counted(*args, **kwargs):
             t = sig.bind(*args, **kwargs).arguments[arg]
-            self.bytes[KIND[name]] += _nbytes(t)
-            self.calls[KIND[name]] += 1
+            self.bytes[kind] += _nbytes(t)
+            self.calls[kind] += 1
             return f(*args, **kwargs)
 
         return counted
@@ -79,9 +76,6 @@ class CommCounter:
         for name, f in self._saved.items():
             setattr(dist, name, f)
         self._saved.clear()
-
-    def total(self) -> int:
-        return sum(self.bytes.values())
 
 
 def ring_wire_bytes(payload: dict[str, int], world_size: int) -> float:
