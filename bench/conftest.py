@@ -33,9 +33,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrized by a plain string ("workload-method"), so pytest-benchmark's JSON `params` serialise."""
     if "cell_id" not in metafunc.fixturenames:
         return
-    from peft_bench.bench.runner import RunOptions, plan
+    from peft_bench.config import RunConfig
+    from peft_bench.engine.plan import plan
 
-    opts = RunOptions(suite=metafunc.config.getoption("--suite"), device=metafunc.config.getoption("--device"),
+    opts = RunConfig(suite=metafunc.config.getoption("--suite"), device=metafunc.config.getoption("--device"),
                       repeats=1)  # pytest-benchmark repeats the step itself; no A/A copy here
     planned = plan(opts)
     if any(c.parallel for c in planned):  # pytest-benchmark times one process's step: it cannot time a torchrun cell
@@ -56,35 +57,37 @@ class Results:
     """Collects rows like the CLI runner does; the report is rebuilt at the end of the session."""
 
     def __init__(self, out: Path, opts) -> None:
-        from peft_bench.bench import report
-        from peft_bench.bench.runner import prepare_out_dir
+        from peft_bench import results
+        from peft_bench.engine.environment import environment
+        from peft_bench.engine.runner import prepare_out_dir
         from peft_bench.measure import timing
 
         self.out = prepare_out_dir(out)
-        self.rows = report.read_rows(self.out / "metrics.csv")
+        self.rows = results.read_rows(self.out / "metrics.csv")
         self.peak = timing.matmul_peak_flops(opts.device, "float32" if opts.dtype == "auto" else opts.dtype)
-        env = report.environment(opts, self.peak, ["(pytest bench)", "--suite", opts.suite])
-        report.atomic_write_text(self.out / "environment.json", json.dumps(env, indent=2) + "\n")
+        env = environment(opts, self.peak, ["(pytest bench)", "--suite", opts.suite])
+        results.atomic_write_text(self.out / "environment.json", json.dumps(env, indent=2) + "\n")
 
     def add(self, row: dict) -> None:
-        from peft_bench.bench import report
+        from peft_bench import results
 
         self.rows = [r for r in self.rows if r.get("cell_key") != row["cell_key"]] + [row]
-        report.write_rows(self.out / "metrics.csv", self.rows)
+        results.write_rows(self.out / "metrics.csv", self.rows)
 
 
 @pytest.fixture(scope="session")
 def results(request: pytest.FixtureRequest):
-    from peft_bench.bench import report
-    from peft_bench.bench.runner import RunOptions
+    from peft_bench.config import RunConfig
+    from peft_bench.engine.sweep import architecture
+    from peft_bench.report import summary
 
     suite = request.config.getoption("--suite")
-    opts = RunOptions(suite=suite, device=request.config.getoption("--device"))
+    opts = RunConfig(suite=suite, device=request.config.getoption("--device"))
     out = Path(request.config.getoption("--results-dir") or Path("results") / suite)
     res = Results(out, opts)
     yield res
-    if res.rows:
-        report.build(res.out)
+    if res.rows:  # the pytest front end, like the CLI: the runner's rows first, then the report reads them
+        summary.build(res.out, arch=architecture)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:

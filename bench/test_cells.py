@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from peft_bench.bench.cell import training_step
-from peft_bench.bench.runner import _run_isolated
+from peft_bench.engine.cell import training_step
+from peft_bench.engine.launch import run_isolated as _run_isolated
 
 
 def test_cell(cell_id, cell, results, benchmark, request):

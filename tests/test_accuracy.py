@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from peft_bench import get_method
-from peft_bench.bench import report, tune
-from peft_bench.bench.cell import loss_trend
-from peft_bench.bench.suites import TUNED, get_suite, learning_rate
+from peft_bench import get_method, results
+from peft_bench.engine.probes import loss_trend
+from peft_bench.engine.suites import TUNED, get_suite, learning_rate
 from peft_bench.measure import stats
+from peft_bench.report import summary as report
+from peft_bench.report import tune
 from peft_bench.workloads import get_workload, smollm2
 from peft_bench.workloads.tasks import CausalLMSentiment, Seq2SeqSentiment, accuracy, batches, by_length, trim
 
@@ -100,7 +101,7 @@ def test_welch_difference_matches_scipy():
 
 
 def test_the_probe_scores_each_example_as_the_model_does_alone():
-    from peft_bench.bench.cell import probe_losses
+    from peft_bench.engine.probes import probe_losses
 
     w = get_workload("gpt-neo-tiny")
     torch.manual_seed(0)
@@ -118,7 +119,7 @@ def test_the_probe_scores_each_example_as_the_model_does_alone():
 
 
 def test_the_learning_probe_tells_learning_from_noise():
-    from peft_bench.bench.cell import learning
+    from peft_bench.engine.probes import learning
 
     rng = np.random.default_rng(0)
     before = list(0.69 + rng.normal(0, 0.05, 8))
@@ -302,7 +303,7 @@ def test_an_accuracy_only_run_reports_seeds_with_rendering_tables_and_a_plot(tmp
                              base_accuracy=0.759 if (m, s) == ("lora", 0) else "", test_examples=1000,
                              majority_rate=0.578, forgetting=0.01, forgetting_tokens=8000, loss_start=2.0,
                              loss_end=0.6 if m != "prefix" else 2.0, loss_probe_drop_ci_low=0.2 if m != "prefix" else -0.1))
-    report.write_rows(tmp_path / "metrics.csv", rows)
+    results.write_rows(tmp_path / "metrics.csv", rows)
     report.build(tmp_path)
     text = (tmp_path / "summary.md").read_text()
     assert tables(text)
@@ -314,7 +315,7 @@ def test_an_accuracy_only_run_reports_seeds_with_rendering_tables_and_a_plot(tmp
 
 
 def test_a_workload_outside_the_suite_gets_its_own_budget():
-    from peft_bench.bench.suites import SMOLLM2_BUDGET, budget
+    from peft_bench.engine.suites import SMOLLM2_BUDGET, budget
 
     assert budget(get_suite("custom"), "smollm2-135m-sentiment") == SMOLLM2_BUDGET  # run --workloads, no --suite
     assert budget(get_suite("smoke"), "smollm2-135m-sentiment").train_steps == 8  # an explicit suite's catch-all

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from peft_bench import get_method
-from peft_bench.bench import cell
-from peft_bench.bench.cell import CellError, CellSpec, checks_probe, run_cell, tolerance
+from peft_bench.config import CellSpec
+from peft_bench.engine import cell, probes
+from peft_bench.engine.cell import run_cell
+from peft_bench.engine.probes import CellError, checks_probe, tolerance
 from peft_bench.methods.lora import LoRA
 
 from .conftest import tiny_batch, tiny_model
@@ -191,7 +193,7 @@ def test_rows_carry_wilson_columns_and_no_forgetting_on_random_weights(neo_rows)
         assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == wilson(round(row["accuracy"] * n), n)
         assert 0.5 <= row["majority_rate"] <= 1
         assert math.isnan(row["forgetting"]) and row["forgetting_tokens"] == 0  # random weights: nothing to forget
-        assert row["loss_window"] >= 1 and row["split"] == "test" and row["loss_probe_examples"] == cell.PROBE_BATCHES * 8
+        assert row["loss_window"] >= 1 and row["split"] == "test" and row["loss_probe_examples"] == probes.PROBE_BATCHES * 8
         assert row["loss_probe_before"] > 0 and row["loss_probe_after"] > 0
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_bench.bench.cell import CellSpec, apply, enable_checkpointing, run_cell
+from peft_bench.config import CellSpec
+from peft_bench.engine.cell import run_cell
+from peft_bench.engine.setup import apply, enable_checkpointing
 from peft_bench.errors import UnsupportedError
 from peft_bench.methods import get_method
 from tests.conftest import tiny_batch, tiny_model

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from peft_bench.bench import distributed as D
-from peft_bench.bench.cell import CellSpec
+from peft_bench.config import CellSpec
+from peft_bench.engine import torchrun as D
 from peft_bench.measure.comm import CommCounter, ring_wire_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_ddp_and_fsdp_on_two_ranks(tmp_path, monkeypatch):
     assert len(tables(text)) == 3
 
 
-def _no_cell_processes(spec_dir_marker: str = "peft_bench.bench.distributed") -> list:
+def _no_cell_processes(spec_dir_marker: str = "peft_bench.engine.torchrun") -> list:
     return [p for p in psutil.process_iter(["cmdline"]) if spec_dir_marker in " ".join(p.info["cmdline"] or [])]
 
 
@@ -151,7 +151,7 @@ def _no_cell_processes(spec_dir_marker: str = "peft_bench.bench.distributed") ->
     ("rank-hangs", "timeout", "exceeded --cell-timeout"),
 ])
 def test_a_dead_or_hung_rank_is_a_row_and_leaves_no_process(fault, status, text):
-    from peft_bench.bench.runner import _run_isolated
+    from peft_bench.engine.launch import run_isolated as _run_isolated
 
     spec = CellSpec(method="lora", workload="gpt-neo-tiny", parallel="ddp", nproc=2, threads_per_rank=1,
                     train_steps=4, warmup_steps=1, timed_steps=1, inject_fault=fault)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peft_bench import UnsupportedError, UserError, get_method, list_methods
-from peft_bench.bench.cell import tolerance
+from peft_bench.engine.probes import tolerance
 from peft_bench.methods import method_class
 from peft_bench.models import BERT_TINY, GPT_NEO_TINY, LLAMA_TINY, T5_TINY
 
@@ -174,7 +174,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(method, family):
         m.unmerge(model)
         m.unmerge(model)
         after = logits(model, batch)
-    # The engine's merge tolerance (cell.checks_probe): 16 × 64 float32 epsilons at the logits' scale — a merged
+    # The engine's merge tolerance (probes.checks_probe): 16 × 64 float32 epsilons at the logits' scale — a merged
     # FourierFT or LoKr delta is formed in full, a different rounding than the unmerged path.
     tol = 16 * tolerance(torch.float32, unmerged)
     torch.testing.assert_close(merged, unmerged, atol=tol, rtol=0)

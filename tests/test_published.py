@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_bench.bench import report
+from peft_bench.report import summary as report
 
 from .markdown import tables
 

@@ -14,11 +14,12 @@ import time
 import pandas as pd
 import pytest
 
-from peft_bench.bench import report
-from peft_bench.bench.repeats import aggregate, sample
-from peft_bench.bench.runner import RunOptions, run_suite
 from peft_bench.cli import main
+from peft_bench.cli import run_and_report as run_suite
+from peft_bench.config import RunConfig as RunOptions
 from peft_bench.measure import interference, stats, timing
+from peft_bench.measure.repeats import aggregate, sample
+from peft_bench.report import summary as report
 
 from .markdown import tables
 
@@ -271,7 +272,7 @@ def test_repeats_must_be_a_positive_integer(value, tmp_path, capsys):
 
 def test_a_repeat_on_a_slow_machine_is_flagged_by_its_canary():
     """No process list shows a noisy neighbour on the host; the matmul canary does."""
-    from peft_bench.bench.repeats import disturbed, speeds, to_remeasure
+    from peft_bench.measure.repeats import disturbed, speeds, to_remeasure
 
     rows = [_row("lora")]
     samples = _samples("lora", [1.0, 1.6, 1.05])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from peft_bench.bench import report
-from peft_bench.bench.plots import pareto
-from peft_bench.bench.runner import RunOptions, run_suite
+from peft_bench import results
 from peft_bench.cli import main
+from peft_bench.cli import run_and_report as run_suite
+from peft_bench.config import RunConfig as RunOptions
+from peft_bench.report.plots import pareto
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -22,9 +23,9 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     def boom(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report.os, "replace", boom)
+    monkeypatch.setattr(results.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
-        report.atomic_write_text(target, "new")
+        results.atomic_write_text(target, "new")
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
 
 
@@ -84,7 +85,7 @@ def test_csv_columns_all_come_from_records_or_the_cell_identity(run_dir):
     from peft_bench.measure import records
 
     header = next(csv.reader(open(run_dir / "metrics.csv")))
-    known = set(report.IDENTITY) | set(records.columns()) | set(report.BOOKKEEPING)
+    known = set(results.IDENTITY) | set(records.columns()) | set(results.BOOKKEEPING)
     assert set(header) <= known
     assert all(records.definitions()[c] for c in records.columns())
 
@@ -93,7 +94,7 @@ def test_csv_json_and_png_outputs_share_one_mode(tmp_path):
     import os
     import stat
 
-    from peft_bench.bench import report as R
+    from peft_bench import results as R
 
     R.atomic_write_text(tmp_path / "a.csv", "x\n")
     (tmp_path / "b.png").write_bytes(b"png")  # what matplotlib's savefig does: a plain open()
@@ -105,7 +106,7 @@ def test_a_cell_clearly_below_its_base_never_stands_on_the_pareto_front():
     """SmolLM2 prefix tuning reached 0.517 (0.460–0.573) against a zero-shot 0.763: lowest memory, yet no trade-off."""
     import pandas as pd
 
-    from peft_bench.bench.plots import on_front
+    from peft_bench.report.plots import on_front
 
     def cell(acc):
         return pd.Series({"accuracy": acc, "test_examples": 300, "loss_probe_drop_ci_low": 0.1, "status": "ok"})
@@ -119,7 +120,7 @@ def test_plots_give_every_method_its_own_look_for_any_number_of_methods(tmp_path
     """20+ methods: one (colour, marker) pair each, and the accuracy plot draws them all without running out."""
     import pandas as pd
 
-    from peft_bench.bench import plots
+    from peft_bench.report import plots
 
     names = [f"m{i}" for i in range(26)]
     looks = plots.style(names)

@@ -11,9 +11,13 @@ import time
 
 import pytest
 
-from peft_bench.bench import report
-from peft_bench.bench.cell import CellSpec, run_cell
-from peft_bench.bench.runner import RunOptions, _run_isolated, plan, run_suite
+from peft_bench import results
+from peft_bench.cli import run_and_report as run_suite
+from peft_bench.config import CellSpec
+from peft_bench.config import RunConfig as RunOptions
+from peft_bench.engine.cell import run_cell
+from peft_bench.engine.launch import run_isolated as _run_isolated
+from peft_bench.engine.plan import plan
 
 FAST = dict(train_steps=4, warmup_steps=1, timed_steps=1, latency_seconds=0.02)
 
@@ -40,16 +44,16 @@ def test_cell_timeout_becomes_a_timeout_row():
 
 
 def test_run_goes_on_after_failures_and_exit_code_says_so(tmp_path, monkeypatch):
-    from peft_bench.bench import runner
+    from peft_bench.engine import launch as runner
 
-    real = runner._run_isolated
+    real = runner.run_isolated
 
     def flaky(spec, timeout):  # the first cell fails inside its process, the others run normally
         if spec.method == "full":
             spec.inject_fault = "raise"
         return real(spec, timeout)
 
-    monkeypatch.setattr(runner, "_run_isolated", flaky)
+    monkeypatch.setattr(runner, "run_isolated", flaky)
     opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["mlp-mnist-tiny"], out=tmp_path,
                       train_steps=4)
     assert run_suite(opts) == 1
@@ -74,7 +78,7 @@ def test_killed_run_keeps_a_valid_csv_and_resume_completes_it(tmp_path):
     proc.wait()
     partial = rows(metrics)
     assert 2 <= len(partial) < 4 and all(r["status"] == "ok" for r in partial)
-    assert report.read_rows(metrics)  # still a valid peft-bench file
+    assert results.read_rows(metrics)  # still a valid peft-bench file
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)

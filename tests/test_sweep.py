@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from peft_bench.bench import capacity, sweep
+from peft_bench.engine import capacity
 from peft_bench.errors import UserError
+from peft_bench.report import fits as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ def test_parse_bytes_and_bad_caps():
 
 def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeypatch):
     """A synthetic process: peak = 100 MiB + 10 MiB per batch element; a 1,000 MiB cap fits batch 90, not 91."""
-    from peft_bench.bench import runner
+    from peft_bench.engine import launch as runner
 
     probed = []
 
@@ -87,7 +88,7 @@ def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeyp
         probed.append(spec.batch_size)
         return {"status": "ok", "capacity_peak_bytes": (100 + 10 * spec.batch_size) * 2**20}
 
-    monkeypatch.setattr(runner, "_run_isolated", fake)
+    monkeypatch.setattr(runner, "run_isolated", fake)
     rows = capacity.search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20, None, log=lambda s: None)
     assert capacity.largest(rows)["value"] == 90
     assert probed[:8] == [1, 2, 4, 8, 16, 32, 64, 128]  # doubling until over the cap, then bisection
@@ -95,14 +96,14 @@ def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeyp
 
 
 def test_capacity_stops_at_a_failure_that_is_not_memory(monkeypatch):
-    from peft_bench.bench import runner
+    from peft_bench.engine import launch as runner
 
     def fake(spec, timeout):
         if spec.batch_size >= 16:
             return {"status": "error", "reason": "the training split has fewer examples than a batch"}
         return {"status": "ok", "capacity_peak_bytes": 2**20}
 
-    monkeypatch.setattr(runner, "_run_isolated", fake)
+    monkeypatch.setattr(runner, "run_isolated", fake)
     rows = capacity.search("gpt-neo-tiny", "lora", "cpu", "batch_size", 2**30, None, log=lambda s: None)
     assert capacity.largest(rows)["value"] == 8 and rows[-1]["fits"] is False and "fewer examples" in rows[-1]["reason"]
 

@@ -32,10 +32,11 @@ def parse_bytes(text: str) -> int:
 
 
 def _probe_spec(workload: str, method: str, device: str, vary: str, cap: int):
-    from .runner import RunOptions, plan
+    from ..config import RunConfig
+    from .plan import plan
 
-    (spec,) = [c for c in plan(RunOptions(suite="custom", methods=[method], workloads=[workload], device=device,
-                                          train_steps=4)) if not c.replica]
+    (spec,) = [c for c in plan(RunConfig(suite="custom", methods=(method,), workloads=(workload,), device=device,
+                                         train_steps=4)) if not c.replica]
     return dataclasses.replace(spec, probes="capacity", warmup_steps=1, timed_steps=2, train_steps=4,
                                memory_cap_bytes=cap if device == "cuda" else None, vary=vary, base_probe=False)
 
@@ -43,7 +44,7 @@ def _probe_spec(workload: str, method: str, device: str, vary: str, cap: int):
 def search(workload: str, method: str, device: str, vary: str, cap: int, timeout: float | None,
            log=print) -> list[dict]:
     """Every probe of one method's search, in order; each row says whether it fitted."""
-    from .runner import _run_isolated
+    from . import launch
 
     start, step, ceiling = SEARCH[vary]
     base = _probe_spec(workload, method, device, vary, cap)
@@ -53,7 +54,7 @@ def search(workload: str, method: str, device: str, vary: str, cap: int, timeout
         spec = dataclasses.replace(base, **{"batch_size" if vary == "batch_size" else "max_length": v}, vary_value=v)
         if vary == "seq_len":
             from ..workloads import get_workload
-            from .cell import virtual_tokens
+            from .setup import virtual_tokens
 
             try:
                 get_workload(workload).with_options(max_length=v).sized(virtual_tokens(
@@ -62,7 +63,7 @@ def search(workload: str, method: str, device: str, vary: str, cap: int, timeout
                 rows.append({"method": method, "workload": workload, "vary": vary, "value": v, "status": "limit",
                              "reason": str(e), "peak_bytes": None, "fits": None})
                 return None
-        row = _run_isolated(spec, timeout)
+        row = launch.run_isolated(spec, timeout)
         peak = row.get("capacity_peak_bytes")
         ok = row.get("status") == "ok"
         fits = ok and (device == "cuda" or float(peak) <= cap)
@@ -105,58 +106,26 @@ def _method(name: str, options: dict):
     return get_method(name, **options)
 
 
-def largest(rows: list[dict]) -> dict | None:
-    fits = [r for r in rows if r["fits"]]
-    return max(fits, key=lambda r: r["value"]) if fits else None
-
-
-def run(workloads: list[str], methods: list[str], cap: int, vary: str, device: str = "cpu", out: Path | None = None,
-        timeout: float | None = None, argv: list[str] | None = None) -> int:
+def run(cfg) -> list[dict]:
+    """Every probe of every (workload, method) search under `cfg.memory_cap`, growing `cfg.search`; `capacity.csv`
+    rewritten after each; the CLI then writes the report (`peft_bench.report.capacity`)."""
     import pandas as pd
 
-    from . import report
     from .runner import check_out_dir, prepare_out_dir, refuse_if_busy
 
+    cap, vary, device = parse_bytes(cfg.memory_cap), cfg.search, cfg.device
     if vary not in SEARCH:
         raise UserError(f"--vary takes batch_size or seq_len for capacity, got {vary!r}")
-    out = check_out_dir(out or Path("results") / "capacity")
-    for w in workloads:  # every name checked before anything runs
-        for m in methods:
+    out = check_out_dir(cfg.out or Path("results") / "capacity")
+    for w in cfg.workloads:  # every name checked before anything runs
+        for m in cfg.methods:
             _probe_spec(w, m, device, vary, cap)
     refuse_if_busy(device)
     out = prepare_out_dir(out)
     rows: list[dict] = []
-    for w in workloads:
-        for m in methods:
+    for w in cfg.workloads:
+        for m in cfg.methods:
             print(f"{m} × {w}: searching the largest {vary} within {cap / 2**30:.2f} GiB", file=sys.stderr)
-            rows += search(w, m, device, vary, cap, timeout, log=lambda s: print(s, file=sys.stderr))
+            rows += search(w, m, device, vary, cap, cfg.cell_timeout, log=lambda s: print(s, file=sys.stderr))
             pd.DataFrame(rows).to_csv(out / "capacity.csv", index=False)
-    report.atomic_write_text(out / "summary.md", summary(rows, cap, vary, device, argv))
-    print(f"results: {out}/capacity.csv, summary.md", file=sys.stderr)
-    return 0
-
-
-def summary(rows: list[dict], cap: int, vary: str, device: str, argv: list[str] | None) -> str:
-    from .report import sig, table
-
-    how = ("the process limited to the cap on the GPU (torch.cuda.set_per_process_memory_fraction)" if device == "cuda"
-           else "the measured peak resident memory of the whole process (VmHWM) within the cap")
-    lines = ["# Capacity under a memory cap", "",
-             f"`peft-bench {' '.join(argv or ['capacity'])}`: the largest {vary} that trains within "
-             f"{cap / 2**30:.2f} GiB, by {how}; fresh-process probes, doubling then bisection. Every probe is in "
-             "`capacity.csv`.", ""]
-    body = []
-    for (w, m) in dict.fromkeys((r["workload"], r["method"]) for r in rows):
-        mine = [r for r in rows if (r["workload"], r["method"]) == (w, m)]
-        best = largest(mine)
-        over = [r for r in mine if r["fits"] is False and (best is None or r["value"] > best["value"])]
-        stop = min(over, key=lambda r: r["value"]) if over else next((r for r in mine if r["fits"] is None), None)
-        full = largest([r for r in rows if (r["workload"], r["method"]) == (w, "full")])
-        body.append([w, m, str(best["value"]) if best else "none fits",
-                     f"{float(best['peak_bytes']) / 2**20:,.0f}" if best and best["peak_bytes"] else "–",
-                     (f"{stop['value']}: " + (f"{float(stop['peak_bytes']) / 2**20:,.0f} MiB" if stop["peak_bytes"]
-                                              else stop["reason"])) if stop else "–",
-                     f"{sig(best['value'] / full['value'])}×" if best and full else "–"])
-    lines += table(["workload", "method", f"largest {vary} within the cap", "its peak MiB",
-                    "first value beyond (peak or reason)", "vs full"], body) + [""]
-    return "\n".join(lines) + "\n"
+    return rows

@@ -1,14 +1,5 @@
-"""`peft-bench tune`: a learning rate per (method, workload), chosen on a validation split, never on the test split.
-
-    peft-bench tune                                   # the pretrained workloads, each method's grid, results/tune/
-    peft-bench tune --workloads minilm-sentiment --methods lora --lr 1e-4,3e-4,1e-3
-
-Each (method, workload, rate) cell trains for the accuracy suite's budget on the training split minus a stratified
-validation split (`Workload.validation_data`), then scores that validation split; no other probe runs. The rate with
-the highest validation accuracy is chosen (the lower rate on a tie). Methods with `tunes_like` (the same
-parametrisation as another method) are not swept; they take that method's rate. `summary.md` lists every rate
-tried with its Wilson interval, and `chosen.json` the choice, which `suites.TUNED` copies (a test keeps them equal).
-"""
+"""The learning-rate sweep's verdict: per (method, workload) the rate with the highest validation accuracy, and the
+summary listing every rate tried (`peft-bench tune` runs the cells; see `peft_bench.engine.tune`)."""
 
 from __future__ import annotations
 
@@ -16,41 +7,10 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..methods import method_class
-from ..workloads import get_workload
-from . import report
-from .runner import RunOptions, run_suite
-from .suites import get_suite, lr_grid
+from . import summary as report
+from .format import table
 
-SUITE = "accuracy"  # the budgets the chosen rates are for
-
-
-def default_workloads() -> list[str]:
-    return [w for w in get_suite(SUITE).workloads if get_workload(w).pretrained]
-
-
-def default_methods() -> list[str]:
-    from .suites import CORE
-
-    return [m for m in CORE if method_class(m).tunes_like is None]
-
-
-def run(workloads: list[str] | None = None, methods: list[str] | None = None, lrs: list[float] | None = None,
-        steps: int | None = None, out: Path = Path("results/tune"), resume: bool = False,
-        argv: list[str] | None = None) -> int:
-    methods = methods or default_methods()
-    for m in methods:
-        method_class(m)
-    grids = {m: tuple(lrs) if lrs else lr_grid(m) for m in methods}
-    opts = RunOptions(suite=SUITE, methods=methods, workloads=workloads or default_workloads(), out=out, resume=resume,
-                      seeds=(0,), lrs=grids, split="validation", probes="accuracy", train_steps=steps, repeats=1,
-                      allow_busy=True)  # accuracy only: other processes cannot change it
-    status = run_suite(opts, argv)
-    chosen = choose(report.read_rows(out / "metrics.csv"))
-    report.atomic_write_text(out / "chosen.json", json.dumps(chosen, indent=1, sort_keys=True) + "\n")
-    report.atomic_write_text(out / "summary.md", summary(out))
-    print(f"chosen rates: {out}/chosen.json (copy them into peft_bench/bench/suites.py TUNED)")
-    return status
+SUITE = "accuracy"  # the budgets the chosen rates are for (the engine's tune.SUITE)
 
 
 def choose(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -111,11 +71,11 @@ def summary(out: Path) -> str:
             probed = report._num(r, "loss_probe_drop_ci_low") == report._num(r, "loss_probe_drop_ci_low")
             went = ("yes, beyond noise" if probed else "lower (point estimate)") if report.learned(r) else "no"
             rows.append([r.method, f"{r.lr:g}", acc, trend, went])
-        lines += report.table(["method", "learning rate", "validation accuracy (95% CI)", "training loss first → last "
+        lines += table(["method", "learning rate", "validation accuracy (95% CI)", "training loss first → last "
                                "window", "loss went down"], rows) + [""]
         if edges:
             lines += ["Chosen at the edge of the grid, so a rate beyond it may do better within this budget: "
                       + ", ".join(edges) + ".", ""]
-    lines += ["Chosen (`chosen.json`, copied into `peft_bench/bench/suites.py` `TUNED`):", "", "```json",
+    lines += ["Chosen (`chosen.json`, copied into `peft_bench/engine/suites.py` `TUNED`):", "", "```json",
               json.dumps(chosen, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)

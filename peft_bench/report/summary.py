@@ -1,176 +1,22 @@
-"""Results on disk: metrics.csv (atomic), environment.json, plots and summary.md, rebuilt from the CSV alone.
-
-Each metric declares whether lower or higher is better (`BETTER`), and field names carry their units.
+"""summary.md and the plots of a results folder, rebuilt from its metrics.csv, repeats.csv and environment.json
+alone: rows in, text and pictures out. Nothing here imports torch, a model or a method (a test holds it so).
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
-import io
 import json
-import os
-import platform
-import subprocess
-import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from .. import names, results
 from ..errors import UserError
 from ..measure import records
-
-# The cell's identity first, then every record's fields (`peft_bench.measure.records`), then bookkeeping.
-IDENTITY = ["method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task",
-            "family", "batch_size", "seq_len", "lr", "seed", "train_steps", "split", "tokenizer",
-            "width", "depth", "vary", "vary_value",  # these four: a sweep's point (empty otherwise)
-            "gradient_checkpointing"]  # True when asked (--gradient-checkpointing), else empty
-BOOKKEEPING = ["suite", "cell_seconds", "cell_key"]
-COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
-TEXT = {"method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task", "family",
-        "split",
-        "tokenizer", "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format",
-        "static_matches_closed_form", "vary", "parallel", "backend", "comm_matches_closed_form",
-        "shards_cover_model"}
-REQUIRED = {"method", "workload", "status", "cell_key"}
-BETTER = records.better()
-
-
-# -- the CSV ------------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers never see a partial file. The file gets
-    the mode any other new file gets (0666 less the umask, as the PNGs do), not mkstemp's private 0600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def write_samples(path: Path, samples: list[dict]) -> None:
-    """repeats.csv: one row per cell × repeat (the timing of each fresh process)."""
-    from .repeats import SAMPLE_COLUMNS
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SAMPLE_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for s in samples:
-        w.writerow({k: ("" if v is None else v) for k, v in s.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def _read_csv(path: Path) -> tuple[set[str], list[dict]]:
-    """(header, rows) of a CSV; one that does not parse is refused, untouched."""
-    try:
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            return set(reader.fieldnames or []), rows
-    except (csv.Error, UnicodeDecodeError) as e:
-        raise _malformed(path, str(e)) from None
-
-
-def read_samples(path: Path) -> list[dict]:
-    """Rows of an existing repeats.csv ([] if none); a file that is not one of ours is refused, untouched."""
-    if not path.exists():
-        return []
-    header, rows = _read_csv(path)
-    if not {"cell_key", "repeat", "step_time_s"} <= header or any(None in r for r in rows):
-        raise _malformed(path, "not a repeats file")
-    return rows
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of an existing metrics.csv ([] if none). A file that is not one of ours is refused, untouched."""
-    if not path.exists():
-        return []
-    header, rows = _read_csv(path)
-    if not REQUIRED <= header:
-        raise _malformed(path, f"missing columns {', '.join(sorted(REQUIRED - header))}")
-    if any(None in r or not r.get("cell_key") for r in rows):
-        raise _malformed(path, "a row has the wrong number of fields or no cell_key")
-    return rows
-
-
-def _malformed(path: Path, why: str) -> UserError:
-    return UserError(f"{path} is not a peft-bench metrics file ({why}); refusing to append to it — move it "
-                     "away or pass --out with another directory")
-
-
-# -- the environment ----------------------------------------------------------------------------------------
-def environment(opts, peak: float, argv: list[str] | None) -> dict:
-    import peft
-    import torch
-    import transformers
-
-    env = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "peft-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "suite": opts.suite, "seeds": list(opts.seeds or ()), "device": opts.device, "dtype": getattr(opts, "dtype", "float32"),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "platform": platform.platform(), "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "memory_total_bytes": __import__("psutil").virtual_memory().total,
-        "gpu": torch.cuda.get_device_name() if opts.device == "cuda" else None,
-        "cuda": torch.version.cuda if opts.device == "cuda" else None,
-        "gpu_driver": _nvidia_driver() if opts.device == "cuda" else None,
-        "matmul_peak_flops_per_s": peak, "git_commit": _git("rev-parse", "HEAD"),
-        # Uncommitted changes to the code (results/ is output, not code).
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
-    }
-    if env["gpu"]:  # the vendor's figure beside the measured one, labelled as such
-        from ..measure.timing import datasheet_peak_flops
-
-        env["gpu_datasheet_dense_peak_flops_per_s"] = datasheet_peak_flops(env["gpu"], env["dtype"])
-    return env
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.splitlines()[0] if out else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[2]).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+from ..measure.repeats import floor_of, times_by_round, used
+from ..results import COLUMNS, TEXT, atomic_write_text, read_rows, read_samples
+from .format import ci, sig, table
+from .format import mib as _mib
+from .format import ms as _ms
+from .format import size as _size
 
 
 # -- plots and summary --------------------------------------------------------------------------------------
@@ -196,8 +42,11 @@ def load_frame(out: Path):
     return df
 
 
-def build(out: Path) -> None:
-    """Rebuild plots and summary.md from metrics.csv and repeats.csv (and environment.json when present)."""
+def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
+    """Rebuild plots and summary.md from metrics.csv and repeats.csv (and environment.json when present).
+
+    `arch(workload, width, depth)`: the engine's description of a model a sweep built (layers, width, heads), for the
+    per-layer activation lines of a sweep; without it those lines are left out."""
     from . import plots
 
     df = load_frame(out)  # refuses bad values before anything is written
@@ -221,7 +70,7 @@ def build(out: Path) -> None:
                                                           sort_keys=True) + "\n")
         atomic_write_text(out / "summary.md", text)
         return
-    from . import dist_report
+    from . import distributed as dist_report
 
     if dist_report.is_distributed(df):  # under torchrun: communication, scaling and memory per rank
         text = dist_report.summary(df, env)
@@ -232,10 +81,10 @@ def build(out: Path) -> None:
         plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
         atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))
         return
-    from . import sweep
+    from . import fits as sweep
 
     if sweep.is_sweep(df):  # fits, crossovers and the log-log plot; the per-cell tables name each point
-        lines = sweep.write(df, out)
+        lines = sweep.write(df, out, arch)
         text = summary(sweep.labelled(df), env, samples, per_method=False)
         head, sep, rest = text.partition("\n## ")
         atomic_write_text(out / "summary.md", head + "\n".join(lines) + "\n" + sep.lstrip("\n") + rest)
@@ -276,9 +125,7 @@ def across_seeds(df):
     ok = ok[(ok.status == "ok") & ok.apply(pretrained, axis=1)]
     out = []
     # Workloads in the order they first appear, methods in the registry's order (as every other table), rates rising.
-    from ..methods import list_methods
-
-    rank = {m: i for i, m in enumerate(list_methods())}
+    rank = names.rank()
     first = {w: i for i, w in enumerate(dict.fromkeys(ok.workload))}
     groups = sorted(ok.groupby(["workload", "method", "lr"], sort=False),
                     key=lambda kv: (first[kv[0][0]], rank.get(kv[0][1], len(rank)), kv[0][2]))
@@ -423,58 +270,6 @@ def cells(df):
 
 
 # -- numbers as a paper prints them ---------------------------------------------------------------------------
-def sig(x: float, n: int = 3) -> str:
-    """`n` significant figures, thousands separated, never scientific notation: 0.00123, 1.23, 1,230, 12,300."""
-    import math
-
-    if x is None or x != x:
-        return ""
-    if x == 0:
-        return "0"
-    if math.isinf(x):
-        return "∞" if x > 0 else "−∞"
-    digits = n - 1 - math.floor(math.log10(abs(x)))
-    v = round(x, digits)
-    if v and math.floor(math.log10(abs(v))) > math.floor(math.log10(abs(x))):  # 9.996 → 10.0: one digit fewer
-        digits -= 1
-        v = round(x, digits)
-    return f"{v:,.{max(digits, 0)}f}"
-
-
-def ci(value: float, low: float, high: float, scale: float = 1.0, suffix: str = "") -> str:
-    """'1.23 (1.20–1.26)'; the interval omitted when there is none (one repeat)."""
-    if value != value:
-        return ""
-    text = f"{sig(value * scale)}{suffix}"
-    if low == low and high == high and (low != value or high != value):
-        text += f" ({sig(low * scale)}–{sig(high * scale)})"
-    return text
-
-
-def _mib(x: float) -> str:
-    return sig(x / 2**20) if x == x else ""
-
-
-def _ms(x: float) -> str:
-    return sig(x * 1e3) if x == x else ""
-
-
-def _size(x: float) -> str:
-    if x != x:
-        return ""
-    if x >= 2**30:
-        return f"{sig(x / 2**30)} GiB"
-    return f"{sig(x / 2**20)} MiB" if x >= 2**20 else f"{sig(x / 2**10)} KiB"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A GitHub-flavoured markdown table: header, separator and every row have the same number of cells."""
-    clean = [[str(c).replace("|", "/").replace("\n", " ") for c in row] for row in rows]
-    if any(len(r) != len(header) for r in clean):
-        raise ValueError("a table row does not have one cell per column")
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in clean]
-
-
 MAIN = ["method", "options", "trainable params (% of total)", "tensor peak MiB",
         "weights / grads / optim / activations / temps MiB", "process peak MiB", "step ms (95% CI)",
         "step vs full (95% CI)", "fwd / bwd / opt ms", "samples/s", "% of matmul peak",
@@ -586,9 +381,7 @@ GLANCE = ["method", "trainable params", "tensor peak ÷ full", "step time ÷ ful
 
 def in_registry_order(g):
     """Rows in the methods' registration order (then a sweep's value), whatever order the cells finished in."""
-    from ..methods import list_methods
-
-    rank = {m: i for i, m in enumerate(list_methods())}
+    rank = names.rank()
     key = g.method.map(lambda m: rank.get(str(m).split(" @ ")[0], len(rank)))
     cols = ["vary_value"] if "vary_value" in g.columns else []
     return g.assign(_order=key).sort_values(["_order", *cols], kind="stable").drop(columns="_order")
@@ -616,14 +409,12 @@ def counterparts(g, samples: list[dict], floor: float) -> list[str]:
     """Each hand-written method against the peft implementation it is tested against (`Method.reference`): the
     step-time ratio paired by round, with its CI."""
     from ..measure.stats import paired_ratio, verdict
-    from ..methods import method_class
-    from .repeats import times_by_round, used
 
     by_key = used(samples)
     ok = {r.method: r for _, r in g[g.status == "ok"].iterrows() if r.cell_key in by_key}
     body = []
     for name, r in ok.items():
-        ref = method_class(name).reference
+        ref = names.REFERENCES.get(name)
         if ref in ok and min(len(by_key[r.cell_key]), len(by_key[ok[ref].cell_key])) >= 2:
             est = paired_ratio(times_by_round(by_key[r.cell_key]), times_by_round(by_key[ok[ref].cell_key]))
             word = verdict(est, floor)
@@ -638,7 +429,6 @@ def counterparts(g, samples: list[dict], floor: float) -> list[str]:
 def pairwise(g, samples: list[dict], floor: float) -> list[str]:
     """Step-time ratio of every pair of methods on one workload (row / column), paired by round, with its CI."""
     from ..measure.stats import paired_ratio, verdict
-    from .repeats import times_by_round, used
 
     by_key = used(samples)
     ok = [r for _, r in g[g.status == "ok"].iterrows() if r.cell_key in by_key]
@@ -822,19 +612,13 @@ def _plural(n, word: str) -> str:
 
 
 def floor_of_frame(df):
-    from .repeats import floor_of
 
     return floor_of([r.to_dict() for _, r in df.iterrows()])
 
 
 def update_readme(readme: Path, block: str, markers: tuple[str, str] = (README_BEGIN, README_END)) -> None:
     """Replace the README's generated section between `markers` with `block`."""
-    begin, end = markers
-    text = readme.read_text()
-    i, j = text.find(begin), text.find(end)
-    if i < 0 or j < i:
-        raise UserError(f"{readme} has no '{begin} ... {end}' section to replace")
-    atomic_write_text(readme, text[:i] + block + text[j + len(end):])
+    results.update_readme(readme, block, markers)
 
 
 def noise_section(aa, floor: float, df) -> list[str]:

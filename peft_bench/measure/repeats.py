@@ -12,7 +12,8 @@ import json
 import statistics
 from collections import defaultdict
 
-from ..measure.stats import Estimate, bootstrap, noise_floor, paired_ratio
+from ..config import VARY
+from .stats import Estimate, bootstrap, noise_floor, paired_ratio
 
 TIMES = ("step_time_s", "step_time_split_s", "forward_s", "backward_s", "optimizer_s")
 SAMPLE_COLUMNS = ["cell_key", "method", "workload", "replica", "repeat", "status", "used", "remeasured",
@@ -90,8 +91,6 @@ def peer_key(key: str, **changes) -> str:
 def full_key(key: str) -> str:
     """The key of full fine-tuning on the same workload with the same budget and inputs (no method options). In a
     sweep over a method option (rank, virtual tokens) full fine-tuning ran once, without a value."""
-    from .sweep import VARY
-
     d = json.loads(peer_key(key, method="full", method_options={}, replica=0, lr=None))
     if VARY.get(d.get("vary", ""), ("",))[0] == "option":
         d.pop("vary_value", None)

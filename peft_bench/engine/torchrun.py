@@ -1,7 +1,7 @@
 """Cells on several processes: torchrun launches the ranks, each trains under DDP or FSDP2, communication counted.
 
 Parent side (`launch`): the runner hands a `CellSpec` with `parallel` set; it becomes one
-`python -m torch.distributed.run --nproc-per-node N ... -m peft_bench.bench.distributed SPEC DIR` in a new session.
+`python -m torch.distributed.run --nproc-per-node N ... -m peft_bench.engine.torchrun SPEC DIR` in a new session.
 Global rank 0 gathers every rank's record and writes the cell's row; a rank that raises writes its own error row and
 ends its process, which makes torchrun stop the others. The run goes on in every case: a rank that dies becomes an
 `error` row naming the rank and its exit code, a cell that outlives `--cell-timeout` (a hung collective) a `timeout`
@@ -69,7 +69,7 @@ def launch(spec, timeout: float | None) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads_per_rank or threads_per_rank(spec.nproc)),
                "TORCHELASTIC_ERROR_FILE": str(Path(tmp, "error.json")), "PYTHONUNBUFFERED": "1"}
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(torchrun_args(spec, ["-m", "peft_bench.bench.distributed", str(spec_path), tmp]),
+            proc = subprocess.Popen(torchrun_args(spec, ["-m", "peft_bench.engine.torchrun", str(spec_path), tmp]),
                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
                 proc.wait(timeout)
@@ -136,10 +136,12 @@ def rank_main(spec_path: str, out_dir: str) -> int:
     import torch
     import torch.distributed as dist
 
+    from ..config import CellSpec
     from ..errors import UnsupportedError, UserError
-    from .cell import CellSpec, _quiet
+    from .cell import _quiet
 
     _quiet()
+    _register()
     spec = CellSpec(**json.loads(Path(spec_path).read_text()))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     torch.set_num_threads(spec.threads_per_rank or threads_per_rank(spec.nproc))
@@ -221,116 +223,118 @@ def padded_numel(shape, world: int) -> int:
 
 
 def run_rank(spec, rank: int, world: int, backend: str) -> dict:
+    """This rank's record: the cell worker's `rank` mode (counts, wrap, the one training loop with communication
+    counted around it, agreement between ranks), then what rank 0 needs to combine the ranks into one row."""
+    from . import cell
+
+    s = cell.run_probes(spec, "rank")
+    got = s.scores
+    timed, proc, comm = got["timed"], got["peak"], got["comm"]
+    steps = len(timed.walls)
+    payload = {k: v / steps for k, v in comm.bytes.items()}
+    from ..measure.comm import ring_wire_bytes
+
+    return {"identity": cell.identity(spec, s.w, s.method, s.targets), "params": dataclasses.asdict(s.params),
+            "walls": timed.walls, "parts": timed.parts, "losses": got["losses"], "tokens": timed.tokens,
+            "canary": timed.canary, "comm_bytes": payload, "comm_calls": sum(comm.calls.values()) / steps,
+            "closed_comm": got["closed_comm"], "process_peak": proc.peak_bytes - s.baseline, "baseline": s.baseline,
+            "source": proc.source, "held": got["held"], "replicas": got["replicas"], "covered": got["covered"],
+            "unused": got["unused"], "backend": backend, "wire": ring_wire_bytes(payload, world)}
+
+
+def _wrap(s) -> None:
+    """DDP (gradients as views into the all-reduce buckets, DDP's stock all-reduce hook) or FSDP2 (each repeated
+    block and the root), with the closed form of the gradient payload per step."""
     import torch
     import torch.distributed as dist
 
-    from ..arch import describe
-    from ..errors import UnsupportedError
+    from ..measure.comm import route_ddp_through_python
+    from .setup import on_device
+
+    spec, module, world = s.spec, s.model, dist.get_world_size()
+    trainable = s.method.trainable_parameters(module)
+    e = {p.element_size() for p in trainable.values()}
+    element = e.pop() if len(e) == 1 else 4
+    s.scores["stream"] = stream = _rank_stream(s, dist.get_rank())
+    s.scores["module"], s.scores["unused"] = module, 0
+    if spec.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        s.scores["unused"] = unused = _unused(module, trainable, on_device(next(stream), spec))
+        s.scores["wrapped"] = DDP(module, device_ids=[torch.cuda.current_device()] if spec.device == "cuda" else None,
+                                  gradient_as_bucket_view=True, find_unused_parameters=unused > 0)
+        route_ddp_through_python(s.scores["wrapped"])
+        s.scores["closed_comm"] = element * s.params.trainable_params
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    # one rank has nothing to reduce: FSDP2 then issues no collective at all
+    s.scores["closed_comm"] = element * sum(padded_numel(tuple(p.shape), world) for p in trainable.values()) \
+        if world > 1 else 0
+    s.scores["total_elements"] = sum(p.numel() for p in module.parameters())
+    for b in blocks(module):
+        fully_shard(b)
+    fully_shard(module)
+    s.scores["wrapped"] = module
+
+
+def _rank_stream(s, rank: int):
+    from ..workloads.tasks import endless
+    from .setup import on_device
+
+    seed = s.spec.seed + RANK_SEED_STRIDE * rank
+    return (on_device(b, s.spec) for b in endless(s.data.train, s.form, s.w.batch_size, seed))
+
+
+def _rank_training(s) -> None:
+    """Warm-up and timed steps through the one training loop, the collectives of the timed steps counted."""
     from ..measure import memory
-    from ..measure.comm import CommCounter, ring_wire_bytes, route_ddp_through_python
-    from ..measure.timing import StepClock, canary_flops
-    from ..methods import get_method
-    from ..workloads.tasks import endless, model_inputs
-    from .cell import DATA_SEED, _builder, _identity, _on, _workload, apply, check_finite, failure_identity, params_probe
+    from ..measure.comm import CommCounter
+    from .loop import Trainer, Window, run_steps
+    from .probes import check_finite
 
-    torch.manual_seed(spec.seed)
-    method = get_method(spec.method, **spec.method_options)
-    method.schedule(spec.train_steps)
-    w = _workload(spec, method)
-    try:
-        reason = method.unsupported_reason(w.family) or method.unsupported_parallel(spec.parallel)
-        if reason:
-            raise UnsupportedError(reason)
-        data, form = w.data(DATA_SEED), w.formulation()
-        baseline = memory.process_footprint(spec.device)
-        model = apply(spec, method, _builder(w, spec)())
-        targets = describe(model).default_targets
-        params = params_probe(method, model)
-        trainable = method.trainable_parameters(model)
-        e = {p.element_size() for p in trainable.values()}
-        element = e.pop() if len(e) == 1 else 4
-        stream = endless(data.train, form, w.batch_size, spec.seed + RANK_SEED_STRIDE * rank)
-        module = model
-        unused = 0
-        if spec.parallel == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    spec, got = s.spec, s.scores
+    trainer = Trainer(got["wrapped"], s.method, spec.lr, spec.device, hooked=got["module"])
+    got["wrapped"].train()
+    end = spec.warmup_steps + spec.timed_steps
+    trainer.step(next(got["stream"]))
+    with memory.track_process_peak(spec.device) as proc, CommCounter() as comm:
+        got["timed"] = run_steps(trainer, got["stream"], Window(spec.warmup_steps, end, end), s.form.tokens,
+                                 on_start=lambda: (comm.bytes.clear(), comm.calls.clear()))
+    check_finite(trainer.losses)
+    got.update(peak=proc, comm=comm, losses=trainer.losses, opt=trainer.opt)
 
-            unused = _unused(model, trainable, _on(next(stream), spec))
-            model = DDP(model, device_ids=[torch.cuda.current_device()] if spec.device == "cuda" else None,
-                        gradient_as_bucket_view=True, find_unused_parameters=unused > 0)
-            route_ddp_through_python(model)
-            closed_comm = element * params.trainable_params
-        else:
-            from torch.distributed.fsdp import fully_shard
 
-            # one rank has nothing to reduce: FSDP2 then issues no collective at all
-            closed_comm = element * sum(padded_numel(tuple(p.shape), world) for p in trainable.values()) \
-                if world > 1 else 0
-            total_elements = sum(p.numel() for p in module.parameters())
-            for b in blocks(module):
-                fully_shard(b)
-            fully_shard(module)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
-        model.train()
-        clock = StepClock(spec.device)
-        walls, parts, losses, tokens = [], [], [], []
+def _agreement(s) -> None:
+    """What each rank holds between steps; DDP's replicas identical, FSDP's shards adding up to the model."""
+    import torch
+    import torch.distributed as dist
 
-        def step(batch) -> tuple[float, list[float]]:
-            clock.start()
-            opt.zero_grad(set_to_none=True)
-            loss = model(**model_inputs(batch)).loss
-            clock.mark()
-            loss.backward()
-            clock.mark()
-            opt.step()
-            method.after_step(module)
-            wall, split = clock.stop()
-            losses.append(float(loss.detach()))
-            return wall, split
+    got, model = s.scores, s.scores["wrapped"]
+    opt = got["opt"]
+    got["held"] = {"weights": _bytes(list(model.parameters()) + list(model.buffers())),
+                   "gradients": _bytes(p.grad for p in model.parameters() if p.grad is not None),
+                   "optimizer": _bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}
+    if s.spec.parallel == "ddp":  # the replicas stayed identical
+        trainable = s.method.trainable_parameters(got["module"])
+        flat = torch.cat([p.detach().reshape(-1).float() for p in trainable.values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = torch.tensor([float((flat - ref).abs().max())], device=flat.device)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        got["replicas"], got["covered"] = float(diff), True
+        return
+    n = torch.tensor([sum(_local(p).numel() for p in model.parameters())], device=s.spec.device)
+    dist.all_reduce(n)
+    got["replicas"], got["covered"] = math.nan, int(n) == got["total_elements"]
 
-        start, end = spec.warmup_steps, spec.warmup_steps + spec.timed_steps
-        canary = math.inf
-        step(_on(next(stream), spec))
-        with memory.track_process_peak(spec.device) as proc, CommCounter() as comm:
-            for i in range(1, end):
-                batch = _on(next(stream), spec)
-                if i == start:
-                    canary = canary_flops(spec.device)
-                    comm.bytes.clear()
-                    comm.calls.clear()
-                wall, split = step(batch)
-                if i >= start:
-                    walls.append(wall)
-                    parts.append(split)
-                    tokens.append(form.tokens(batch))
-        canary = min(canary, canary_flops(spec.device))
-        check_finite(losses)
-        held = {"weights": _bytes(list(model.parameters()) + list(model.buffers())),
-                "gradients": _bytes(p.grad for p in model.parameters() if p.grad is not None),
-                "optimizer": _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))}
-        if spec.parallel == "ddp":  # the replicas stayed identical
-            flat = torch.cat([p.detach().reshape(-1).float() for p in trainable.values()])
-            ref = flat.clone()
-            dist.broadcast(ref, 0)
-            diff = torch.tensor([float((flat - ref).abs().max())], device=flat.device)
-            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-            replicas, covered = float(diff), True
-        else:
-            n = torch.tensor([sum(_local(p).numel() for p in model.parameters())], device=spec.device)
-            dist.all_reduce(n)
-            replicas, covered = math.nan, int(n) == total_elements
-        steps = len(walls)
-        payload = {k: v / steps for k, v in comm.bytes.items()}
-        return {"identity": _identity(spec, w, method, targets), "params": dataclasses.asdict(params),
-                "walls": walls, "parts": parts, "losses": losses, "tokens": tokens, "canary": canary,
-                "comm_bytes": payload,
-                "comm_calls": sum(comm.calls.values()) / steps, "closed_comm": closed_comm,
-                "process_peak": proc.peak_bytes - baseline, "baseline": baseline, "source": proc.source,
-                "held": held, "replicas": replicas, "covered": covered, "unused": unused, "backend": backend,
-                "wire": ring_wire_bytes(payload, world)}
-    except Exception as e:
-        e.identity = failure_identity(spec, w, method)
-        raise
+
+def _register() -> None:
+    from .cell import probe
+
+    probe("wrap")(_wrap)
+    probe("rank_training")(_rank_training)
+    probe("agreement")(_agreement)
 
 
 def _unused(model, trainable: dict, batch: dict) -> int:
@@ -347,31 +351,51 @@ def _unused(model, trainable: dict, batch: dict) -> int:
 def combine(rows: list[dict], spec) -> dict:
     """The cell's row from every rank's record: step times of the slowest rank, memory max/min over ranks."""
     from ..measure import records as R
-    from ..measure.timing import Stats
-    from .cell import learning, loss_trend
 
     r0 = rows[0]
-    world = len(rows)
-    slowest = [max(r["walls"][i] for r in rows) for i in range(len(r0["walls"]))]
-    fastest = [min(r["walls"][i] for r in rows) for i in range(len(r0["walls"]))]
-    st = Stats.of(slowest)
-    split = [Stats.of([p[k] for r in rows for p in r["parts"]]).median for k in range(3)]
+    peaks = [r["process_peak"] for r in rows]
+    row = {**r0["identity"], **r0["params"], **R.as_row(_timing(rows)), **R.as_row(_distributed(rows, spec)),
+           "process_peak_bytes": max(peaks), "process_baseline_bytes": r0["baseline"], "memory_source": r0["source"],
+           "replica": spec.replica, "status": "ok", "reason": ""}
+    grad_payload = row["allreduce_bytes_per_step"] if spec.parallel == "ddp" else row["reducescatter_bytes_per_step"]
+    if not row["comm_matches_closed_form"]:
+        row.update(status="error", reason=f"gradient payload counted {grad_payload} B per step != closed form "
+                   f"{r0['closed_comm']} B ({spec.parallel}, {len(rows)} ranks)")
+    if not row["shards_cover_model"]:
+        row.update(status="error", reason="the ranks' parameter shards do not add up to the model")
+    if row["replicas_max_abs_diff"] > 0:
+        row.update(status="error", reason=f"DDP replicas differ after training (max |Δ| "
+                   f"{row['replicas_max_abs_diff']:.3g}): the all-reduce did not keep them identical")
+    return row
+
+
+def _timing(rows: list[dict]):
+    """Per step the slowest rank's wall time; the split over every rank's steps; throughput of all ranks together."""
+    from .loop import Timed
+    from .probes import learning, timing_record
+
+    r0, world = rows[0], len(rows)
     batch = r0["identity"]["batch_size"] * world
-    tokens = sum(sum(r["tokens"]) / len(r["tokens"]) for r in rows)
-    padded = batch * (r0["identity"]["seq_len"] or 1)
-    losses = r0["losses"]
-    tim = R.TimingRecord(
-        step_time_s=st.median, step_time_iqr_s=st.iqr, step_time_split_s=sum(split), forward_s=split[0],
-        backward_s=split[1], optimizer_s=split[2], timed_steps=len(slowest), samples_per_s=batch / st.median,
-        tokens_per_s=tokens / st.median, padded_tokens_per_s=padded / st.median,
-        first_losses=json.dumps([round(x, 6) for x in losses[:3]]), final_loss=losses[-1],
-        canary_flops_per_s=min(r["canary"] for r in rows), **loss_trend(losses), **learning([], []))
+    timed = Timed(walls=[max(r["walls"][i] for r in rows) for i in range(len(r0["walls"]))],
+                  parts=[p for r in rows for p in r["parts"]],
+                  tokens=[sum(sum(r["tokens"]) / len(r["tokens"]) for r in rows)],
+                  padded=batch * (r0["identity"]["seq_len"] or 1), canary=min(r["canary"] for r in rows))
+    return timing_record(timed, r0["losses"], batch, learning([], []))
+
+
+def _distributed(rows: list[dict], spec):
+    """Communication per step by collective, against its closed form; memory per rank, max and min."""
+    from ..measure import records as R
+    from ..measure.timing import Stats
+
+    r0, world = rows[0], len(rows)
+    fastest = [min(r["walls"][i] for r in rows) for i in range(len(r0["walls"]))]
     comm = r0["comm_bytes"]
     kinds = {k: int(round(comm.get(k, 0))) for k in ("allreduce", "allgather", "reducescatter", "other")}
     grad_payload = kinds["allreduce"] if spec.parallel == "ddp" else kinds["reducescatter"]
     held = [r["held"] for r in rows]
     peaks = [r["process_peak"] for r in rows]
-    dist_rec = R.DistributedRecord(
+    return R.DistributedRecord(
         world_size=world, parallel=spec.parallel, backend=r0["backend"],
         threads_per_rank=spec.threads_per_rank or threads_per_rank(spec.nproc),
         fastest_rank_step_time_s=Stats.of(fastest).median,
@@ -386,18 +410,6 @@ def combine(rows: list[dict], spec) -> dict:
         rank_optimizer_max_bytes=max(h["optimizer"] for h in held), shards_cover_model=all(r["covered"] for r in rows),
         replicas_max_abs_diff=r0["replicas"], unused_parameters=r0["unused"], scaling_efficiency=math.nan,
         scaling_efficiency_ci_low=math.nan, scaling_efficiency_ci_high=math.nan)
-    row = {**r0["identity"], **r0["params"], **R.as_row(tim), **R.as_row(dist_rec),
-           "process_peak_bytes": max(peaks), "process_baseline_bytes": r0["baseline"], "memory_source": r0["source"],
-           "replica": spec.replica, "status": "ok", "reason": ""}
-    if not row["comm_matches_closed_form"]:
-        row.update(status="error", reason=f"gradient payload counted {grad_payload} B per step != closed form "
-                   f"{r0['closed_comm']} B ({spec.parallel}, {world} ranks)")
-    if not row["shards_cover_model"]:
-        row.update(status="error", reason="the ranks' parameter shards do not add up to the model")
-    if row["replicas_max_abs_diff"] > 0:
-        row.update(status="error", reason=f"DDP replicas differ after training (max |Δ| "
-                   f"{row['replicas_max_abs_diff']:.3g}): the all-reduce did not keep them identical")
-    return row
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,10 @@ import math
 from pathlib import Path
 
 from ..measure import records
-from .report import _mib, _size, ci, floor_of_frame, in_registry_order, noise_section, sig, table
+from .format import ci, sig, table
+from .format import mib as _mib
+from .format import size as _size
+from .summary import floor_of_frame, in_registry_order, noise_section
 
 
 def is_distributed(df) -> bool:

@@ -19,15 +19,10 @@ range"; and for each method against full fine-tuning, where its peak-memory savi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-# What a sweep can vary, and where each lands in a cell: a method option (only methods that have it vary; the others
-# run once, as a reference line), a cell field (the sequence length, the batch), or the architecture (width, depth of
-# the random-weight -arch workloads, from their published configs).
-VARY = {"rank": ("option", "r"), "virtual_tokens": ("option", "num_virtual_tokens"), "seq_len": ("cell", "max_length"),
-        "batch_size": ("cell", "batch_size"), "width": ("cell", "width"), "depth": ("cell", "depth")}
 
 # (column, label, unit); the memory parts are the tensor-memory tracker's at the step's peak.
 METRICS = [("trainable_params", "trainable parameters", ""), ("tensor_peak_bytes", "tensor peak", "B"),
@@ -123,7 +118,7 @@ def fits(df) -> list[dict]:
     return out
 
 
-def gpt_neo_saved_bytes_per_token_per_layer(config, seq_len: int, element: int = 4) -> float:
+def gpt_neo_saved_bytes_per_token_per_layer(hidden: int, heads: int, seq_len: int, element: int = 4) -> float:
     """What autograd saves for backward per token in one GPT-Neo block under full fine-tuning (every weight trains;
     dropout 0, as the published config), counted from transformers' GPT-Neo and PyTorch's saved tensors:
 
@@ -134,16 +129,18 @@ def gpt_neo_saved_bytes_per_token_per_layer(config, seq_len: int, element: int =
         c_proj: its input (4h)                      x³, tanh's output, 0.5·x and 1 + tanh (4 × 4h)
 
     = (28h + heads·seq_len + 4) elements (mean and rstd are float32, as the rest here)."""
-    h, heads = config.hidden_size, config.num_heads
-    return float(element * (28 * h + heads * seq_len + 4))
+    return float(element * (28 * hidden + heads * seq_len + 4))
 
 
-def activation_per_token(df) -> list[dict]:
+def activation_per_token(df, arch: Callable[..., dict]) -> list[dict]:
     """Saved activations (most held during the step) per token per layer. Over depth: the slope of a straight line
     against the number of layers, divided by the tokens per step (batch × sequence length) — the head's share drops
     out; beside it, for full fine-tuning of GPT-Neo, the count from the architecture
     (`gpt_neo_saved_bytes_per_token_per_layer`). Over the sequence length or batch: the slope against tokens per
-    step divided by the layers (the head's per-token share, e.g. the logits, included)."""
+    step divided by the layers (the head's per-token share, e.g. the logits, included).
+
+    `arch(workload, width, depth)` describes the model a cell built (`model_type`, `hidden_size`, `num_heads`,
+    `layers`): the engine's answer, handed in, so that this module reads rows and never builds a model."""
     from scipy import stats
 
     pts, _ = points(df)
@@ -159,40 +156,18 @@ def activation_per_token(df) -> list[dict]:
             fit = stats.linregress(g.vary_value.to_numpy(float), saved)
             tokens = float(first.batch_size * first.seq_len)
             row.update(bytes_per_token_per_layer=fit.slope / tokens, r2=fit.rvalue ** 2)
-            config = model_config(wl, first.get("width"), None)
-            if method == "full" and getattr(config, "model_type", "") == "gpt_neo":
-                row["analytic"] = gpt_neo_saved_bytes_per_token_per_layer(config, int(first.seq_len))
+            a = arch(wl, first.get("width"), None)
+            if method == "full" and a["model_type"] == "gpt_neo":
+                row["analytic"] = gpt_neo_saved_bytes_per_token_per_layer(a["hidden_size"], a["num_heads"],
+                                                                          int(first.seq_len))
         else:
             fit = stats.linregress((g.batch_size * g.seq_len).to_numpy(float), saved)
-            layers = transformer_layers(wl, first.get("width"), first.get("depth"))
+            layers = arch(wl, first.get("width"), first.get("depth"))["layers"]
             row.update(bytes_per_token_per_layer=fit.slope / layers, r2=fit.rvalue ** 2)
         if "analytic" in row:
             row["difference"] = row["bytes_per_token_per_layer"] / row["analytic"] - 1
         out.append(row)
     return out
-
-
-def model_config(workload: str, width=None, depth=None):
-    """The config of a workload's model as the cell built it (scaled), read on the meta device."""
-    import torch
-
-    from ..workloads import get_workload
-
-    def whole(v):
-        return int(v) if v is not None and v == v else None
-
-    w = get_workload(workload).scaled(whole(width), whole(depth))
-    with torch.device("meta"):
-        return w.build_model().config
-
-
-def transformer_layers(workload: str, width=None, depth=None) -> int:
-    """Transformer layers of a workload's model as the cell built it (encoder and decoder stacks together)."""
-    from ..arch import dims
-
-    config = model_config(workload, width, depth)
-    d = dims(config)
-    return d.layers + (d.decoder_layers if getattr(config, "is_encoder_decoder", False) else 0)
 
 
 def _curve(pts, refs, wl: str, method: str, col: str, xs: list[float]) -> np.ndarray | None:
@@ -263,11 +238,11 @@ def crossovers(df) -> list[dict]:
     return out
 
 
-def write(df, out: Path) -> list[str]:
+def write(df, out: Path, arch: Callable[..., dict] | None) -> list[str]:
     """fits.csv, crossovers.csv, the log-log plots; return the summary section's lines."""
     import pandas as pd
 
-    from .report import sig, table
+    from .format import sig, table
 
     rows = fits(df)
     pd.DataFrame(rows).to_csv(out / "fits.csv", index=False)
@@ -290,7 +265,7 @@ def write(df, out: Path) -> list[str]:
                      f"{r['exponent']:.3f} ({r['exponent_ci_low']:.3f} to {r['exponent_ci_high']:.3f})",
                      f"{r['r2']:.3f}", sig(r["c"]) if r["c"] else "0",
                      r.get("analytic_note", "–")] for r in shown]) + [""]
-    act = activation_per_token(df)
+    act = activation_per_token(df, arch) if arch else []
     if act:
         pd.DataFrame(act).to_csv(out / "activations.csv", index=False)
         lines += ["Saved activations per token per layer (bytes; a straight-line fit against "

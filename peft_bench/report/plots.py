@@ -57,7 +57,7 @@ def make_all(df, out: Path) -> None:
 
 
 def _sig(x: float) -> str:
-    from .report import sig
+    from .format import sig
 
     return sig(x)
 
@@ -160,7 +160,7 @@ def on_front(r, base_accuracy: float) -> bool:
     is no trade-off worth drawing — and clear of the majority class: a classifier whose interval reaches the rate of
     always answering the commonest label has learned nothing a user would pay memory for."""
     from ..measure.stats import wilson
-    from .report import learned
+    from .summary import learned
 
     low, high = wilson(round(r.accuracy * r.test_examples), r.test_examples)
     majority = getattr(r, "majority_rate", float("nan"))
@@ -173,7 +173,7 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     95 % Wilson interval; the Pareto front ringed in red, drawn over the cells that learned and whose interval
     reaches the base model's accuracy."""
     from ..measure.stats import wilson
-    from .report import learned
+    from .summary import learned
 
     methods = list(dict.fromkeys(m for _, g in groups for m in g.method))
     looks = style(methods)
@@ -224,7 +224,7 @@ def accuracy_across_seeds(seeds, path: Path) -> None:
         return
     import json
 
-    from .report import seed_count
+    from .summary import seed_count
 
     groups = list(seeds.groupby("workload", sort=False))
     fig, axes = _grid(len(groups), width=6.0 if len(groups) == 1 else 4.8, height=3.8, lines=_most(groups))

@@ -25,10 +25,11 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import results
 from ..errors import UserError
+from ..measure.repeats import floor_of
 from ..measure.stats import Estimate
-from . import report
-from .repeats import floor_of
+from .format import sig, table
 
 EXACT = ("trainable_params", "total_params", "static_closed_form_bytes", "checkpoint_bytes")
 MEASURED = ("step_time_s", "tensor_peak_bytes", "process_peak_bytes", "accuracy")
@@ -56,7 +57,7 @@ def _load(path: Path) -> tuple[list[dict], dict]:
         raise UserError(f"{path} is not a directory; pass two result directories (each with metrics.csv)")
     if not (path / "metrics.csv").is_file():
         raise UserError(f"{path} has no metrics.csv; pass the --out directory of a run")
-    rows = report.read_rows(path / "metrics.csv")
+    rows = results.read_rows(path / "metrics.csv")
     env_path = path / "environment.json"
     try:
         env = json.loads(env_path.read_text()) if env_path.exists() else {}
@@ -108,10 +109,10 @@ def _fmt(metric: str, x: float) -> str:
     if metric.endswith("_bytes"):
         return f"{int(x):,} B"
     if metric.endswith("_s"):
-        return f"{report.sig(x * 1e3)} ms"
+        return f"{sig(x * 1e3)} ms"
     if metric == "accuracy":
         return f"{x:.4f}"
-    return f"{int(x):,}" if float(x).is_integer() else report.sig(x)
+    return f"{int(x):,}" if float(x).is_integer() else sig(x)
 
 
 def judge(base_rows: list[dict], base_env: dict, new_rows: list[dict], new_env: dict,
@@ -171,14 +172,14 @@ def judge(base_rows: list[dict], base_env: dict, new_rows: list[dict], new_env: 
 def _measured(label: str, metric: str, b: dict, n: dict, bv: float, nv: float, floor: float) -> Line:
     if metric == "step_time_s":
         est = _step_ratio(b, n)
-        change = f"{report.sig(est.value)}× ({report.sig(est.low)}–{report.sig(est.high)})"
+        change = f"{sig(est.value)}× ({sig(est.low)}–{sig(est.high)})"
         if est.low > 1 and est.value - 1 > floor:
             verdict = "worse"
         elif est.high < 1 and 1 - est.value > floor:
             verdict = "better"
         else:
             verdict = "same"
-        why = f"noise floor ±{report.sig(100 * floor)} %"
+        why = f"noise floor ±{sig(100 * floor)} %"
         return Line(label, metric, _fmt(metric, bv), _fmt(metric, nv), change, verdict, why)
     if metric == "accuracy":
         m = _f(b.get("test_examples")) or _f(n.get("test_examples"))
@@ -190,8 +191,8 @@ def _measured(label: str, metric: str, b: dict, n: dict, bv: float, nv: float, f
     tol = TOLERANCE[metric]
     r = nv / bv if bv else math.inf
     verdict = "worse" if r > 1 + tol else "better" if r < 1 - tol else "same"
-    return Line(label, metric, _fmt(metric, bv), _fmt(metric, nv), f"{report.sig(r)}×", verdict,
-                f"tolerance ±{report.sig(100 * tol)} %")
+    return Line(label, metric, _fmt(metric, bv), _fmt(metric, nv), f"{sig(r)}×", verdict,
+                f"tolerance ±{sig(100 * tol)} %")
 
 
 def render(lines: list[Line], fmt: str, base_env: dict, new_env: dict, base: Path, new: Path) -> str:
@@ -212,7 +213,7 @@ def render(lines: list[Line], fmt: str, base_env: dict, new_env: dict, base: Pat
     counts = {v: sum(x.verdict == v for x in lines) for v in ("worse", "better", "same", "not comparable")}
     head += [", ".join(f"{k}: {v}" for k, v in counts.items()), ""]
     shown = sorted(lines, key=lambda x: ("worse", "better", "not comparable", "same").index(x.verdict))
-    return "\n".join(head + report.table(["cell", "metric", "base", "new", "change", "verdict", "why"],
+    return "\n".join(head + table(["cell", "metric", "base", "new", "change", "verdict", "why"],
                                          [[x.cell, x.metric, x.base, x.new, x.change, x.verdict, x.why]
                                           for x in shown])) + "\n"
 

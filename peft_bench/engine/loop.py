@@ -1,0 +1,122 @@
+"""The one training loop: a step (zero_grad → forward → backward → optimizer step → the method's per-step hook) and
+the timed loop around it (warm-up, timed steps between two canary readings, instrumented steps after them).
+
+Single-process cells, every torchrun rank (its model wrapped by DDP or FSDP, communication counted around the same
+loop) and the pytest-benchmark route all step through `train_step`; `tests/test_layout.py` patches it and sees all
+three call it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..measure import timing
+from ..workloads.tasks import model_inputs
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, method, batch: dict, clock: timing.StepClock,
+               hooked: nn.Module | None = None) -> tuple[float, float, list[float]]:
+    """One training step, timed whole by `clock` (one synchronisation at its end) and split by marks between forward,
+    backward and optimizer; returns (loss, wall seconds, [forward, backward, optimizer] seconds). `hooked`: the
+    module the method's per-step hook sees when `model` is a wrapper (DDP, FSDP)."""
+    clock.start()
+    opt.zero_grad(set_to_none=True)
+    out = model(**model_inputs(batch))
+    loss = out.loss
+    del out
+    clock.mark()
+    loss.backward()
+    clock.mark()
+    opt.step()
+    method.after_step(hooked if hooked is not None else model)  # AdaLoRA's rank allocation: part of its step
+    wall, split = clock.stop()
+    return float(loss.detach()), wall, split
+
+
+@dataclass
+class Trainer:
+    """A model, its optimizer (AdamW over the method's trainable parameters) and the losses of every step taken."""
+
+    model: nn.Module
+    method: object
+    lr: float
+    device: str
+    hooked: nn.Module | None = None
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad] if self.hooked is not None else \
+            list(self.method.trainable_parameters(self.model).values())
+        self.opt = torch.optim.AdamW(params, lr=self.lr)
+        self.clock = timing.StepClock(self.device)
+
+    def step(self, batch: dict) -> tuple[float, list[float]]:
+        loss, wall, split = train_step(self.model, self.opt, self.method, batch, self.clock, self.hooked)
+        self.losses.append(loss)
+        return wall, split
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which steps of a loop are timed: warm-up steps 0..start-1, timed steps start..end-1, `last` steps in all."""
+
+    start: int
+    end: int
+    last: int
+
+
+@dataclass
+class Timed:
+    """What the timed steps gave: each step's wall time and split, its real (non-padding) tokens, the elements of a
+    padded batch, and the slower of the two canary readings around them."""
+
+    walls: list[float] = field(default_factory=list)
+    parts: list[list[float]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    padded: int = 0
+    canary: float = math.nan
+
+
+def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens: Callable[[dict], int],
+              special: dict[int, Callable[[dict], None]] | None = None, on_start: Callable[[], None] | None = None,
+              tick: Callable[[], None] = lambda: None) -> Timed:
+    """Steps 1..window.last - 1 (step 0, the first call's allocations, is the caller's). The canary is read just
+    before step `start` and just after step `end - 1`; `on_start` runs before step `start` (a counter reset); a step
+    index in `special` runs that function on its batch instead of a plain step (the instrumented steps)."""
+    special = special or {}
+    out = Timed()
+    for i in range(1, window.last):
+        batch = next(batches)
+        if i == window.start:
+            out.canary = timing.canary_flops(trainer.device)
+            if on_start:
+                on_start()
+        if i in special:
+            special[i](batch)
+        else:
+            wall, split = trainer.step(batch)
+            if window.start <= i < window.end:
+                _record(out, batch, wall, split, tokens)
+                if i == window.end - 1:
+                    out.canary = min(out.canary, timing.canary_flops(trainer.device))
+        del batch
+        tick()
+    return out
+
+
+def _record(out: Timed, batch: dict, wall: float, split: list[float], tokens: Callable[[dict], int]) -> None:
+    out.walls.append(wall)
+    out.parts.append(list(split))
+    out.tokens.append(tokens(batch))
+    if not out.padded:
+        out.padded = padded_elements(batch)
+
+
+def padded_elements(batch: dict) -> int:
+    """Tokens of a padded batch (its input ids' elements), or its examples for a model without token ids."""
+    return batch["input_ids"].numel() if "input_ids" in batch else len(batch["labels"])
