@@ -79,7 +79,7 @@ class Results:
 def results(request: pytest.FixtureRequest):
     from peft_bench.config import RunConfig
     from peft_bench.engine.sweep import architecture
-    from peft_bench.report import summary
+    from peft_bench.report.build import build
 
     suite = request.config.getoption("--suite")
     opts = RunConfig(suite=suite, device=request.config.getoption("--device"))
@@ -87,7 +87,7 @@ def results(request: pytest.FixtureRequest):
     res = Results(out, opts)
     yield res
     if res.rows:  # the pytest front end, like the CLI: the runner's rows first, then the report reads them
-        summary.build(res.out, arch=architecture)
+        build(res.out, arch=architecture)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:

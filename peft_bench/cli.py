@@ -93,11 +93,11 @@ def run_and_report(cfg, argv: list[str] | None = None) -> int:
     """The runner writes the rows, then the report reads them: summary.md and the plots (tune: chosen.json)."""
     from .engine.runner import run_suite
     from .engine.sweep import architecture
-    from .report import summary
+    from .report.build import build
 
     done = run_suite(cfg, argv)
     if done.reportable:
-        summary.build(done.out, arch=architecture)
+        build(done.out, arch=architecture)
     if done.code == 130:
         again = " ".join(a for a in (argv or ["run", "--suite", cfg.suite]) if a != "--resume")
         print(f"peft-bench: interrupted; the finished cells are in {done.out}/metrics.csv and summary.md; resume with: "
@@ -123,14 +123,13 @@ def _cmd_capacity(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .engine import tune
-    from .report import summary
+    from .report.build import build
 
     cfg = from_flags(vars(args), "tune")
     out = cfg.out or Path("results/tune")
-    done = tune.run(workloads=cfg.workloads, methods=cfg.methods, lrs=cfg.lrs, steps=cfg.train_steps, out=out,
-                    resume=cfg.resume, argv=args.argv)
+    done = tune.run(cfg, args.argv)
     if done.reportable:
-        summary.build(done.out)  # a validation split: the tune summary and chosen.json
+        build(done.out)  # a validation split: the tune summary and chosen.json
     print(f"chosen rates: {out}/chosen.json (copy them into peft_bench/engine/suites.py TUNED)")
     return done.code
 
@@ -138,6 +137,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .engine.sweep import architecture
     from .report import summary as report
+    from .report.build import build
 
     out = Path(args.dir)
     if not (out / "metrics.csv").is_file():
@@ -151,7 +151,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         report.update_readme(readme, block, markers)
         print(f"updated the results section of {readme} from {out}/metrics.csv", file=sys.stderr)
         return 0
-    report.build(out, arch=architecture)
+    build(out, arch=architecture)
     print(f"rebuilt {out}/summary.md and plots from {out}/metrics.csv", file=sys.stderr)
     return 0
 

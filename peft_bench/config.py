@@ -108,12 +108,17 @@ def vary(text: str) -> tuple[str, tuple[int, ...]]:
     return name, tuple(sorted(set(vs)))
 
 
-def option(default: Any = None, help: str = "", *, type=None, flag: str | None = None, commands=RUN,
-           required: tuple[str, ...] = (), method_option: str | None = None, helps: dict | None = None):
-    """One option of a run: its default, help, parser (`type`; `bool` makes a switch), the commands that take it,
-    those where it is required, per-command help, and the method option it sets (`--rank` → LoRA's `r`)."""
-    meta = {"help": help, "type": type, "flag": flag, "commands": commands, "required": required,
-            "method_option": method_option, "helps": helps or {}}
+OPTION_EXTRAS = {"required": (), "method_option": None, "helps": {}}
+
+
+def option(default: Any = None, help: str = "", type=None, flag: str | None = None, commands=RUN, **extras):
+    """One option of a run: its default, help, parser (`type`; `bool` makes a switch), its flag (default: from the
+    name), the commands that take it, and `extras`: `required` (the commands where it must be given), `helps`
+    (per-command help) and `method_option` (the method option it sets: `--rank` → LoRA's `r`)."""
+    unknown = set(extras) - set(OPTION_EXTRAS)
+    if unknown:
+        raise TypeError(f"option() got unknown settings {sorted(unknown)}")
+    meta = {"help": help, "type": type, "flag": flag, "commands": commands, **OPTION_EXTRAS, **extras}
     return field(default=default, metadata=meta)
 
 

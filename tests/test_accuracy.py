@@ -18,6 +18,7 @@ from peft_bench.engine.suites import TUNED, get_suite, learning_rate
 from peft_bench.measure import stats
 from peft_bench.report import summary as report
 from peft_bench.report import tune
+from peft_bench.report.build import build
 from peft_bench.workloads import get_workload, smollm2
 from peft_bench.workloads.tasks import CausalLMSentiment, Seq2SeqSentiment, accuracy, batches, by_length, trim
 
@@ -304,7 +305,7 @@ def test_an_accuracy_only_run_reports_seeds_with_rendering_tables_and_a_plot(tmp
                              majority_rate=0.578, forgetting=0.01, forgetting_tokens=8000, loss_start=2.0,
                              loss_end=0.6 if m != "prefix" else 2.0, loss_probe_drop_ci_low=0.2 if m != "prefix" else -0.1))
     results.write_rows(tmp_path / "metrics.csv", rows)
-    report.build(tmp_path)
+    build(tmp_path)
     text = (tmp_path / "summary.md").read_text()
     assert tables(text)
     assert "base model before training 0.759 (zero-shot for a language model)" in text  # scored once

@@ -89,7 +89,7 @@ def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeyp
         return {"status": "ok", "capacity_peak_bytes": (100 + 10 * spec.batch_size) * 2**20}
 
     monkeypatch.setattr(runner, "run_isolated", fake)
-    rows = capacity.search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20, None, log=lambda s: None)
+    rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20), log=lambda s: None)
     assert capacity.largest(rows)["value"] == 90
     assert probed[:8] == [1, 2, 4, 8, 16, 32, 64, 128]  # doubling until over the cap, then bisection
     assert len(probed) <= 8 + 7
@@ -104,7 +104,7 @@ def test_capacity_stops_at_a_failure_that_is_not_memory(monkeypatch):
         return {"status": "ok", "capacity_peak_bytes": 2**20}
 
     monkeypatch.setattr(runner, "run_isolated", fake)
-    rows = capacity.search("gpt-neo-tiny", "lora", "cpu", "batch_size", 2**30, None, log=lambda s: None)
+    rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 2**30), log=lambda s: None)
     assert capacity.largest(rows)["value"] == 8 and rows[-1]["fits"] is False and "fewer examples" in rows[-1]["reason"]
 
 

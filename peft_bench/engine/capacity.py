@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -41,46 +42,27 @@ def _probe_spec(workload: str, method: str, device: str, vary: str, cap: int):
                                memory_cap_bytes=cap if device == "cuda" else None, vary=vary, base_probe=False)
 
 
-def search(workload: str, method: str, device: str, vary: str, cap: int, timeout: float | None,
-           log=print) -> list[dict]:
-    """Every probe of one method's search, in order; each row says whether it fitted."""
-    from . import launch
+@dataclass(frozen=True)
+class Search:
+    """One method's search: the largest `vary` (batch_size or seq_len) of `workload` that trains within `cap` bytes."""
 
-    start, step, ceiling = SEARCH[vary]
-    base = _probe_spec(workload, method, device, vary, cap)
+    workload: str
+    method: str
+    device: str
+    vary: str
+    cap: int
+    timeout: float | None = None
+
+
+def search(s: Search, log=print) -> list[dict]:
+    """Every probe of one method's search, in order (doubling, then bisection); each row says whether it fitted."""
+    start, step, ceiling = SEARCH[s.vary]
+    base = _probe_spec(s.workload, s.method, s.device, s.vary, s.cap)
     rows: list[dict] = []
-
-    def probe(v: int) -> bool | None:
-        spec = dataclasses.replace(base, **{"batch_size" if vary == "batch_size" else "max_length": v}, vary_value=v)
-        if vary == "seq_len":
-            from ..workloads import get_workload
-            from .setup import virtual_tokens
-
-            try:
-                get_workload(workload).with_options(max_length=v).sized(virtual_tokens(
-                    _method(method, spec.method_options)))
-            except UserError as e:
-                rows.append({"method": method, "workload": workload, "vary": vary, "value": v, "status": "limit",
-                             "reason": str(e), "peak_bytes": None, "fits": None})
-                return None
-        row = launch.run_isolated(spec, timeout)
-        peak = row.get("capacity_peak_bytes")
-        ok = row.get("status") == "ok"
-        fits = ok and (device == "cuda" or float(peak) <= cap)
-        reason = row.get("reason", "") if not ok else ("" if fits else f"peak {float(peak) / 2**30:.2f} GiB > cap")
-        rows.append({"method": method, "workload": workload, "vary": vary, "value": v, "status": row.get("status"),
-                     "reason": reason, "peak_bytes": peak, "fits": fits})
-        word = "fits" if fits else "over the cap" if ok or row.get("status") == "oom" else row.get("status")
-        log(f"  {method} × {workload}, {vary} {v}: {word}"
-            + (f" (peak {float(peak) / 2**20:,.0f} MiB)" if peak else f" — {reason}" if reason else ""))
-        if not ok and row.get("status") != "oom":
-            return None  # not a memory answer: stop here
-        return fits
-
     lo, hi = None, None
     v = start
     while v <= ceiling:
-        got = probe(v)
+        got = _probe(s, base, v, rows, log)
         if got is None:
             break
         if not got:
@@ -93,11 +75,42 @@ def search(workload: str, method: str, device: str, vary: str, cap: int, timeout
             mid = (lo + hi) // 2 // step * step
             if mid in (lo, hi):
                 break
-            got = probe(mid)
+            got = _probe(s, base, mid, rows, log)
             if got is None:
                 break
             lo, hi = (mid, hi) if got else (lo, mid)
     return rows
+
+
+def _probe(s: Search, base, v: int, rows: list[dict], log) -> bool | None:
+    """One fresh-process probe at value `v`, its row appended: True fits, False over the cap, None no memory answer
+    (a length beyond the positions, another failure): the search stops there."""
+    from . import launch
+
+    spec = dataclasses.replace(base, **{"batch_size" if s.vary == "batch_size" else "max_length": v}, vary_value=v)
+    head = {"method": s.method, "workload": s.workload, "vary": s.vary, "value": v}
+    if s.vary == "seq_len":
+        from ..workloads import get_workload
+        from .setup import virtual_tokens
+
+        try:
+            get_workload(s.workload).with_options(max_length=v).sized(virtual_tokens(
+                _method(s.method, spec.method_options)))
+        except UserError as e:
+            rows.append({**head, "status": "limit", "reason": str(e), "peak_bytes": None, "fits": None})
+            return None
+    row = launch.run_isolated(spec, s.timeout)
+    peak = row.get("capacity_peak_bytes")
+    ok = row.get("status") == "ok"
+    fits = ok and (s.device == "cuda" or float(peak) <= s.cap)
+    reason = row.get("reason", "") if not ok else ("" if fits else f"peak {float(peak) / 2**30:.2f} GiB > cap")
+    rows.append({**head, "status": row.get("status"), "reason": reason, "peak_bytes": peak, "fits": fits})
+    word = "fits" if fits else "over the cap" if ok or row.get("status") == "oom" else row.get("status")
+    log(f"  {s.method} × {s.workload}, {s.vary} {v}: {word}"
+        + (f" (peak {float(peak) / 2**20:,.0f} MiB)" if peak else f" — {reason}" if reason else ""))
+    if not ok and row.get("status") != "oom":
+        return None  # not a memory answer: stop here
+    return fits
 
 
 def _method(name: str, options: dict):
@@ -126,6 +139,6 @@ def run(cfg) -> list[dict]:
     for w in cfg.workloads:
         for m in cfg.methods:
             print(f"{m} × {w}: searching the largest {vary} within {cap / 2**30:.2f} GiB", file=sys.stderr)
-            rows += search(w, m, device, vary, cap, cfg.cell_timeout, log=lambda s: print(s, file=sys.stderr))
+            rows += search(Search(w, m, device, vary, cap, cfg.cell_timeout), log=lambda s: print(s, file=sys.stderr))
             pd.DataFrame(rows).to_csv(out / "capacity.csv", index=False)
     return rows

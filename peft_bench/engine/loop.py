@@ -82,13 +82,22 @@ class Timed:
     canary: float = math.nan
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What a caller adds to the loop: `special` steps (an index → a function run on that step's batch instead of a
+    plain step: the instrumented steps), `on_start` before the first timed step (a counter reset), `tick` after
+    every step (progress)."""
+
+    special: dict = field(default_factory=dict)
+    on_start: Callable[[], None] | None = None
+    tick: Callable[[], None] = lambda: None
+
+
 def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens: Callable[[dict], int],
-              special: dict[int, Callable[[dict], None]] | None = None, on_start: Callable[[], None] | None = None,
-              tick: Callable[[], None] = lambda: None) -> Timed:
+              hooks: Hooks = Hooks()) -> Timed:
     """Steps 1..window.last - 1 (step 0, the first call's allocations, is the caller's). The canary is read just
-    before step `start` and just after step `end - 1`; `on_start` runs before step `start` (a counter reset); a step
-    index in `special` runs that function on its batch instead of a plain step (the instrumented steps)."""
-    special = special or {}
+    before step `start` and just after step `end - 1`."""
+    special, on_start, tick = hooks.special, hooks.on_start, hooks.tick
     out = Timed()
     for i in range(1, window.last):
         batch = next(batches)

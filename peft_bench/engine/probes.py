@@ -24,7 +24,7 @@ from ..measure.flops import analytic_flops, count_flops
 from ..methods import get_method
 from ..methods.base import Method, unique_named_parameters
 from ..workloads.tasks import endless, model_inputs
-from .loop import Timed, Trainer, Window, run_steps
+from .loop import Hooks, Timed, Trainer, Window, run_steps
 from .setup import forward, logits, on_device
 
 INSTRUMENTED_STEPS = 2  # after the timed steps: one under the FLOP counter, one under the tensor-memory tracker
@@ -322,8 +322,8 @@ def train(s: State, instrument: bool, steps: int | None = None, progress=None):
     tick = bar.update if bar else (lambda: None)
     tick()
     with memory.track_process_peak(spec.device) as proc:
-        timed = run_steps(trainer, stream, win, s.form.tokens, _instrumented(s, trainer, win, found)
-                          if instrument else None, tick=tick)
+        hooks = Hooks(_instrumented(s, trainer, win, found) if instrument else {}, tick=tick)
+        timed = run_steps(trainer, stream, win, s.form.tokens, hooks)
     if bar:
         bar.close()
     check_finite(trainer.losses)

@@ -29,8 +29,8 @@ from .. import results
 from ..config import CellSpec, RunConfig
 from ..errors import UserError
 from ..measure import repeats as rep
-from .environment import environment
 from . import launch
+from .environment import environment
 from .plan import plan, repeats_of, seeds_of, validate_targets
 
 FAILED = ("error", "oom", "timeout")

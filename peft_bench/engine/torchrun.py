@@ -290,7 +290,7 @@ def _rank_training(s) -> None:
     """Warm-up and timed steps through the one training loop, the collectives of the timed steps counted."""
     from ..measure import memory
     from ..measure.comm import CommCounter
-    from .loop import Trainer, Window, run_steps
+    from .loop import Hooks, Trainer, Window, run_steps
     from .probes import check_finite
 
     spec, got = s.spec, s.scores
@@ -300,7 +300,7 @@ def _rank_training(s) -> None:
     trainer.step(next(got["stream"]))
     with memory.track_process_peak(spec.device) as proc, CommCounter() as comm:
         got["timed"] = run_steps(trainer, got["stream"], Window(spec.warmup_steps, end, end), s.form.tokens,
-                                 on_start=lambda: (comm.bytes.clear(), comm.calls.clear()))
+                                 Hooks(on_start=lambda: (comm.bytes.clear(), comm.calls.clear())))
     check_finite(trainer.losses)
     got.update(peak=proc, comm=comm, losses=trainer.losses, opt=trainer.opt)
 

@@ -34,14 +34,14 @@ def default_methods() -> list[str]:
     return [m for m in CORE if method_class(m).tunes_like is None]
 
 
-def run(workloads: list[str] | None = None, methods: list[str] | None = None, lrs: list[float] | None = None,
-        steps: int | None = None, out: Path = Path("results/tune"), resume: bool = False,
-        argv: list[str] | None = None) -> Outcome:
-    methods = methods or default_methods()
+def run(asked: RunConfig, argv: list[str] | None = None) -> Outcome:
+    """Each method's grid of rates (or the rates asked) on the validation split, at the accuracy suite's budget."""
+    methods = asked.methods or default_methods()
     for m in methods:
         method_class(m)
-    grids = {m: tuple(lrs) if lrs else lr_grid(m) for m in methods}
-    cfg = RunConfig(suite=SUITE, methods=tuple(methods), workloads=tuple(workloads or default_workloads()), out=out,
-                    resume=resume, seeds=(0,), lrs=grids, split="validation", probes="accuracy", train_steps=steps,
-                    repeats=1, allow_busy=True)  # accuracy only: other processes cannot change it
+    grids = {m: tuple(asked.lrs) if asked.lrs else lr_grid(m) for m in methods}
+    cfg = RunConfig(suite=SUITE, methods=tuple(methods), workloads=tuple(asked.workloads or default_workloads()),
+                    out=asked.out or Path("results/tune"), resume=asked.resume, seeds=(0,), lrs=grids,
+                    split="validation", probes="accuracy", train_steps=asked.train_steps, repeats=1,
+                    allow_busy=True)  # accuracy only: other processes cannot change it
     return run_suite(cfg, argv)

@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import UnsupportedError
-from . import register
 from .base import Method, copy_heads, head_param_count, heads_disabled, parametrize_frozen, set_trainable
+from .registry import register
 
 DELTAS = "bias_deltas.safetensors"
 

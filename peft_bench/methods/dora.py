@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
 from .lora import LoRA, LoRALinear, LoRAOptions
+from .registry import register
 
 
 class DoRALinear(LoRALinear):

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import register
 from .base import Method, unique_named_parameters
+from .registry import register
 
 WEIGHTS = "model.safetensors"
 

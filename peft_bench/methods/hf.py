@@ -21,7 +21,6 @@ from pathlib import Path
 from torch import nn
 
 from ..arch import dims, layer_dims, prefix_width
-from . import register
 from .base import (
     PROMPT_REASON,
     Method,
@@ -37,6 +36,7 @@ from .base import (
     set_trainable,
 )
 from .lora import PEFT_LORA_FORMAT, LoRAOptions, peft_lora_config
+from .registry import register
 
 HEADS = "heads.safetensors"
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import layer_dims
-from . import register
 from .base import (
     Method,
     MethodOptions,
@@ -41,6 +40,7 @@ from .base import (
     resolve_targets,
     set_trainable,
 )
+from .registry import register
 
 PEFT_LORA_FORMAT = "peft LoRA adapter: A, B"
 

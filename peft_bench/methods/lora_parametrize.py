@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..arch import layer_dims
-from . import register
 from .base import copy_heads, head_param_count, parametrize_frozen, resolve_targets, set_trainable
 from .lora import HandLoRA, LoRAOptions, adapter_dtype, init_lora_A
+from .registry import register
 
 
 class LoRAParametrization(nn.Module):

@@ -24,9 +24,9 @@ from torch import nn
 
 from ..arch import dims, layer_dims
 from ..errors import UnsupportedError
-from . import register
 from .base import Method, MethodOptions, head_size, opt, require, resolve_targets
 from .hf import PeftAdapter, PromptOptions, _peft, _PromptMethod
+from .registry import register
 
 
 @dataclass(frozen=True)

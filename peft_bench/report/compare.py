@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import results
+from ..config import SAME_CELL
 from ..errors import UserError
 from ..measure.repeats import floor_of
 from ..measure.stats import Estimate
@@ -33,7 +34,7 @@ from .format import sig, table
 
 EXACT = ("trainable_params", "total_params", "static_closed_form_bytes", "checkpoint_bytes")
 MEASURED = ("step_time_s", "tensor_peak_bytes", "process_peak_bytes", "accuracy")
-IDENTITY = ("method", "workload", "model", "dataset", "device", "dtype", "seed", "method_options", "replica")
+IDENTITY = SAME_CELL  # the CellSpec fields that make two rows the same cell (declared in peft_bench/config.py)
 VERSIONS = ("torch", "transformers", "peft", "python")
 MACHINE = ("cpu", "cpu_count", "gpu", "torch_threads")
 DEFAULT_FLOOR = 0.10  # between-process timing noise on a small shared machine, when no A/A was measured
@@ -165,11 +166,14 @@ def judge(base_rows: list[dict], base_env: dict, new_rows: list[dict], new_env: 
             if why:
                 lines.append(Line(label, metric, _fmt(metric, bv), _fmt(metric, nv), "", "not comparable", why))
                 continue
-            lines.append(_measured(label, metric, b, n, bv, nv, floor))
+            lines.append(_measured(label, metric, b, n, floor))
     return lines
 
 
-def _measured(label: str, metric: str, b: dict, n: dict, bv: float, nv: float, floor: float) -> Line:
+def _measured(label: str, metric: str, b: dict, n: dict, floor: float) -> Line:
+    """A measured metric judged against its noise: the step time by its paired CI and the noise floor, accuracy by
+    two standard errors, memory by a fixed tolerance."""
+    bv, nv = _f(b.get(metric)), _f(n.get(metric))
     if metric == "step_time_s":
         est = _step_ratio(b, n)
         change = f"{sig(est.value)}× ({sig(est.low)}–{sig(est.high)})"

@@ -112,6 +112,7 @@ USED = ("world_size", "parallel", "step_time_s", "fastest_rank_step_time_s", "al
 
 
 def summary(df, env: dict) -> str:
+    """The distributed suite's summary: how it was measured, then communication, speed and memory per rank."""
     floor, aa = floor_of_frame(df)
     rows = ordered(df)
     ok = rows[rows.status == "ok"]
@@ -144,7 +145,13 @@ def summary(df, env: dict) -> str:
     ratios = comm_ratios(ok)
     if ratios:
         lines += ["## Communication ratio", ""] + ratios + [""]
-    lines += ["## Communication per training step, per rank", ""]
+    lines += _comm_and_speed(ok) + _memory(ok)
+    return "\n".join(lines)
+
+
+def _comm_and_speed(ok) -> list[str]:
+    """Bytes per step and rank by collective against the closed form; step time, throughput, scaling efficiency."""
+    lines = ["## Communication per training step, per rank", ""]
     lines += table(COMM, [[r.workload, r.method, _label(r), f"{int(_f(r, 'trainable_params')):,}",
                            _payload(r, "allreduce_bytes_per_step"),
                            _payload(r, "allgather_bytes_per_step"),
@@ -165,7 +172,12 @@ def summary(df, env: dict) -> str:
                             sig(_f(r, "tokens_per_s")),
                             _efficiency(r)]
                            for _, r in ok.iterrows()]) + [""]
-    lines += ["## Memory per rank", "",
+    return lines
+
+
+def _memory(ok) -> list[str]:
+    """What each rank holds between steps and its process peak; FSDP against one process; the definitions."""
+    lines = ["## Memory per rank", "",
               "What each rank holds between steps (its shard under FSDP) and its process peak over the measured "
               "steps above its footprint before the model was built. Activations are not split out per rank: the "
               "tensor-level tracker of single-process cells does not see through DDP's buckets or FSDP's DTensors; "
@@ -189,7 +201,7 @@ def summary(df, env: dict) -> str:
               "Definitions:", ""]
     defs = records.definitions()
     lines += [f"- `{k}`: {defs[k]}" for k in USED if k in defs] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(df, path: Path) -> None:

@@ -31,14 +31,19 @@ def _save(fig, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _save_legend_below(fig, ax, path: Path, title: str, ncol: int, bottom: tuple[float, float], panels: int) -> None:
-    """Save with `ax`'s legend below the panels (never over data); `bottom` reserves room for one or two rows."""
+def _save_legend_below(fig, ax, path: Path, title: str, ncol: int, room: float) -> None:
+    """Save with `ax`'s legend below the panels (never over data); `room`: the figure's share reserved below."""
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=ncol)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, bottom[0] if panels <= 2 else bottom[1], 1, 1))
+    fig.tight_layout(rect=(0, room, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def _room(bottom: tuple[float, float], panels: int) -> float:
+    """Room below the panels for the legend: one row of panels needs the larger share (`bottom[0]`)."""
+    return bottom[0] if panels <= 2 else bottom[1]
 
 
 def make_all(df, out: Path) -> None:
@@ -109,7 +114,7 @@ def peak_memory(groups, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel("MiB (bars: tensor peak; |: process peak)")
-    _save_legend_below(fig, axes[0], path, "Peak training memory by component", 3, (0.14, 0.07), len(groups))
+    _save_legend_below(fig, axes[0], path, "Peak training memory by component", 3, _room((0.14, 0.07), len(groups)))
 
 
 def reference(g) -> tuple[str, float]:
@@ -142,7 +147,7 @@ def step_time(groups, path: Path) -> None:
         ax.set_title(wl, fontsize=10)
         ax.set_xlabel(f"step time ÷ {name}'s ({_sig(ref * 1e3)} ms)")
     _save_legend_below(fig, axes[0], path, "Training step time relative to a reference (full fine-tuning where "
-                       "present)", 4, (0.08, 0.05), len(groups))
+                       "present)", 4, _room((0.08, 0.05), len(groups)))
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:

@@ -5,14 +5,13 @@ alone: rows in, text and pictures out. Nothing here imports torch, a model or a 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from .. import names, results
 from ..errors import UserError
 from ..measure import records
 from ..measure.repeats import floor_of, times_by_round, used
-from ..results import COLUMNS, TEXT, atomic_write_text, read_rows, read_samples
+from ..results import COLUMNS, TEXT, read_rows
 from .format import ci, sig, table
 from .format import mib as _mib
 from .format import ms as _ms
@@ -40,58 +39,6 @@ def load_frame(out: Path):
     if "replica" not in df.columns:
         df["replica"] = 0
     return df
-
-
-def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
-    """Rebuild plots and summary.md from metrics.csv and repeats.csv (and environment.json when present).
-
-    `arch(workload, width, depth)`: the engine's description of a model a sweep built (layers, width, heads), for the
-    per-layer activation lines of a sweep; without it those lines are left out."""
-    from . import plots
-
-    df = load_frame(out)  # refuses bad values before anything is written
-    samples = read_samples(out / "repeats.csv")
-    env_path = out / "environment.json"
-    try:
-        env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    except ValueError:
-        raise UserError(f"{env_path} is not valid JSON; remove it or re-run") from None
-    seeds = across_seeds(df)
-    if len(seeds):
-        seeds.to_csv(out / "summary_seeds.csv", index=False)
-    else:
-        (out / "summary_seeds.csv").unlink(missing_ok=True)
-    if "split" in df.columns and (df.split == "validation").any():  # a learning-rate sweep
-        from .tune import choose
-        from .tune import summary as tune_summary
-
-        text = tune_summary(out)
-        atomic_write_text(out / "chosen.json", json.dumps(choose(read_rows(out / "metrics.csv")), indent=1,
-                                                          sort_keys=True) + "\n")
-        atomic_write_text(out / "summary.md", text)
-        return
-    from . import distributed as dist_report
-
-    if dist_report.is_distributed(df):  # under torchrun: communication, scaling and memory per rank
-        text = dist_report.summary(df, env)
-        dist_report.plot(df, out / "distributed.png")
-        atomic_write_text(out / "summary.md", text)
-        return
-    if accuracy_only(df):
-        plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
-        atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))
-        return
-    from . import fits as sweep
-
-    if sweep.is_sweep(df):  # fits, crossovers and the log-log plot; the per-cell tables name each point
-        lines = sweep.write(df, out, arch)
-        text = summary(sweep.labelled(df), env, samples, per_method=False)
-        head, sep, rest = text.partition("\n## ")
-        atomic_write_text(out / "summary.md", head + "\n".join(lines) + "\n" + sep.lstrip("\n") + rest)
-        return
-    text = summary(df, env, samples)  # computed before any file is replaced
-    plots.make_all(first_seed(cells(df)), out)
-    atomic_write_text(out / "summary.md", text)
 
 
 def accuracy_only(df) -> bool:
@@ -456,21 +403,7 @@ def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool =
     samples = samples or []
     rows = [r for _, r in df.iterrows()]
     floor, aa = floor_of_frame(df)
-    lines = ["# peft-bench results", ""]
-    if env:
-        lines += [f"Made by `{env.get('command', '?')}` on {env.get('date_utc', '?')}: {env.get('cpu', '?')}, "
-                  f"{env.get('cpu_count')} cores ({env.get('torch_threads')} torch threads), "
-                  f"{(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB"
-                  + (f", GPU {env['gpu']}" if env.get("gpu") else "")
-                  + f"; torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}; "
-                  f"commit {str(env.get('git_commit', ''))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
-                  f"{_seeds_text(env)}; dtype {env.get('dtype', 'float32')}; {_plural(env.get('repeats', 1), 'repeat')} "
-                  f"per cell, round-robin. Measured matmul peak: "
-                  f"{sig((env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9)} GFLOP/s "
-                  f"({env.get('dtype', 'float32')})"
-                  + (f"; the GPU's datasheet dense peak, for comparison only: "
-                     f"{sig(env['gpu_datasheet_dense_peak_flops_per_s'] / 1e9)} GFLOP/s"
-                     if env.get("gpu_datasheet_dense_peak_flops_per_s") else "") + ".", ""]
+    lines = ["# peft-bench results", ""] + (_made_by(env) if env else [])
     lines += ["Every cell runs in fresh processes and checks itself before its numbers count: the trainable count "
               "equals its closed form; after training the disabled adapter reproduces the base model, merged equals "
               "unmerged and unmerge restores (within the tolerance in `check_tolerance`); the checkpoint restored "
@@ -490,35 +423,63 @@ def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool =
         lines += [f"Tables and plots of cost show seed {int(main.seed.min())}; accuracy over every seed is in its own "
                   "section below.", ""]
     for wl, g in main.groupby("workload", sort=False):
-        g = in_registry_order(g)
-        ok = g[g.status == "ok"]
-        first = ok.iloc[0] if len(ok) else g.iloc[0]
-        pre = str(first.get("pretrained", "")).lower() == "true"
-        lines += [f"## {wl}", "",
-                  f"{'pretrained' if pre else 'random-weight (pretrained=false)'} base; batch {_int(first, 'batch_size')}"
-                  + (f" × {_int(first, 'seq_len')} tokens" if _int(first, "seq_len") not in ("", "0") else "")
-                  + f"; {_int(first, 'train_steps')} training steps, {_int(first, 'timed_steps')} timed per repeat"
-                  + f"; device {first.get('device')}; dtype {first.get('dtype', '')}; tokenizer: "
-                  f"{first.get('tokenizer') or 'none'}; AdamW learning rates: "
-                  + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + "."
-                  + _base_line(ok, wl), ""]
-        if len(g) > MATRIX_MAX and glance(g, floor):
-            lines += ["At a glance, relative to full fine-tuning on this workload (details in the next table):", ""]
-            lines += glance(g, floor) + [""]
-        lines += table(MAIN, [_main_row(r, floor) for _, r in g.iterrows()]) + [""]
-        pair = counterparts(g, samples, floor) if per_method and len(g) > MATRIX_MAX else []
-        if pair:
-            lines += ["Hand-written methods against their peft counterparts (same options, same workload):", ""]
-            lines += pair + [""]
-        pairs = pairwise(g, samples, floor)
-        if pairs:
-            lines += ["Step time, row ÷ column (median over rounds, 95 % CI; ≈ no measurable difference):", ""]
-            lines += pairs + [""]
-        if len(ok):
-            lines += table(CKPT, [_ckpt_row(r) for _, r in ok.iterrows()]) + [""]
-    lines += seeds_section(across_seeds(df))
+        lines += _workload_section(wl, in_registry_order(g), samples, floor, per_method)
+    lines += seeds_section(across_seeds(df)) + _footer(main)
+    return "\n".join(lines)
+
+
+def _made_by(env: dict) -> list[str]:
+    """Who made the results, on what, with what: the first paragraph of a summary."""
+    return [f"Made by `{env.get('command', '?')}` on {env.get('date_utc', '?')}: {env.get('cpu', '?')}, "
+            f"{env.get('cpu_count')} cores ({env.get('torch_threads')} torch threads), "
+            f"{(env.get('memory_total_bytes') or 0) / 2**30:.0f} GiB"
+            + (f", GPU {env['gpu']}" if env.get("gpu") else "")
+            + f"; torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}; "
+            f"commit {str(env.get('git_commit', ''))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
+            f"{_seeds_text(env)}; dtype {env.get('dtype', 'float32')}; {_plural(env.get('repeats', 1), 'repeat')} "
+            f"per cell, round-robin. Measured matmul peak: "
+            f"{sig((env.get('matmul_peak_flops_per_s') or float('nan')) / 1e9)} GFLOP/s "
+            f"({env.get('dtype', 'float32')})"
+            + (f"; the GPU's datasheet dense peak, for comparison only: "
+               f"{sig(env['gpu_datasheet_dense_peak_flops_per_s'] / 1e9)} GFLOP/s"
+               if env.get("gpu_datasheet_dense_peak_flops_per_s") else "") + ".", ""]
+
+
+def _workload_section(wl: str, g, samples: list[dict], floor: float, per_method: bool) -> list[str]:
+    """One workload's tables: at a glance (many methods), the main table, hand-written vs peft, pairwise step-time
+    ratios, checkpoints."""
+    ok = g[g.status == "ok"]
+    first = ok.iloc[0] if len(ok) else g.iloc[0]
+    pre = str(first.get("pretrained", "")).lower() == "true"
+    lines = [f"## {wl}", "",
+             f"{'pretrained' if pre else 'random-weight (pretrained=false)'} base; batch {_int(first, 'batch_size')}"
+             + (f" × {_int(first, 'seq_len')} tokens" if _int(first, "seq_len") not in ("", "0") else "")
+             + f"; {_int(first, 'train_steps')} training steps, {_int(first, 'timed_steps')} timed per repeat"
+             + f"; device {first.get('device')}; dtype {first.get('dtype', '')}; tokenizer: "
+             f"{first.get('tokenizer') or 'none'}; AdamW learning rates: "
+             + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + "."
+             + _base_line(ok, wl), ""]
+    if len(g) > MATRIX_MAX and glance(g, floor):
+        lines += ["At a glance, relative to full fine-tuning on this workload (details in the next table):", ""]
+        lines += glance(g, floor) + [""]
+    lines += table(MAIN, [_main_row(r, floor) for _, r in g.iterrows()]) + [""]
+    pair = counterparts(g, samples, floor) if per_method and len(g) > MATRIX_MAX else []
+    if pair:
+        lines += ["Hand-written methods against their peft counterparts (same options, same workload):", ""]
+        lines += pair + [""]
+    pairs = pairwise(g, samples, floor)
+    if pairs:
+        lines += ["Step time, row ÷ column (median over rounds, 95 % CI; ≈ no measurable difference):", ""]
+        lines += pairs + [""]
+    if len(ok):
+        lines += table(CKPT, [_ckpt_row(r) for _, r in ok.iterrows()]) + [""]
+    return lines
+
+
+def _footer(main) -> list[str]:
+    """Definitions of the columns used, what accuracy means here, and the plots."""
     defs = records.definitions()
-    lines += ["Definitions:", ""] + [f"- `{k}`: {defs[k]}" for k in (
+    lines = ["Definitions:", ""] + [f"- `{k}`: {defs[k]}" for k in (
         "tensor_peak_bytes", "weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
         "temporaries_bytes", "process_peak_bytes", "step_time_s", "step_time_ci_low_s", "step_time_vs_full",
         "step_time_split_s", "aa_ratio", "other_cpu_pct", "pct_of_matmul_peak", "inference_base_s",
@@ -529,7 +490,7 @@ def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool =
               + (", `accuracy_vs_memory.png` (pretrained workloads)" if main.pretrained.astype(str).str.lower()
                  .eq("true").any() else "") + ". Every "
               "step time of every repeat: `repeats.csv`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 README_BEGIN = "<!-- results:begin"

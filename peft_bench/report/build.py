@@ -1,0 +1,60 @@
+"""The report of a results folder, rebuilt from its rows alone: which kind of run it holds (a learning-rate sweep, a
+torchrun suite, an accuracy-only run, a sweep, or a suite of cells) decides which summary and plots are written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import UserError
+from ..results import atomic_write_text, read_rows, read_samples
+from . import distributed as dist_report
+from . import fits as sweep
+from . import plots
+from .summary import accuracy_only, accuracy_summary, across_seeds, cells, first_seed, load_frame, summary
+from .tune import choose
+from .tune import summary as tune_summary
+
+
+def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
+    """Rebuild plots and summary.md from metrics.csv and repeats.csv (and environment.json when present).
+
+    `arch(workload, width, depth)`: the engine's description of a model a sweep built (layers, width, heads), for the
+    per-layer activation lines of a sweep; without it those lines are left out."""
+    df = load_frame(out)  # refuses bad values before anything is written
+    samples = read_samples(out / "repeats.csv")
+    env_path = out / "environment.json"
+    try:
+        env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    except ValueError:
+        raise UserError(f"{env_path} is not valid JSON; remove it or re-run") from None
+    seeds = across_seeds(df)
+    if len(seeds):
+        seeds.to_csv(out / "summary_seeds.csv", index=False)
+    else:
+        (out / "summary_seeds.csv").unlink(missing_ok=True)
+    if "split" in df.columns and (df.split == "validation").any():  # a learning-rate sweep
+        text = tune_summary(out)
+        atomic_write_text(out / "chosen.json", json.dumps(choose(read_rows(out / "metrics.csv")), indent=1,
+                                                          sort_keys=True) + "\n")
+        atomic_write_text(out / "summary.md", text)
+        return
+    if dist_report.is_distributed(df):  # under torchrun: communication, scaling and memory per rank
+        text = dist_report.summary(df, env)
+        dist_report.plot(df, out / "distributed.png")
+        atomic_write_text(out / "summary.md", text)
+        return
+    if accuracy_only(df):
+        plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
+        atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))
+        return
+    if sweep.is_sweep(df):  # fits, crossovers and the log-log plot; the per-cell tables name each point
+        lines = sweep.write(df, out, arch)
+        text = summary(sweep.labelled(df), env, samples, per_method=False)
+        head, sep, rest = text.partition("\n## ")
+        atomic_write_text(out / "summary.md", head + "\n".join(lines) + "\n" + sep.lstrip("\n") + rest)
+        return
+    text = summary(df, env, samples)  # computed before any file is replaced
+    plots.make_all(first_seed(cells(df)), out)
+    atomic_write_text(out / "summary.md", text)
