@@ -59,8 +59,8 @@ class Results:
     def __init__(self, out: Path, opts) -> None:
         from peft_bench import results
         from peft_bench.engine.environment import environment
-        from peft_bench.engine.runner import prepare_out_dir
         from peft_bench.measure import timing
+        from peft_bench.results import prepare_out_dir
 
         self.out = prepare_out_dir(out)
         self.rows = results.read_rows(self.out / "metrics.csv")

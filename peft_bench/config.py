@@ -108,13 +108,13 @@ def vary(text: str) -> tuple[str, tuple[int, ...]]:
     return name, tuple(sorted(set(vs)))
 
 
-OPTION_EXTRAS = {"required": (), "method_option": None, "helps": {}}
+OPTION_EXTRAS = {"required": (), "method_option": None, "helps": {}, "choices": None}
 
 
 def option(default: Any = None, help: str = "", type=None, flag: str | None = None, commands=RUN, **extras):
     """One option of a run: its default, help, parser (`type`; `bool` makes a switch), its flag (default: from the
     name), the commands that take it, and `extras`: `required` (the commands where it must be given), `helps`
-    (per-command help) and `method_option` (the method option it sets: `--rank` → LoRA's `r`)."""
+    (per-command help), `choices` (argparse's) and `method_option` (the method option it sets: `--rank` → `r`)."""
     unknown = set(extras) - set(OPTION_EXTRAS)
     if unknown:
         raise TypeError(f"option() got unknown settings {sorted(unknown)}")
@@ -159,7 +159,7 @@ class RunConfig:
         helps={"tune": "rates to try for every method (default: a grid per method)"})
     dtype: str = option("auto", "element type of the base model; auto: a checkpoint brought with --model in its own "
                         "dtype (config.json), embedded workloads in float32. Adapters follow peft's policy: float32 on "
-                        "a half base. The row's dtype column says what ran", type=one_of(DTYPES, "dtype"))
+                        "a half base. The row's dtype column says what ran", choices=DTYPES)
     rank: int | None = option(None, "LoRA rank r", type=positive(int, "--rank"), method_option="r")
     alpha: float | None = option(None, "LoRA alpha", type=positive(float, "--alpha"), method_option="alpha")
     dropout: float | None = option(None, "LoRA dropout in [0, 1)", type=float, method_option="dropout")
@@ -249,6 +249,8 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
             kwargs["action"] = "store_true"
         else:
             kwargs.update(type=m["type"], metavar=_flag(f).lstrip("-").upper().replace("-", "_"))
+        if m["choices"]:
+            kwargs.update(choices=m["choices"], metavar=None)
         if command in m["required"] and f.name not in ("workloads",):
             kwargs["required"] = True
         parser.add_argument(_flag(f), **kwargs)

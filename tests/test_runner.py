@@ -50,7 +50,7 @@ def test_run_goes_on_after_failures_and_exit_code_says_so(tmp_path, monkeypatch)
 
     def flaky(spec, timeout):  # the first cell fails inside its process, the others run normally
         if spec.method == "full":
-            spec.inject_fault = "raise"
+            spec = __import__("dataclasses").replace(spec, inject_fault="raise")
         return real(spec, timeout)
 
     monkeypatch.setattr(runner, "run_isolated", flaky)

@@ -16,6 +16,7 @@ import pytest
 from peft_bench.engine import capacity
 from peft_bench.errors import UserError
 from peft_bench.report import fits as sweep
+from peft_bench.report.capacity import largest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeyp
 
     monkeypatch.setattr(runner, "run_isolated", fake)
     rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20), log=lambda s: None)
-    assert capacity.largest(rows)["value"] == 90
+    assert largest(rows)["value"] == 90
     assert probed[:8] == [1, 2, 4, 8, 16, 32, 64, 128]  # doubling until over the cap, then bisection
     assert len(probed) <= 8 + 7
 
@@ -105,7 +106,7 @@ def test_capacity_stops_at_a_failure_that_is_not_memory(monkeypatch):
 
     monkeypatch.setattr(runner, "run_isolated", fake)
     rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 2**30), log=lambda s: None)
-    assert capacity.largest(rows)["value"] == 8 and rows[-1]["fits"] is False and "fewer examples" in rows[-1]["reason"]
+    assert largest(rows)["value"] == 8 and rows[-1]["fits"] is False and "fewer examples" in rows[-1]["reason"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -179,7 +180,7 @@ def test_saved_activations_per_layer_equal_gpt_neo_s_count_from_the_architecture
         saved.append(mem.max_parts["activations"])
     per_layer = [(b - a) / 2 / (batch * seq) for a, b in zip(saved, saved[1:])]
     config = w.scaled(depth=2).build_model().config
-    analytic = sweep.gpt_neo_saved_bytes_per_token_per_layer(config, seq)
+    analytic = sweep.gpt_neo_saved_bytes_per_token_per_layer(config.hidden_size, config.num_heads, seq)
     assert analytic == 4 * (28 * 32 + 4 * 32 + 4)
     for p in per_layer:
         assert abs(p / analytic - 1) < 0.10, (per_layer, analytic)

@@ -10,7 +10,7 @@ DEMOS = ("svd", "mnist-lora")
 
 
 def run(name: str, out: Path, method: str = "lora-parametrize", seed: int = 0) -> int:
-    from ..bench.runner import prepare_out_dir
+    from ..results import prepare_out_dir
 
     if name not in DEMOS:
         raise UserError(f"unknown demo {name!r}; choose one of: {', '.join(DEMOS)}")

@@ -124,7 +124,8 @@ def run(cfg) -> list[dict]:
     rewritten after each; the CLI then writes the report (`peft_bench.report.capacity`)."""
     import pandas as pd
 
-    from .runner import check_out_dir, prepare_out_dir, refuse_if_busy
+    from ..results import check_out_dir, prepare_out_dir
+    from .runner import refuse_if_busy
 
     cap, vary, device = parse_bytes(cfg.memory_cap), cfg.search, cfg.device
     if vary not in SEARCH:

@@ -29,6 +29,7 @@ from .. import results
 from ..config import CellSpec, RunConfig
 from ..errors import UserError
 from ..measure import repeats as rep
+from ..results import check_out_dir, prepare_out_dir
 from . import launch
 from .environment import environment
 from .plan import plan, repeats_of, seeds_of, validate_targets
@@ -195,30 +196,3 @@ def refuse_if_busy(device: str, seconds: float = 1.0) -> None:
 
 
 _CONTEXT = None
-
-
-def check_out_dir(path: Path) -> Path:
-    """Refuse an output path that is a file, lies under a file, is not writable, or contains '..'."""
-    path = Path(path)
-    if ".." in path.parts:
-        raise UserError(f"output directory {str(path)!r} must not contain '..'")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output directory {str(path)!r} is a file; pass --out with a directory")
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise UserError(f"output directory {str(path)!r} lies under the file {str(parent)!r}")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output directory {str(path)!r} is not writable")
-    return path
-
-
-def prepare_out_dir(path: Path) -> Path:
-    """Create the (checked) output directory."""
-    path = check_out_dir(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {str(path)!r}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"output directory {str(path)!r} is not writable")
-    return path
