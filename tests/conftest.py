@@ -5,7 +5,18 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n 2` (the README's test command) two workers share the two cores: one intra-op thread each (the
+    # fork servers and cells they start inherit it), so they do not oversubscribe the cores. Nothing measured here is
+    # judged by its speed.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # in case a plugin imported torch before this file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -14,6 +25,18 @@ os.environ.setdefault("PEFT_BENCH_ALLOW_BUSY", "1")  # the busy-machine guard ha
 from peft_bench import models  # noqa: E402
 
 FAMILIES = ["mlp", "gpt-neo", "llama", "t5", "bert"]
+# Tests kept on one xdist worker (`--dist loadgroup`): a file whose tests share a module-scoped run (computed once,
+# not once per worker), and tests that must not run beside each other — they look for processes by name (torchrun's
+# ranks) or load the whole machine on purpose (the busy-machine guard and the interference window, in test_repeats).
+ALONE = {"test_distributed.py": "torchrun", "test_repeats.py": "repeats", "test_report.py": "report",
+         "test_cell.py": "cell", "test_demos.py": "demos"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for prefix, group in ALONE.items():
+            if item.nodeid.split("/")[-1].startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)

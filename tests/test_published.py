@@ -57,7 +57,8 @@ def test_readme_methods_section_is_the_capability_table_peft_bench_list_prints()
 
 def test_pytest_benchmark_route_has_serialisable_params(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "PEFT_BENCH_ALLOW_BUSY": "1", "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a plain pytest, not a worker
+    env.update(PEFT_BENCH_ALLOW_BUSY="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "--suite", "smoke", "-q",
                            "-p", "no:cacheprovider", "-k", "mlp-mnist-tiny-lora and not parametrize",
                            "--results-dir", str(tmp_path / "res"), f"--benchmark-json={out}"],

@@ -4,15 +4,13 @@ against a synthetic memory model, and one real sweep through the CLI (issue 14's
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from peft_bench.cli import main
 from peft_bench.engine import capacity
 from peft_bench.errors import UserError
 from peft_bench.report import fits as sweep
@@ -117,15 +115,13 @@ def test_capacity_stops_at_a_failure_that_is_not_memory(monkeypatch):
     (["--vary", "width=32,48,100"], "width 100 is not a multiple of GPT-Neo's head size 8"),
     (["--vary", "seq_len=32,64,512"], "sequence length 512 does not fit the model's 256 positions"),
 ])
-def test_bad_sweeps_are_refused_in_one_line_before_anything_is_written(args, message, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_BENCH_ALLOW_BUSY": "1"}
-    cmd = [sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-125m-arch-tiny", "--methods",
-           "full,lora", "--out", str(tmp_path / "o")]
+def test_bad_sweeps_are_refused_in_one_line_before_anything_is_written(args, message, tmp_path, capsys):
+    """In-process (the real process's exit status and its single line: tests/test_cli.py)."""
+    cmd = ["sweep", "--workloads", "gpt-neo-125m-arch-tiny", "--methods", "full,lora", "--out", str(tmp_path / "o")]
     if "--methods" in args:
-        cmd = cmd[:6] + cmd[8:]
-    p = subprocess.run(cmd + args, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert p.returncode == 2, p.stderr
-    (line,) = p.stderr.strip().splitlines()
+        cmd = cmd[:3] + cmd[5:]
+    assert main(cmd + args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert message in line
     assert not (tmp_path / "o").exists()
 
@@ -133,13 +129,9 @@ def test_bad_sweeps_are_refused_in_one_line_before_anything_is_written(args, mes
 def test_sweep_of_sequence_length_fits_peak_memory_growth(tmp_path):
     """Issue 14's done-when: full and LoRA over 32…256 tokens; the exponent of peak memory (above the static weights,
     gradients and optimizer state) lies in 0.8–2.3 with R² ≥ 0.9 for both."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PEFT_BENCH_ALLOW_BUSY": "1"}
     out = tmp_path / "sweep"
-    p = subprocess.run([sys.executable, "-m", "peft_bench.cli", "sweep", "--workloads", "gpt-neo-125m-arch-tiny",
-                        "--methods", "full,lora", "--vary", "seq_len=32,64,128,256", "--out", str(out),
-                        "--steps", "4"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert main(["sweep", "--workloads", "gpt-neo-125m-arch-tiny", "--methods", "full,lora", "--vary",
+                 "seq_len=32,64,128,256", "--out", str(out), "--steps", "4"]) == 0
     metrics = pd.read_csv(out / "metrics.csv")
     assert sorted(set(metrics.vary_value)) == [32, 64, 128, 256] and set(metrics.vary) == {"seq_len"}
     assert (metrics.seq_len == metrics.vary_value).all()

@@ -7,20 +7,19 @@ import os
 import platform
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 
 def environment(opts, peak: float, argv: list[str] | None) -> dict:
-    import peft
     import torch
-    import transformers
 
     env = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "peft-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "suite": opts.suite, "seeds": list(opts.seeds or ()), "device": opts.device, "dtype": getattr(opts, "dtype", "float32"),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "platform": platform.platform(), "cpu": _cpu_model(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+        "peft": version("peft"), "platform": platform.platform(), "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "memory_total_bytes": __import__("psutil").virtual_memory().total,
         "gpu": torch.cuda.get_device_name() if opts.device == "cuda" else None,

@@ -30,19 +30,35 @@ def _context():
     return _CONTEXT
 
 
+def start_fork_server() -> None:
+    """Start the fork server now, so that its imports (seconds) overlap the run's planning and checks instead of
+    delaying the first cell; the first fork waits for them to finish."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
 def _peak_child(device: str, dtype: str, out_path: str) -> None:
     Path(out_path).write_text(repr(timing.matmul_peak_flops(device, dtype)))
 
 
+_PEAKS: dict[tuple[str, str], float] = {}  # measured once per fork server (the cells' conditions do not change)
+
+
 def matmul_peak_in_child(device: str, dtype: str) -> float:
     """The matmul peak measured in a process forked from the same server as the cells, so that the MFU denominator
-    is measured under the cells' own conditions (threads, allocator, nothing else loaded)."""
+    is measured under the cells' own conditions (threads, allocator, nothing else loaded); once per server, device
+    and dtype (a `peft-bench` command starts one server: once per run)."""
+    if (device, dtype) in _PEAKS and _CONTEXT is not None:
+        return _PEAKS[device, dtype]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "peak")
         proc = _context().Process(target=_peak_child, args=(device, dtype, str(path)))
         proc.start()
         proc.join()
-        return float(path.read_text()) if path.exists() else timing.matmul_peak_flops(device, dtype)
+        _PEAKS[device, dtype] = float(path.read_text()) if path.exists() else timing.matmul_peak_flops(device, dtype)
+    return _PEAKS[device, dtype]
 
 
 def run_isolated(spec: CellSpec, timeout: float | None) -> dict:
@@ -125,3 +141,4 @@ def stop_fork_server() -> None:
         except Exception:
             pass
         _CONTEXT = None
+        _PEAKS.clear()
