@@ -25,20 +25,6 @@ os.environ.setdefault("PEFT_BENCH_ALLOW_BUSY", "1")  # the busy-machine guard ha
 from peft_bench import models  # noqa: E402
 
 FAMILIES = ["mlp", "gpt-neo", "llama", "t5", "bert"]
-# Tests kept on one xdist worker (`--dist loadgroup`): a file whose tests share a module-scoped run (computed once,
-# not once per worker), and tests that must not run beside each other — they look for processes by name (torchrun's
-# ranks) or load the whole machine on purpose (the busy-machine guard and the interference window, in test_repeats).
-ALONE = {"test_distributed.py": "torchrun", "test_repeats.py": "repeats", "test_report.py": "report",
-         "test_cell.py": "cell", "test_demos.py": "demos"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for prefix, group in ALONE.items():
-            if item.nodeid.split("/")[-1].startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(autouse=True)
 def seed() -> None:
     torch.manual_seed(0)

@@ -17,6 +17,10 @@ from peft_bench.methods.lora import LoRA
 from .conftest import tiny_batch, tiny_model
 from .test_methods import randomise_adapter
 
+# One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): its tests share module-scoped cells
+# (once, not once per worker).
+pytestmark = pytest.mark.xdist_group("cell")
+
 FAST = dict(train_steps=4, warmup_steps=1, timed_steps=1, latency_seconds=0.02)
 
 

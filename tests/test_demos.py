@@ -11,6 +11,10 @@ from peft_bench.cli import main
 from peft_bench.demos import mnist_lora, svd
 from peft_bench.workloads.data import mnist_5k
 
+# One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): its tests share one module-scoped demo
+# run (once, not once per worker).
+pytestmark = pytest.mark.xdist_group("demos")
+
 
 def test_rank2_matrix_factors_exactly_into_40_parameters():
     ex = svd.exact_rank2(seed=0)

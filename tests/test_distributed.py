@@ -17,6 +17,10 @@ from peft_bench.config import CellSpec
 from peft_bench.engine import torchrun as D
 from peft_bench.measure.comm import CommCounter, ring_wire_bytes
 
+# One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): it looks for leftover torchrun
+# processes by name: no other rank may run beside it.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

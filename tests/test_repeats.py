@@ -23,6 +23,10 @@ from peft_bench.report import summary as report
 
 from .markdown import tables
 
+# One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): its tests share one module-scoped run
+# with repeats (once, not once per worker), and two load the whole machine on purpose.
+pytestmark = pytest.mark.xdist_group("repeats")
+
 
 # -- statistics against closed forms ------------------------------------------------------------------------------
 def test_bootstrap_of_three_medians_spans_min_to_max():

@@ -10,6 +10,10 @@ from peft_bench.cli import run_and_report as run_suite
 from peft_bench.config import RunConfig as RunOptions
 from peft_bench.report.plots import pareto
 
+# One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): its tests share one module-scoped run
+# (once, not once per worker).
+pytestmark = pytest.mark.xdist_group("report")
+
 
 def test_pareto_front_keeps_only_undominated_points():
     pts = [(100, 0.9), (50, 0.8), (60, 0.7), (200, 0.95), (50, 0.85)]
