@@ -97,7 +97,7 @@ def test_same_seed_same_counts_losses_and_accuracy(method, workload):
     a, b = run_cell(spec), run_cell(spec)
     for key in ("trainable_params", "first_losses", "accuracy", "base_accuracy", "final_loss"):
         assert a[key] == b[key], key
-    c = run_cell(CellSpec(method, workload, seed=1, **FAST))
+    c = run_cell(CellSpec(method, workload, seed=1, probes="timing", **FAST))  # the training steps are enough here
     assert c["first_losses"] != a["first_losses"]
 
 
