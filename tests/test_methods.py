@@ -477,3 +477,49 @@ def test_adalora_task_loss_leaves_out_its_regulariser():
         plain = float(model.get_base_model()(**batch).loss)
     assert task == pytest.approx(plain, abs=1e-6) and trained_on > task + 1e-4
     assert model.peft_config["default"].orth_reg_weight == 0.5  # restored
+
+
+def _grow_one(method, model, which: int = 0) -> None:
+    """One trainable tensor (the first, or the last: a head copy where there is one) gains an element after `apply`
+    (a hidden check: closed forms must not follow it)."""
+    p = list(method.trainable_parameters(model).values())[which]
+    with torch.no_grad():
+        p.data = torch.cat([p.data.reshape(-1), p.data.reshape(-1)[:1]])
+
+
+@pytest.mark.parametrize("which", [0, -1])
+@pytest.mark.parametrize("method,family", CELLS)
+def test_every_closed_form_disagrees_with_a_count_whose_tensors_were_grown(method, family, which):
+    """A closed form is a second witness only if it is written from the configuration and options, never read from
+    the tensors it is compared with: grow one trainable tensor after apply, and the count moves while it does not."""
+    m, model = applied(method, family)
+    before = m.closed_form_trainable(model)
+    _grow_one(m, model, which)
+    assert _count(m, model) == before + 1
+    assert m.closed_form_trainable(model) == before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_closed_form_is_the_configuration_s_not_the_tensors(family):
+    """Full fine-tuning's count from the config (a formula per embedded family) equals the tensors' count as built,
+    and an extra trainable tensor registered after apply is counted by the tensors alone."""
+    m, model = applied("full", family)
+    assert m.closed_form_trainable(model) == _count(m, model)
+    target = next(mod for mod in model.modules() if isinstance(mod, torch.nn.Linear))
+    target.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    assert _count(m, model) == m.closed_form_trainable(model) + 3
+
+
+def test_full_closed_form_of_a_model_without_a_formula_is_a_twin_built_from_its_config():
+    """--model families without a written formula (GPT-2 here): a second instance from the config on the meta device."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peft_bench.methods.counts import FORMULAS, twin_parameters
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=1000, n_positions=64))
+    assert ("gpt2", "GPT2LMHeadModel") not in FORMULAS
+    m = get_method("full")
+    model = m.apply(model)
+    assert m.closed_form_trainable(model) == twin_parameters(model) == _count(m, model)
+    _grow_one(m, model)
+    assert _count(m, model) == m.closed_form_trainable(model) + 1

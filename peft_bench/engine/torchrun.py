@@ -141,7 +141,6 @@ def rank_main(spec_path: str, out_dir: str) -> int:
     from .cell import _quiet
 
     _quiet()
-    _register()
     spec = CellSpec(**json.loads(Path(spec_path).read_text()))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     torch.set_num_threads(spec.threads_per_rank or threads_per_rank(spec.nproc))
@@ -227,6 +226,7 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
     counted around it, agreement between ranks), then what rank 0 needs to combine the ranks into one row."""
     from . import cell
 
+    _register()
     s = cell.run_probes(spec, "rank")
     got = s.scores
     timed, proc, comm = got["timed"], got["peak"], got["comm"]

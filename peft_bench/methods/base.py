@@ -290,7 +290,9 @@ def head_size(model: nn.Module, arch: ArchInfo) -> int:
 
 
 def head_param_count(copies: list[HeadCopy]) -> int:
-    return sum(p.numel() for c in copies for p in c.trained.parameters())
+    """Parameters of the trained head copies, counted on the frozen originals they were copied from (so a trained
+    tensor that changed shape is not counted by the closed form that checks it)."""
+    return sum(p.numel() for c in copies for p in c.original.parameters())
 
 
 PROMPT_REASON = "{} needs a transformer with token embeddings and attention; this model is a plain MLP"

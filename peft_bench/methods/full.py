@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import Method, unique_named_parameters
+from .counts import full_parameters
 from .registry import register
 
 WEIGHTS = "model.safetensors"
@@ -48,7 +49,8 @@ class FullFineTuning(Method):
         return model
 
     def closed_form_trainable(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in model.parameters())
+        """Every parameter of the architecture, from its configuration (`counts.full_parameters`), not the tensors."""
+        return full_parameters(model)
 
     def save(self, model: nn.Module, directory) -> int:
         Path(directory).mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ class LoRAParametrization(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, options: LoRAOptions, like: torch.Tensor, transposed: bool = False) -> None:
         super().__init__()
+        self.d_in, self.d_out = d_in, d_out  # the wrapped layer's shape: the closed form reads these, not A and B
         self.transposed = transposed  # Conv1D (GPT-2): the weight is d_in × d_out, so ΔW is added transposed
         dtype = adapter_dtype(like.dtype)  # float32 adapters on a half-precision base, as peft
         self.lora_A = nn.Parameter(torch.empty(options.r, d_in, dtype=dtype, device=like.device))
@@ -77,9 +78,7 @@ class LoRAParametrize(HandLoRA):
 
     def closed_form_trainable(self, model: nn.Module) -> int:
         r = self.options.r
-        return sum(r * (p.lora_A.shape[1] + p.lora_B.shape[0]) for p in self.adapters.values()) + head_param_count(
-            self.heads
-        )
+        return sum(r * (p.d_in + p.d_out) for p in self.adapters.values()) + head_param_count(self.heads)
 
     @torch.no_grad()
     def _merge(self, model: nn.Module) -> None:
