@@ -523,3 +523,28 @@ def test_full_closed_form_of_a_model_without_a_formula_is_a_twin_built_from_its_
     assert m.closed_form_trainable(model) == twin_parameters(model) == _count(m, model)
     _grow_one(m, model)
     assert _count(m, model) == m.closed_form_trainable(model) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_base_bytes_from_the_configuration_equal_the_storages_and_do_not_follow_them(family, dtype):
+    """The static-memory closed form's base: parameters and buffers counted from the config × element sizes (a formula
+    per family, and a twin on the meta device) equal a walk of the built model's storages — and a grown weight moves
+    the walk, not the closed form."""
+    from peft_bench.methods.counts import _twin_bytes, base_bytes
+
+    def walk(model) -> int:
+        seen = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [*model.parameters(),
+                                                                                  *model.buffers()]}
+        return sum(seen.values())
+
+    model = tiny_model(family).to(dtype=dtype)
+    element = torch.empty(0, dtype=dtype).element_size()
+    closed = base_bytes(model, element)
+    assert closed == walk(model)
+    if family != "mlp":
+        assert _twin_bytes(model, element) == closed
+    p = next(model.parameters())
+    with torch.no_grad():
+        p.data = torch.cat([p.data.reshape(-1), p.data.reshape(-1)[:1]])
+    assert walk(model) == closed + element and base_bytes(model, element) == closed

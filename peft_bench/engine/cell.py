@@ -34,7 +34,7 @@ from ..config import CellSpec
 from ..errors import UnsupportedError, UserError
 from ..measure import memory, timing
 from ..measure import records as R
-from ..methods import get_method
+from ..methods import counts, get_method
 from ..workloads.tasks import accuracy, endless
 from . import probes as P
 from .setup import (
@@ -50,7 +50,6 @@ from .setup import (
     majority,
     on_device,
     split_on_device,
-    state_bytes,
     workload_of,
 )
 
@@ -174,7 +173,8 @@ def start(spec: CellSpec, method, w, reference: bool = True) -> P.State:
     if reference:
         s.check_batch = on_device(next(endless(data.test, s.form, w.batch_size, spec.seed)), spec)
         s.base_out = logits(model, s.check_batch)
-    s.base_bytes = state_bytes(model)
+    # The base's bytes from its configuration (counts × element sizes), not a walk of the storages the tracker sees.
+    s.base_bytes = counts.base_bytes(model, torch.empty(0, dtype=timing.DTYPES[spec.dtype]).element_size())
     s.targets = describe(model).default_targets
     s.model = apply(spec, method, model)
     return s

@@ -156,7 +156,8 @@ def memory_record(tracker: memory.StepMemoryTracker, trainable: dict, base_bytes
                   method: Method, peak: ProcessPeak) -> R.MemoryRecord:
     """The tracker's breakdown at the peak, and the static parts checked against the closed form.
 
-    Closed form: weights = the base model's bytes (+ the method's new parameters at their element size);
+    Closed form: weights = the base model's bytes from its configuration (`methods.counts.base_bytes`: parameter and
+    buffer counts × element sizes) (+ the method's new parameters at their element size);
     gradients = trainable × element size; AdamW = 2 × trainable × element size + one 4-byte `step` per tensor.
     """
     sizes = {p.element_size() for p in trainable.values()}

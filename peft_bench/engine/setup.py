@@ -168,13 +168,3 @@ def split_on_device(split, spec: CellSpec):
     if torch.is_tensor(split.inputs):
         return type(split)(place(split.inputs, spec), place(split.labels, spec))
     return split
-
-
-def state_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct storages behind a model's parameters and buffers."""
-    seen = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-

@@ -90,3 +90,51 @@ def twin_parameters(model: nn.Module) -> int:
     with torch.device("meta"):
         twin = type(model)(config)
     return sum(p.numel() for _, p in unique_named_parameters(twin))
+
+
+# -- the base model's bytes -------------------------------------------------------------------------------------
+def gpt_neo_buffers(c) -> list[tuple[int, str]]:
+    """One causal mask per block: max_position_embeddings² booleans."""
+    return [(c.num_layers * c.max_position_embeddings ** 2, "bool")]
+
+
+def llama_buffers(c) -> list[tuple[int, str]]:
+    """The rotary embedding's inverse frequencies and their original copy: head_dim / 2 floats each."""
+    return [(2 * (dims(c).head_dim // 2), "float")]
+
+
+def bert_buffers(c) -> list[tuple[int, str]]:
+    """The embeddings' position ids and token-type ids: max_position_embeddings int64 each."""
+    return [(2 * c.max_position_embeddings, "int64")]
+
+
+BUFFERS = {"gpt_neo": gpt_neo_buffers, "llama": llama_buffers, "bert": bert_buffers, "t5": lambda c: []}
+SIZES = {"bool": 1, "int64": 8}
+
+
+def base_bytes(model: nn.Module, element: int) -> int:
+    """Bytes of the base model's parameters and buffers at `element` bytes per floating-point value, from its
+    configuration (a formula per embedded family, else a twin on the meta device) — not a walk of its storages."""
+    from ..models import MLP
+
+    if isinstance(model, MLP):
+        return mlp(model.sizes) * element
+    config = model.config
+    kind = (getattr(config, "model_type", None), type(model).__name__)
+    if kind in FORMULAS and kind[0] in BUFFERS:
+        buffers = sum(n * SIZES.get(dtype, element) for n, dtype in BUFFERS[kind[0]](config))
+        return FORMULAS[kind](config) * element + buffers
+    return _twin_bytes(model, element)
+
+
+def _twin_bytes(model: nn.Module, element: int) -> int:
+    """Parameters and buffers of a twin built from the config on the meta device, floating-point ones at `element`
+    bytes, tied tensors once."""
+    import torch
+
+    from .base import unique_named_parameters
+
+    with torch.device("meta"):
+        twin = type(model)(model.config)
+    tensors = [p for _, p in unique_named_parameters(twin)] + list(twin.buffers())
+    return sum(t.numel() * (element if t.is_floating_point() else t.element_size()) for t in tensors)
