@@ -94,3 +94,19 @@ def test_a_freed_tensor_leaves_the_live_total():
         del x
         assert t.totals["temporaries"] == 0
     assert t.peak_parts["temporaries"] == 4000
+
+
+def test_the_process_peak_is_the_step_s_alone_not_the_harness_s(tmp_path):
+    """A 256 MiB harness tensor held beside the cell (as the reference outputs the checks need are) stays out of the
+    process peak: it is parked on disk while the model trains and the peak is read over the timed steps only.
+    Without parking the peak would carry the whole 256 MiB."""
+    from peft_bench.config import CellSpec
+    from peft_bench.engine.launch import run_isolated
+
+    spec = CellSpec("lora", "gpt-neo-tiny", probes="cost", train_steps=6, warmup_steps=1, timed_steps=3)
+    plain = run_isolated(spec, 300)
+    ballast = run_isolated(__import__("dataclasses").replace(spec, inject_fault="harness"), 300)
+    assert plain["status"] == ballast["status"] == "ok", (plain.get("reason"), ballast.get("reason"))
+    grew = ballast["process_peak_bytes"] - plain["process_peak_bytes"]
+    assert abs(grew) < 64 * 2**20, grew  # RSS noise between two fresh processes is a few MiB; the ballast is 256
+    assert ballast["tensor_peak_bytes"] == plain["tensor_peak_bytes"]

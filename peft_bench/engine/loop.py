@@ -85,11 +85,12 @@ class Timed:
 @dataclass(frozen=True)
 class Hooks:
     """What a caller adds to the loop: `special` steps (an index → a function run on that step's batch instead of a
-    plain step: the instrumented steps), `on_start` before the first timed step (a counter reset), `tick` after
-    every step (progress)."""
+    plain step: the instrumented steps), `on_start` just before the first timed step and `on_end` just after the last
+    (a counter reset, the process-peak window: both inside the two canary readings), `tick` after every step."""
 
     special: dict = field(default_factory=dict)
     on_start: Callable[[], None] | None = None
+    on_end: Callable[[], None] | None = None
     tick: Callable[[], None] = lambda: None
 
 
@@ -97,7 +98,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens:
               hooks: Hooks = Hooks()) -> Timed:
     """Steps 1..window.last - 1 (step 0, the first call's allocations, is the caller's). The canary is read just
     before step `start` and just after step `end - 1`."""
-    special, on_start, tick = hooks.special, hooks.on_start, hooks.tick
+    special, on_start, on_end, tick = hooks.special, hooks.on_start, hooks.on_end, hooks.tick
     out = Timed()
     for i in range(1, window.last):
         batch = next(batches)
@@ -112,6 +113,8 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens:
             if window.start <= i < window.end:
                 _record(out, batch, wall, split, tokens)
                 if i == window.end - 1:
+                    if on_end:
+                        on_end()
                     out.canary = min(out.canary, timing.canary_flops(trainer.device))
         del batch
         tick()

@@ -288,21 +288,26 @@ def _rank_stream(s, rank: int):
 
 def _rank_training(s) -> None:
     """Warm-up and timed steps through the one training loop, the collectives of the timed steps counted."""
-    from ..measure import memory
     from ..measure.comm import CommCounter
     from .loop import Hooks, Trainer, Window, run_steps
-    from .probes import check_finite
+    from .probes import PeakWindow, check_finite
 
     spec, got = s.spec, s.scores
     trainer = Trainer(got["wrapped"], s.method, spec.lr, spec.device, hooked=got["module"])
     got["wrapped"].train()
     end = spec.warmup_steps + spec.timed_steps
     trainer.step(next(got["stream"]))
-    with memory.track_process_peak(spec.device) as proc, CommCounter() as comm:
+    proc = PeakWindow(spec.device)
+    with proc, CommCounter() as comm:
+        def start() -> None:
+            comm.bytes.clear()
+            comm.calls.clear()
+            proc.open()
+
         got["timed"] = run_steps(trainer, got["stream"], Window(spec.warmup_steps, end, end), s.form.tokens,
-                                 Hooks(on_start=lambda: (comm.bytes.clear(), comm.calls.clear())))
+                                 Hooks(on_start=start, on_end=proc.close))
     check_finite(trainer.losses)
-    got.update(peak=proc, comm=comm, losses=trainer.losses, opt=trainer.opt)
+    got.update(peak=proc.peak, comm=comm, losses=trainer.losses, opt=trainer.opt)
 
 
 def _agreement(s) -> None:
