@@ -78,20 +78,43 @@ def test_parse_bytes_and_bad_caps():
 
 
 def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeypatch):
-    """A synthetic process: peak = 100 MiB + 10 MiB per batch element; a 1,000 MiB cap fits batch 90, not 91."""
+    """A synthetic process under an enforced cap: it needs 100 MiB + 10 MiB per batch element and is killed beyond
+    the cap; a 1,000 MiB cap fits batch 90, not 91."""
     from peft_bench.engine import launch as runner
 
     probed = []
 
     def fake(spec, timeout):
         probed.append(spec.batch_size)
-        return {"status": "ok", "capacity_peak_bytes": (100 + 10 * spec.batch_size) * 2**20}
+        need = (100 + 10 * spec.batch_size) * 2**20
+        if need > spec.memory_cap_bytes:
+            return {"status": "oom", "reason": "cell killed by SIGKILL (likely the kernel's out-of-memory killer)"}
+        return {"status": "ok", "capacity_peak_bytes": need, "memory_cap_mechanism": "fake"}
 
     monkeypatch.setattr(runner, "run_isolated", fake)
     rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20), log=lambda s: None)
     assert largest(rows)["value"] == 90
     assert probed[:8] == [1, 2, 4, 8, 16, 32, 64, 128]  # doubling until over the cap, then bisection
     assert len(probed) <= 8 + 7
+
+
+def test_a_capacity_probe_runs_under_a_cap_the_kernel_enforces():
+    """A real probe process: under 16 MiB for what the cell allocates it is ended (out of memory), under 4 GiB it
+    trains; the row names the mechanism that held it (a memory cgroup of its own here, RLIMIT_AS elsewhere)."""
+    from peft_bench.engine.launch import run_isolated
+    from peft_bench.measure.cap import PREFIX, own_memory_cgroup
+
+    base = capacity._probe_spec("gpt-neo-tiny", "lora", "cpu", "batch_size", 4 * 2**30)
+    fits = run_isolated(base, 120)
+    tight = run_isolated(__import__("dataclasses").replace(base, memory_cap_bytes=16 * 2**20), 120)
+    assert fits["status"] == "ok" and fits["memory_cap_mechanism"], fits
+    assert tight["status"] == "oom", tight
+    from peft_bench.measure.cap import remove_left_caps
+
+    remove_left_caps()
+    found = own_memory_cgroup()
+    if found and "cgroup" in fits["memory_cap_mechanism"]:
+        assert not list(found[0].glob(f"{PREFIX}*"))  # nothing left behind
 
 
 def test_capacity_stops_at_a_failure_that_is_not_memory(monkeypatch):

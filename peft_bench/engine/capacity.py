@@ -4,9 +4,11 @@
 
 For each method, fresh-process probes (a warm-up step and two more training steps, nothing else) at growing values:
 doubling until a probe does not fit, then bisection between the last value that fits and the first that does not.
-"Fits" means, on CUDA, that the steps ran with the process limited to the cap (`set_per_process_memory_fraction`: an
-allocation beyond it is a real CUDA out-of-memory); on CPU, where no cap can be enforced, that the process's measured
-peak resident memory over the steps (VmHWM, the whole process: weights, runtime and all) stayed within the cap.
+"Fits" means that the steps ran with the cap enforced on the probe process: on CUDA by
+`set_per_process_memory_fraction` (an allocation beyond it is a real CUDA out-of-memory; the CUDA context is outside
+the fraction); on CPU by a memory cgroup of its own (the kernel's OOM killer ends it beyond the cap; it is charged for
+what the cell allocates, not the libraries its fork server loaded) or, where no cgroup can be made, RLIMIT_AS over the
+process's address space before the model (`peft_bench.measure.cap`). Each probe's row names the mechanism.
 A probe that fails for another reason (the data has fewer examples than the batch, the positions end) ends the search
 at the last value that fitted, with that reason.
 """
@@ -39,7 +41,7 @@ def _probe_spec(workload: str, method: str, device: str, vary: str, cap: int):
     (spec,) = [c for c in plan(RunConfig(suite="custom", methods=(method,), workloads=(workload,), device=device,
                                          train_steps=4)) if not c.replica]
     return dataclasses.replace(spec, probes="capacity", warmup_steps=1, timed_steps=2, train_steps=4,
-                               memory_cap_bytes=cap if device == "cuda" else None, vary=vary, base_probe=False)
+                               memory_cap_bytes=cap, vary=vary, base_probe=False)
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,16 @@ def _probe(s: Search, base, v: int, rows: list[dict], log) -> bool | None:
         except UserError as e:
             rows.append({**head, "status": "limit", "reason": str(e), "peak_bytes": None, "fits": None})
             return None
+    from ..measure.cap import remove_left_caps
+
     row = launch.run_isolated(spec, s.timeout)
+    remove_left_caps()
     peak = row.get("capacity_peak_bytes")
     ok = row.get("status") == "ok"
-    fits = ok and (s.device == "cuda" or float(peak) <= s.cap)
-    reason = row.get("reason", "") if not ok else ("" if fits else f"peak {float(peak) / 2**30:.2f} GiB > cap")
-    rows.append({**head, "status": row.get("status"), "reason": reason, "peak_bytes": peak, "fits": fits})
+    fits = ok  # the steps ran with the cap enforced (a cgroup limit, RLIMIT_AS, or the CUDA memory fraction)
+    reason = row.get("reason", "") if not ok else ""
+    rows.append({**head, "status": row.get("status"), "reason": reason, "peak_bytes": peak, "fits": fits,
+                 "mechanism": row.get("memory_cap_mechanism", "")})
     word = "fits" if fits else "over the cap" if ok or row.get("status") == "oom" else row.get("status")
     log(f"  {s.method} × {s.workload}, {s.vary} {v}: {word}"
         + (f" (peak {float(peak) / 2**20:,.0f} MiB)" if peak else f" — {reason}" if reason else ""))

@@ -156,6 +156,7 @@ def run_probes(spec: CellSpec, mode: str) -> P.State:
 def start(spec: CellSpec, method, w, reference: bool = True) -> P.State:
     """What every mode does first: data, the process baseline, the base model and (`reference`: for the checks after
     training; a rank has none) its output on a held-out batch, the method applied."""
+    held = _hold_cap(spec)  # capacity probes: the cap enforced before the cell allocates anything
     data = w.validation_data() if spec.split == "validation" else w.data(DATA_SEED)
     reason = method.unsupported_reason(w.family) or (method.unsupported_parallel(spec.parallel) if spec.parallel
                                                      else None)
@@ -163,10 +164,9 @@ def start(spec: CellSpec, method, w, reference: bool = True) -> P.State:
         raise UnsupportedError(reason)
     if spec.device == "cuda" and not spec.parallel:
         memory.check_gpu_is_free()
-        if spec.memory_cap_bytes:  # capacity: allocations beyond the cap raise CUDA OOM, a real refusal
-            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_cap_bytes /
-                                                           torch.cuda.get_device_properties(0).total_memory))
     s = P.State(spec, method, w, data, w.formulation(), builder(w, spec))
+    if held:
+        s.extra["memory_cap_mechanism"] = held
     s.baseline = memory.process_footprint(spec.device)
     model = s.build()
     check_positions(model, w, method)
@@ -180,6 +180,19 @@ def start(spec: CellSpec, method, w, reference: bool = True) -> P.State:
     if spec.inject_fault == "harness":  # tests: 256 MiB of harness data beside the cell (it must stay out of the peak)
         s.ballast = torch.ones(64 * 2**20)
     return s
+
+
+def _hold_cap(spec: CellSpec) -> str:
+    """Put this process under `spec.memory_cap_bytes` (capacity probes); how the cap is held, or "" without one."""
+    if not spec.memory_cap_bytes:
+        return ""
+    if spec.device == "cuda":  # allocations beyond the cap raise CUDA OOM, a real refusal
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_cap_bytes /
+                                                       torch.cuda.get_device_properties(0).total_memory))
+        return "torch.cuda.set_per_process_memory_fraction = cap (the CUDA context is outside the fraction)"
+    from ..measure.cap import enter_cap
+
+    return enter_cap(spec.memory_cap_bytes)
 
 
 def row(s: P.State) -> dict:

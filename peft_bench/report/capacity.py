@@ -12,8 +12,10 @@ def largest(rows: list[dict]) -> dict | None:
 
 
 def summary(rows: list[dict], cap: int, vary: str, device: str, argv: list[str] | None) -> str:
-    how = ("the process limited to the cap on the GPU (torch.cuda.set_per_process_memory_fraction)" if device == "cuda"
-           else "the measured peak resident memory of the whole process (VmHWM) within the cap")
+    held = sorted({str(r.get("mechanism") or "") for r in rows} - {""})
+    how = "the probe process held under the cap by " + ("; ".join(held) if held else
+                                                        "torch.cuda.set_per_process_memory_fraction" if
+                                                        device == "cuda" else "the kernel")
     lines = ["# Capacity under a memory cap", "",
              f"`peft-bench {' '.join(argv or ['capacity'])}`: the largest {vary} that trains within "
              f"{cap / 2**30:.2f} GiB, by {how}; fresh-process probes, doubling then bisection. Every probe is in "
