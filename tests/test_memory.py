@@ -103,7 +103,7 @@ def test_the_process_peak_is_the_step_s_alone_not_the_harness_s(tmp_path):
     from peft_bench.config import CellSpec
     from peft_bench.engine.launch import run_isolated
 
-    spec = CellSpec("lora", "gpt-neo-tiny", probes="cost", train_steps=6, warmup_steps=1, timed_steps=3)
+    spec = CellSpec("lora", "mlp-mnist-tiny", probes="cost", train_steps=6, warmup_steps=1, timed_steps=3)
     plain = run_isolated(spec, 300)
     ballast = run_isolated(__import__("dataclasses").replace(spec, inject_fault="harness"), 300)
     assert plain["status"] == ballast["status"] == "ok", (plain.get("reason"), ballast.get("reason"))
