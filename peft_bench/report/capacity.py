@@ -32,6 +32,6 @@ def summary(rows: list[dict], cap: int, vary: str, device: str, argv: list[str] 
                      (f"{stop['value']}: " + (f"{float(stop['peak_bytes']) / 2**20:,.0f} MiB" if stop["peak_bytes"]
                                               else stop["reason"])) if stop else "–",
                      f"{sig(best['value'] / full['value'])}×" if best and full else "–"])
-    lines += table(["workload", "method", f"largest {vary} within the cap", "its peak MiB",
+    lines += table(["workload", "method", f"largest {vary} within the cap", "its whole-process RSS peak MiB (libraries too)",
                     "first value beyond (peak or reason)", "vs full"], body) + [""]
     return "\n".join(lines) + "\n"
