@@ -199,3 +199,18 @@ def test_saved_activations_per_layer_equal_gpt_neo_s_count_from_the_architecture
     assert analytic == 4 * (28 * 32 + 4 * 32 + 4)
     for p in per_layer:
         assert abs(p / analytic - 1) < 0.10, (per_layer, analytic)
+
+
+@pytest.mark.parametrize("hidden,heads,seq", [(768, 12, 128), (32, 4, 32), (4096, 32, 2048)])
+def test_the_published_activation_formula_is_transcribed_term_by_term(hidden, heads, seq):
+    """Korthikanti et al. 2022's terms (16-bit, dropout masks 1 byte) add up to the paper's h·(34 + 5·a·s/h) bytes per
+    token per layer; adapted to GPT-Neo (fp32, no dropout) they give 4·(16h + a·s); this architecture's terms add up to
+    the count from transformers' code, 4·(28h + a·s + 4); the residual is GeLU's 12h and the LayerNorms' 4."""
+    terms = sweep.korthikanti_terms(hidden, heads, seq)
+    assert sum(t["published_bytes"] for t in terms) == hidden * (34 + 5 * heads * seq / hidden)
+    rows = sweep.gpt_neo_residuals(hidden, heads, seq)
+    assert sum(r["published_bytes"] for r in rows) == 4 * (16 * hidden + heads * seq)
+    assert sum(r["architecture_bytes"] for r in rows) == sweep.gpt_neo_saved_bytes_per_token_per_layer(hidden, heads,
+                                                                                                          seq)
+    residual = {r["term"]: r["residual_bytes"] for r in rows if r["residual_bytes"]}
+    assert residual == {"GeLU input (4h)": 4 * 12 * hidden, "layer-norm inputs (2)": 4 * 4}

@@ -132,6 +132,48 @@ def gpt_neo_saved_bytes_per_token_per_layer(hidden: int, heads: int, seq_len: in
     return float(element * (28 * hidden + heads * seq_len + 4))
 
 
+# Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (arXiv:2205.05198), §4.1:
+# what one transformer layer saves for backward, per token (÷ s·b): (term, per h or per a·s, how many, kind). An
+# activation takes the element size (2 bytes in the paper), a dropout mask 1 byte per value; in 16-bit the terms add
+# up to h·(34 + 5·a·s/h) bytes — the paper's closed form (a test holds the transcription to it).
+KORTHIKANTI = (("layer-norm inputs (2)", "h", 2, "act"), ("QKV projection input", "h", 1, "act"),
+               ("QKᵀ inputs: Q and K", "h", 2, "act"), ("softmax output", "as", 1, "act"),
+               ("softmax dropout mask", "as", 1, "mask"), ("attention over V: dropout output", "as", 1, "dropout"),
+               ("attention over V: V", "h", 1, "act"), ("output projection input", "h", 1, "act"),
+               ("attention dropout mask", "h", 1, "mask"), ("MLP first linear input", "h", 1, "act"),
+               ("GeLU input (4h)", "h", 4, "act"), ("MLP second linear input (4h)", "h", 4, "act"),
+               ("MLP dropout mask", "h", 1, "mask"))
+# The same terms in GPT-Neo's blocks as written down from transformers' code (`gpt_neo_saved_bytes_per_token_per_layer`):
+# elements per token as (× h, × a·s, constant); dropout is 0 in the published config: no masks, no dropout output.
+GPT_NEO_TERMS = {"layer-norm inputs (2)": (2, 0, 4), "QKᵀ inputs: Q and K": (2, 0, 0), "attention over V: V": (1, 0, 0),
+                 "QKV projection input": (1, 0, 0), "softmax output": (0, 1, 0), "output projection input": (1, 0, 0),
+                 "MLP first linear input": (1, 0, 0), "GeLU input (4h)": (16, 0, 0),
+                 "MLP second linear input (4h)": (4, 0, 0)}
+
+
+def korthikanti_terms(hidden: int, heads: int, seq_len: int, element: int = 2, dropout: bool = True) -> list[dict]:
+    """The paper's per-layer terms in bytes per token at `element` bytes per activation; without dropout the masks and
+    the dropout output go (the attention-over-V matmul then saves the softmax output, counted once)."""
+    out = []
+    for term, unit, count, kind in KORTHIKANTI:
+        if kind != "act" and not dropout:
+            continue
+        values = count * (hidden if unit == "h" else heads * seq_len)
+        out.append({"term": term, "published_bytes": float(values * (1 if kind == "mask" else element))})
+    return out
+
+
+def gpt_neo_residuals(hidden: int, heads: int, seq_len: int, element: int = 4) -> list[dict]:
+    """Per term: Korthikanti et al.'s count adapted to GPT-Neo (fp32, no dropout), this architecture's count, and the
+    residual (this − published)."""
+    rows = []
+    for t in korthikanti_terms(hidden, heads, seq_len, element, dropout=False):
+        h_count, as_count, const = GPT_NEO_TERMS[t["term"]]
+        ours = element * (h_count * hidden + as_count * heads * seq_len + const)
+        rows.append({**t, "architecture_bytes": float(ours), "residual_bytes": ours - t["published_bytes"]})
+    return rows
+
+
 def activation_per_token(df, arch: Callable[..., dict]) -> list[dict]:
     """Saved activations (most held during the step) per token per layer. Over depth: the slope of a straight line
     against the number of layers, divided by the tokens per step (batch × sequence length) — the head's share drops
@@ -151,7 +193,7 @@ def activation_per_token(df, arch: Callable[..., dict]) -> list[dict]:
             continue
         saved = g.saved_activations_max_bytes.to_numpy(float)
         first = g.iloc[0]
-        row = {"workload": wl, "method": method, "vary": kind}
+        row = {"workload": wl, "method": method, "vary": kind, "seq_len": int(first.seq_len)}
         if kind == "depth":
             fit = stats.linregress(g.vary_value.to_numpy(float), saved)
             tokens = float(first.batch_size * first.seq_len)
@@ -276,9 +318,37 @@ def write(df, out: Path, arch: Callable[..., dict] | None) -> list[str]:
                        [[a["workload"], a["method"], sig(a["bytes_per_token_per_layer"]), f"{a['r2']:.4f}",
                          sig(a["analytic"]) if "analytic" in a else "–",
                          f"{a['difference']:+.1%}" if "difference" in a else "–"] for a in act]) + [""]
+        lines += _published_formula(act, arch)
     lines += ["Crossovers:", ""] + [f"- {c['text']}" for c in cross if c["metric"] in ("tensor_peak_bytes",
                                                                                          "step_time_s",
                                                                                          "saving_vs_full")] + [""]
+    return lines
+
+
+def _published_formula(act: list[dict], arch: Callable[..., dict]) -> list[str]:
+    """The tracker's count, the architecture's and Korthikanti et al.'s adapted formula, term by term, for GPT-Neo's
+    full fine-tuning over depth (the three witnesses of the saved activations)."""
+    from .format import sig, table
+
+    rows = [a for a in act if "analytic" in a and a["vary"] == "depth"]
+    if not rows:
+        return []
+    a = rows[0]
+    d = arch(a["workload"], None, None)
+    terms = gpt_neo_residuals(d["hidden_size"], d["num_heads"], a["seq_len"])
+    published = sum(t["published_bytes"] for t in terms)
+    lines = [f"The published formula as a third witness: Korthikanti et al. 2022 (arXiv:2205.05198, §4.1: "
+             f"s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit) adapted term by term to GPT-Neo in float32 without "
+             f"dropout (its published config's): {sig(published)} bytes per token per layer at h = "
+             f"{d['hidden_size']}, a = {d['num_heads']}, s = {a['seq_len']}, against the tracker's fitted "
+             f"{sig(a['bytes_per_token_per_layer'])} and the architecture's {sig(a['analytic'])}. Per term (bytes per "
+             "token per layer; residual = the architecture's − the published):", ""]
+    lines += table(["term", "published (adapted)", "this architecture", "residual"],
+                   [[t["term"], sig(t["published_bytes"]), sig(t["architecture_bytes"]),
+                     f"{t['residual_bytes']:+,.0f}"] for t in terms]) + [""]
+    lines += ["The whole residual is GPT-Neo's own: its `gelu_new` (tanh form) keeps four 4h-wide tensors for backward "
+              "(x for x³, tanh's output, 0.5·x, 1 + tanh) where the paper counts one GeLU input, and each LayerNorm "
+              "keeps its mean and reciprocal deviation (2 values per token).", ""]
     return lines
 
 
