@@ -9,9 +9,10 @@ the `rank` mode on every rank (`peft_bench.engine.torchrun`). Every mode starts 
 
 then, for the full mode (`all`): parameter counts → training: warm-up steps, timed steps (a matmul canary before
 and after), one step under the FLOP counter, one under the tensor-memory tracker, the rest of the budget; the
-process peak covers steps 1..N → checks (disabled = base, merge = unmerged, unmerge restores) → accuracy →
-forgetting → latency unmerged / merged → checkpoint: save, restore on a fresh base cold and warm, round-trip output,
-whole-model load cold and warm → the base rebuilt: its latency, accuracy and general-text loss.
+process peak covers the timed steps alone (the reference output parked on disk) → checks (disabled = base, merge =
+unmerged, unmerge restores) → accuracy → forgetting → latency unmerged / merged → checkpoint: save, restore on a
+fresh base cold and warm, round-trip output, whole-model load cold and warm → the base rebuilt: its latency,
+accuracy and general-text loss.
 
 A further repeat (`timing`) runs the same process up to the training and stops after its last timed step, so every
 repeat times its steps in the same state. The row is the union of the probes' records
@@ -119,10 +120,6 @@ def _columns(stream) -> int:
         return os.get_terminal_size(stream.fileno()).columns
     except (OSError, AttributeError, ValueError):
         return 0
-
-
-def _progress(total: int, desc: str) -> Progress:
-    return Progress(total, desc)
 
 
 def _progress(total: int, desc: str) -> Progress:
@@ -265,8 +262,7 @@ def _checks(s: P.State) -> None:
 
 @probe("accuracy")
 def _accuracy(s: P.State) -> None:
-    s.scores["trained_accuracy"] = accuracy(s.model, split_on_device(s.data.test, s.spec), s.form,
-                                                  s.w.batch_size)
+    s.scores["trained_accuracy"] = accuracy(s.model, split_on_device(s.data.test, s.spec), s.form, s.w.batch_size)
 
 
 @probe("forgetting")

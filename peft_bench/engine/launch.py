@@ -30,15 +30,6 @@ def _context():
     return _CONTEXT
 
 
-def start_fork_server() -> None:
-    """Start the fork server now, so that its imports (seconds) overlap the run's planning and checks instead of
-    delaying the first cell; the first fork waits for them to finish."""
-    from multiprocessing import forkserver
-
-    _context()
-    forkserver.ensure_running()
-
-
 def _peak_child(device: str, dtype: str, out_path: str) -> None:
     Path(out_path).write_text(repr(timing.matmul_peak_flops(device, dtype)))
 
@@ -50,7 +41,7 @@ def matmul_peak_in_child(device: str, dtype: str) -> float:
     """The matmul peak measured in a process forked from the same server as the cells, so that the MFU denominator
     is measured under the cells' own conditions (threads, allocator, nothing else loaded); once per server, device
     and dtype (a `peft-bench` command starts one server: once per run)."""
-    if (device, dtype) in _PEAKS and _CONTEXT is not None:
+    if (device, dtype) in _PEAKS:  # emptied when the server stops
         return _PEAKS[device, dtype]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "peak")

@@ -291,8 +291,6 @@ def _inject(fault: str | None, model: nn.Module) -> None:
                     p.fill_(float("nan"))
 
 
-
-
 # -- the training steps ---------------------------------------------------------------------------------------------
 class PeakWindow:
     """The process's high-water mark over the timed steps alone (`memory.track_process_peak`): opened just before
@@ -328,8 +326,7 @@ def parked(s: State):
         torch.save({k: v.cpu() for k, v in keep.items()}, path)
         devices = {k: v.device for k, v in keep.items()}
         s.base_out = s.ballast = None
-        del keep
-        memory.release_free_memory()
+        del keep  # freed here; the peak window's own gc and malloc_trim hand the pages back before it opens
         try:
             yield
         finally:

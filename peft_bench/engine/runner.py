@@ -55,7 +55,6 @@ class Run:
     def __init__(self, cfg: RunConfig, argv: list[str] | None) -> None:
         # Everything a user can get wrong is checked before the first byte is written.
         self.cfg, self.argv = cfg, argv
-        launch.start_fork_server()
         out = check_out_dir(cfg.out or Path("results") / cfg.suite)
         self.rows = results.read_rows(out / "metrics.csv")  # refuses a malformed file, untouched
         self.samples = results.read_samples(out / "repeats.csv")

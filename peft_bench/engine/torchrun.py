@@ -151,7 +151,7 @@ def rank_main(spec_path: str, out_dir: str) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=600))
     try:
         _fault(spec.inject_fault, rank, world)
-        row = run_rank(spec, rank, world, backend)
+        row = run_rank(spec, world, backend)
     except Exception as e:  # this rank's error row; its exit makes torchrun stop the others
         status = "unsupported" if isinstance(e, UnsupportedError) else "oom" if type(e).__name__ in (
             "OutOfMemoryError", "MemoryError") else "error"
@@ -221,9 +221,10 @@ def padded_numel(shape, world: int) -> int:
     return rows * math.prod(shape[1:])
 
 
-def run_rank(spec, rank: int, world: int, backend: str) -> dict:
+def run_rank(spec, world: int, backend: str) -> dict:
     """This rank's record: the cell worker's `rank` mode (counts, wrap, the one training loop with communication
     counted around it, agreement between ranks), then what rank 0 needs to combine the ranks into one row."""
+    from ..measure.comm import ring_wire_bytes
     from . import cell
 
     _register()
@@ -232,8 +233,6 @@ def run_rank(spec, rank: int, world: int, backend: str) -> dict:
     timed, proc, comm = got["timed"], got["peak"], got["comm"]
     steps = len(timed.walls)
     payload = {k: v / steps for k, v in comm.bytes.items()}
-    from ..measure.comm import ring_wire_bytes
-
     return {"identity": cell.identity(spec, s.w, s.method, s.targets), "params": dataclasses.asdict(s.params),
             "walls": timed.walls, "parts": timed.parts, "losses": got["losses"], "tokens": timed.tokens,
             "canary": timed.canary, "comm_bytes": payload, "comm_calls": sum(comm.calls.values()) / steps,
