@@ -187,6 +187,9 @@ class RunConfig:
                                            "scaling reference)", type=int_list)
     parallel: tuple[str, ...] | None = option(None, "ddp | fsdp (comma-separated for both; default ddp) with --nproc",
                                               type=names)
+    broadcast_buffers: str = option("on", "ddp: broadcast the model's buffers from rank 0 before every forward (on: "
+                                    "DDP's default; off: constant buffers such as causal masks need not be)",
+                                    type=one_of(("on", "off"), "--broadcast-buffers"))
     nnodes: int = option(1, "machines, each running the same command (torchrun --nnodes)",
                          type=positive(int, "--nnodes"))
     rdzv_endpoint: str = option("", "HOST:PORT every node's torchrun meets at (several nodes)", type=str)
@@ -310,6 +313,7 @@ class CellSpec:
     parallel: str = _cell("", late=True)  # "ddp" | "fsdp": the cell runs under torchrun
     nproc: int = _cell(0, late=True)  # processes per node under torchrun (0: a single-process cell)
     nnodes: int = _cell(1, late=True)
+    broadcast_buffers: bool = _cell(True, late=True)  # ddp: DDP's buffer broadcast before every forward
     rdzv_endpoint: str = _cell("", late=True)  # host:port of the rendezvous for several nodes ("": this machine)
     threads_per_rank: int = _cell(0, late=True)  # intra-op threads per rank (0: torch's default)
     gradient_checkpointing: bool = _cell(False, late=True)  # recompute each block's activations in backward

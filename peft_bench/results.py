@@ -25,10 +25,7 @@ IDENTITY = ["method", "workload", "device", "status", "reason", "options", "meth
 BOOKKEEPING = ["suite", "cell_seconds", "cell_key"]
 COLUMNS = IDENTITY + records.columns() + BOOKKEEPING
 TEXT = {"method", "workload", "device", "status", "reason", "options", "method_config", "pretrained", "task", "family",
-        "split",
-        "tokenizer", "suite", "cell_key", "first_losses", "memory_source", "dtype", "checkpoint_format",
-        "static_matches_closed_form", "vary", "parallel", "backend", "comm_matches_closed_form",
-        "shards_cover_model"}
+        "split", "tokenizer", "suite", "cell_key", "vary", *records.text_columns()}
 REQUIRED = {"method", "workload", "status", "cell_key"}
 BETTER = records.better()
 

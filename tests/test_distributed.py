@@ -1,5 +1,6 @@
-"""Distributed cells: the communication counter against closed forms, and torchrun cells end to end (2 ranks × 1
-thread over gloo on the tiny GPT-Neo): DDP's all-reduce = 4 × trainable, FSDP's shards, dead and hung ranks."""
+"""Distributed cells: the communication counter against closed forms, and torchrun cells end to end (2 and 4 ranks ×
+1 thread over gloo on the tiny GPT-Neo): DDP's all-reduce = 4 × trainable, its buffer broadcast counted, the bytes
+on the sockets against the ring estimate, FSDP's shards, dead and hung ranks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch.distributed as dist
 
 from peft_bench.config import CellSpec
 from peft_bench.engine import torchrun as D
-from peft_bench.measure.comm import CommCounter, ring_wire_bytes
+from peft_bench.measure import comm as C
+from peft_bench.measure.comm import Collectives, ring_wire_bytes
 
 # One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): it looks for leftover torchrun
 # processes by name: no other rank may run beside it.
@@ -26,47 +28,66 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def group():
-    """A one-rank gloo group in this process (the counter wraps the calls whatever the world size)."""
+    """A one-rank gloo group in this process (gloo records every collective whatever the world size)."""
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
         yield
         dist.destroy_process_group()
 
 
-def test_counter_counts_each_collective_payload_and_restores_the_functions(group):
-    before = dist.all_reduce
+def test_counter_counts_what_the_backend_ran(group):
+    """From gloo's own records: an all-reduce's tensor, an all-gather's output, a reduce-scatter as the all-reduce of
+    its whole input gloo runs in its place, a broadcast's tensor in its own dtype (bool: 1 B), a barrier (no bytes)."""
+    import warnings
+
     a = torch.ones(10, 3)  # 120 B
     out = torch.empty(8, dtype=torch.float64)  # all-gather output 64 B
-    with CommCounter() as comm:
-        dist.all_reduce(a)
-        dist.all_reduce(tensor=a)
-        dist.all_gather_into_tensor(out, torch.zeros(8, dtype=torch.float64))
-        dist.reduce_scatter_tensor(torch.empty(4), torch.ones(4))  # input 16 B
-    assert dict(comm.bytes) == {"allreduce": 240, "allgather": 64, "reducescatter": 16}
-    assert dict(comm.calls) == {"allreduce": 2, "allgather": 1, "reducescatter": 1}
-    assert dist.all_reduce is before  # nothing stays patched
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Collectives(1) as comm:
+            dist.all_reduce(a)
+            dist.all_reduce(tensor=a)
+            dist.all_gather_into_tensor(out, torch.zeros(8, dtype=torch.float64))
+            dist.reduce_scatter_tensor(torch.empty(4), torch.ones(4))  # input 16 B
+            dist.broadcast(torch.ones(5, dtype=torch.bool), 0)
+            dist.barrier()
+    assert dict(comm.bytes) == {"allreduce": 256, "allgather": 64, "broadcast": 5, "other": 0}
+    assert dict(comm.calls) == {"allreduce": 3, "allgather": 1, "broadcast": 1, "other": 1}
 
 
-def test_ddp_hook_routes_buckets_through_the_counter(group):
+def test_ddp_default_path_is_counted_with_nothing_installed(group):
+    """DDP's bucket all-reduce runs in C++ (no communication hook): still counted, = 4 × trainable; its buffer
+    broadcast before forward too, and not when broadcast_buffers is off."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from peft_bench.measure.comm import route_ddp_through_python
+    for broadcast in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+        model.register_buffer("mask", torch.ones(9, 2, dtype=torch.bool))  # 18 B
+        model[0].weight.requires_grad_(False)  # frozen: not communicated
+        ddp = DDP(model, gradient_as_bucket_view=True, broadcast_buffers=broadcast)
+        assert not ddp._get_ddp_logging_data().get("comm_hook")  # the default path: no hook
+        for _ in range(2):  # the first step builds the buckets, the second rebuilds them (a broadcast of indices)
+            ddp(torch.randn(4, 5)).sum().backward()
+        with Collectives(1) as comm:
+            ddp(torch.randn(4, 5)).sum().backward()
+        assert comm.bytes["allreduce"] == 4 * (7 + 21 + 3) and comm.calls["allreduce"] == 1
+        assert comm.bytes.get("broadcast", 0) == (18 if broadcast else 0)
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
-    model[0].weight.requires_grad_(False)  # frozen: not communicated
-    ddp = DDP(model, gradient_as_bucket_view=True)
-    route_ddp_through_python(ddp)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    ddp(torch.randn(4, 5)).sum().backward()  # the first step builds the buckets
-    with CommCounter() as comm:
-        ddp(torch.randn(4, 5)).sum().backward()
-    assert comm.bytes["allreduce"] == 4 * trainable == 4 * (7 + 21 + 3)
 
-
-def test_ring_estimate_and_padding_closed_forms():
+def test_payload_and_ring_estimate_closed_forms():
+    # an all-gather or reduce-scatter record lists the shard (gloo) or the shard and the whole (nccl): N × shard
+    assert C.payload_of("allgather", [[8]], ["float"], 4) == 128
+    assert C.payload_of("reducescatter", [[32], [8]], ["float", "float"], 4) == 128
+    assert C.payload_of("allreduce", [[3, 5]], ["c10::BFloat16"], 4) == 30
+    assert C.payload_of("other", [], [], 4) == 0
+    with pytest.raises(ValueError, match="dtype"):
+        C.payload_of("allreduce", [[3]], ["mystery"], 2)
+    assert C.kind_of("gloo:all_reduce") == "allreduce" and C.kind_of("nccl:_reduce_scatter_base") == "reducescatter"
+    assert C.kind_of("nccl:all_gather_into_tensor_coalesced") == "allgather" and C.kind_of("gloo:barrier") == "other"
     assert ring_wire_bytes({"allreduce": 100}, 2) == 100  # 2(N-1)/N
     assert ring_wire_bytes({"allreduce": 100, "allgather": 100}, 4) == 150 + 75
+    assert ring_wire_bytes({"broadcast": 100, "other": 100}, 4) == 75
     assert ring_wire_bytes({"allreduce": 100}, 1) == 0
     assert D.padded_numel((50257, 768), 2) == 50258 * 768
     assert D.padded_numel((768,), 2) == 768
@@ -118,19 +139,22 @@ def _cells(tmp_path, monkeypatch, *argv):
 
 
 def test_ddp_and_fsdp_on_two_ranks(tmp_path, monkeypatch):
-    """The issue's done-when, on LoRA (full runs the same code; its rows in results/distributed pass the same checks
-    in every cell): ok rows with world_size 2, DDP's all-reduce = 4 × trainable (fp32); FSDP's weights per rank about
-    half of what a rank holds whole, its reduce-scatter = the padded closed form."""
-    df, out = _cells(tmp_path, monkeypatch, "--nproc", "2", "--parallel", "ddp,fsdp", "--methods", "lora")
+    """The issue's done-when on full and LoRA: ok rows with world_size 2; DDP's all-reduce = 4 × trainable (fp32) and
+    its buffer broadcast = the causal masks (from the configuration: one layers × positions² bool mask per attention
+    layer), FSDP's weights per rank about half of what a rank holds whole, its gradient payload = the padded closed
+    form; the bytes each rank wrote to its sockets within 15 % of the ring estimate."""
+    df, out = _cells(tmp_path, monkeypatch, "--nproc", "2", "--parallel", "ddp,fsdp", "--methods", "lora,full")
     assert (df.status == "ok").all(), df.reason.tolist()
     assert (df.world_size == 2).all() and (df.backend == "gloo").all()
     ddp, fsdp = df[df.parallel == "ddp"].set_index("method"), df[df.parallel == "fsdp"].set_index("method")
-    for m in ("lora",):
+    masks = _causal_mask_bytes()
+    for m in ("lora", "full"):
         assert ddp.loc[m, "allreduce_bytes_per_step"] == 4 * ddp.loc[m, "trainable_params"]
+        assert ddp.loc[m, "broadcast_bytes_per_step"] == masks and str(ddp.loc[m, "broadcast_buffers"]) == "True"
         assert ddp.loc[m, "allgather_bytes_per_step"] == 0 and ddp.loc[m, "replicas_max_abs_diff"] == 0
-        assert fsdp.loc[m, "allreduce_bytes_per_step"] == 0
-        assert fsdp.loc[m, "reducescatter_bytes_per_step"] == fsdp.loc[m, "comm_closed_form_bytes"]
-        assert fsdp.loc[m, "reducescatter_bytes_per_step"] >= 4 * fsdp.loc[m, "trainable_params"]
+        assert fsdp.loc[m, "broadcast_bytes_per_step"] == 0
+        grads = fsdp.loc[m, "reducescatter_bytes_per_step"] + fsdp.loc[m, "allreduce_bytes_per_step"]
+        assert grads == fsdp.loc[m, "comm_closed_form_bytes"] >= 4 * fsdp.loc[m, "trainable_params"]
         # every frozen and trainable parameter is gathered at least once per step
         assert fsdp.loc[m, "allgather_bytes_per_step"] >= ddp.loc[m, "rank_weights_max_bytes"] * 0.9
         half = fsdp.loc[m, "rank_weights_max_bytes"] / ddp.loc[m, "rank_weights_max_bytes"]
@@ -138,11 +162,35 @@ def test_ddp_and_fsdp_on_two_ranks(tmp_path, monkeypatch):
         assert fsdp.loc[m, "rank_gradients_max_bytes"] * 2 == pytest.approx(ddp.loc[m, "rank_gradients_max_bytes"],
                                                                             rel=0.01)
         assert str(fsdp.loc[m, "shards_cover_model"]) == "True"
+    _wire_agrees(df)
     text = (out / "summary.md").read_text()
     assert "## Communication per training step" in text and (out / "distributed.png").stat().st_size > 10_000
+    assert "full : lora = **" in text and "buffers broadcast" in text
     from tests.markdown import tables
 
     assert len(tables(text)) == 3
+
+
+def test_four_ranks_wire_bytes_agree_with_the_ring_estimate(tmp_path, monkeypatch):
+    df, _ = _cells(tmp_path, monkeypatch, "--nproc", "4", "--parallel", "ddp", "--methods", "lora,full")
+    assert (df.status == "ok").all() and (df.world_size == 4).all(), df.reason.tolist()
+    assert (df.broadcast_bytes_per_step == _causal_mask_bytes()).all()
+    _wire_agrees(df)
+
+
+def _causal_mask_bytes() -> int:
+    """GPT-Neo's buffers from its configuration: a bool positions × positions causal mask per attention layer."""
+    from peft_bench.workloads import get_workload
+
+    c = get_workload("gpt-neo-125m-arch-tiny").build_model().config
+    return c.num_layers * c.max_position_embeddings ** 2
+
+
+def _wire_agrees(df) -> None:
+    for _, r in df.iterrows():
+        est, wire = r.ring_estimate_bytes_per_rank_per_step, r.wire_bytes_per_step
+        assert est > 0 and abs(wire - est) <= 0.15 * est, (r.method, r.parallel, r.world_size, wire, est)
+        assert str(r.wire_within_15pct) == "True"
 
 
 def _no_cell_processes(spec_dir_marker: str = "peft_bench.engine.torchrun") -> list:

@@ -37,7 +37,8 @@ def plan(opts: RunConfig) -> list[CellSpec]:
         from .sweep import expand
 
         cells = expand(cells, opts)
-    if opts.nproc or opts.parallel or opts.nnodes > 1 or opts.rdzv_endpoint or suite.nproc:
+    if opts.nproc or opts.parallel or opts.nnodes > 1 or opts.rdzv_endpoint or opts.broadcast_buffers != "on" \
+            or suite.nproc:
         cells = distribute(cells, dataclasses.replace(opts, nproc=opts.nproc or suite.nproc or None,
                                                       parallel=opts.parallel or suite.parallel or None))
     for c in cells:  # options are validated here, before the first cell runs
@@ -104,7 +105,7 @@ def distribute(cells: list[CellSpec], opts: RunConfig) -> list[CellSpec]:
     from .torchrun import MODES, threads_per_rank
 
     if not opts.nproc:
-        raise UserError("--parallel, --nnodes and --rdzv-endpoint need --nproc (processes per node), e.g. --nproc 2")
+        raise UserError("--parallel, --nnodes, --rdzv-endpoint and --broadcast-buffers need --nproc (processes per node), e.g. --nproc 2")
     if any(n < 1 for n in opts.nproc):
         raise UserError(f"--nproc takes positive integers, got {','.join(map(str, opts.nproc))}")
     modes = opts.parallel or ("ddp",)
@@ -128,7 +129,7 @@ def distribute(cells: list[CellSpec], opts: RunConfig) -> list[CellSpec]:
             for n in sorted(set(opts.nproc)):
                 out.append(dataclasses.replace(c, parallel=mode, nproc=n, nnodes=opts.nnodes,
                                                rdzv_endpoint=opts.rdzv_endpoint, threads_per_rank=threads,
-                                               base_probe=False))
+                                               broadcast_buffers=opts.broadcast_buffers == "on", base_probe=False))
     return out
 
 

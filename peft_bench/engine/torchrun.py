@@ -11,17 +11,19 @@ Rank side (`rank_main`): build the model exactly as a single-process cell does (
 trainable parameters against the closed form, then wrap it —
 
 - ddp: `DistributedDataParallel(gradient_as_bucket_view=True)` (gradients are views into the all-reduce buckets:
-  no second copy), with DDP's stock all-reduce hook so the buckets go through `dist.all_reduce` where they are
-  counted. Trainable tensors that get no gradient in a probe step before wrapping (none for the methods here) turn
-  on `find_unused_parameters`; otherwise it stays off, so a parameter that stops receiving gradients later is DDP's
-  error, not silently skipped.
+  no second copy) on its default path — nothing installed — with `broadcast_buffers` as the cell says (DDP's
+  default on: rank 0's buffers are broadcast before every forward). Trainable tensors that get no gradient in a probe
+  step before wrapping (none for the methods here) turn on `find_unused_parameters`; otherwise it stays off, so a
+  parameter that stops receiving gradients later is DDP's error, not silently skipped.
 - fsdp: FSDP2 `fully_shard` on each repeated block (every element of a ModuleList of one block class) and on the
   root. FSDP2 shards parameter by parameter, so frozen and trainable parameters in one unit are never flattened
-  together: only the trainable ones get gradients and are reduce-scattered (checked: the reduce-scatter payload
-  equals the closed form of the trainable parameters, per tensor padded to the world size).
+  together: only the trainable ones get gradients and are reduce-scattered (checked: the gradient payload equals the
+  closed form of the trainable parameters, per tensor padded to the world size).
 
-— then warm-up and timed steps (each rank with its own batches), the collectives of the timed steps counted
-(`peft_bench.measure.comm`), the rank's process peak over its steps, and what it holds between steps.
+— then warm-up and timed steps (each rank with its own batches, nothing installed), the rank's process peak over
+them, then COUNTED_STEPS more steps with every collective of the process group counted from the backend's own
+records and the bytes the rank wrote to its sockets read beside them (`peft_bench.measure.comm`), and what it holds
+between steps.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathlib import Path
 MODES = ("ddp", "fsdp")
 RANK_SEED_STRIDE = 104_729  # each rank's batch order: seed + rank × stride (rank 0 sees a single process's batches)
 KILL_GRACE_S = 10.0
+COUNTED_STEPS = 2  # steps after the timed ones, under the collective counter (its profiler stays out of the timing)
 
 
 # -- parent side ------------------------------------------------------------------------------------------------
@@ -222,8 +225,8 @@ def padded_numel(shape, world: int) -> int:
 
 
 def run_rank(spec, world: int, backend: str) -> dict:
-    """This rank's record: the cell worker's `rank` mode (counts, wrap, the one training loop with communication
-    counted around it, agreement between ranks), then what rank 0 needs to combine the ranks into one row."""
+    """This rank's record: the cell worker's `rank` mode (counts, wrap, the one training loop, communication counted
+    on steps of its own, agreement between ranks), then what rank 0 needs to combine the ranks into one row."""
     from ..measure.comm import ring_wire_bytes
     from . import cell
 
@@ -231,23 +234,22 @@ def run_rank(spec, world: int, backend: str) -> dict:
     s = cell.run_probes(spec, "rank")
     got = s.scores
     timed, proc, comm = got["timed"], got["peak"], got["comm"]
-    steps = len(timed.walls)
-    payload = {k: v / steps for k, v in comm.bytes.items()}
+    payload = {k: v / COUNTED_STEPS for k, v in comm.bytes.items()}
     return {"identity": cell.identity(spec, s.w, s.method, s.targets), "params": dataclasses.asdict(s.params),
             "walls": timed.walls, "parts": timed.parts, "losses": got["losses"], "tokens": timed.tokens,
-            "canary": timed.canary, "comm_bytes": payload, "comm_calls": sum(comm.calls.values()) / steps,
+            "canary": timed.canary, "comm_bytes": payload, "comm_calls": sum(comm.calls.values()) / COUNTED_STEPS,
             "closed_comm": got["closed_comm"], "process_peak": proc.peak_bytes - s.baseline, "baseline": s.baseline,
             "source": proc.source, "held": got["held"], "replicas": got["replicas"], "covered": got["covered"],
-            "unused": got["unused"], "backend": backend, "wire": ring_wire_bytes(payload, world)}
+            "unused": got["unused"], "backend": backend, "ring": ring_wire_bytes(payload, world),
+            "wire": None if comm.wire is None or backend != "gloo" else comm.wire / COUNTED_STEPS}
 
 
 def _wrap(s) -> None:
-    """DDP (gradients as views into the all-reduce buckets, DDP's stock all-reduce hook) or FSDP2 (each repeated
-    block and the root), with the closed form of the gradient payload per step."""
+    """DDP (gradients as views into the all-reduce buckets, its default path, buffers broadcast as the cell says) or
+    FSDP2 (each repeated block and the root), with the closed form of the gradient payload per step."""
     import torch
     import torch.distributed as dist
 
-    from ..measure.comm import route_ddp_through_python
     from .setup import on_device
 
     spec, module, world = s.spec, s.model, dist.get_world_size()
@@ -261,8 +263,8 @@ def _wrap(s) -> None:
 
         s.scores["unused"] = unused = _unused(module, trainable, on_device(next(stream), spec))
         s.scores["wrapped"] = DDP(module, device_ids=[torch.cuda.current_device()] if spec.device == "cuda" else None,
-                                  gradient_as_bucket_view=True, find_unused_parameters=unused > 0)
-        route_ddp_through_python(s.scores["wrapped"])
+                                  gradient_as_bucket_view=True, find_unused_parameters=unused > 0,
+                                  broadcast_buffers=spec.broadcast_buffers)
         s.scores["closed_comm"] = element * s.params.trainable_params
         return
     from torch.distributed.fsdp import fully_shard
@@ -286,8 +288,11 @@ def _rank_stream(s, rank: int):
 
 
 def _rank_training(s) -> None:
-    """Warm-up and timed steps through the one training loop, the collectives of the timed steps counted."""
-    from ..measure.comm import CommCounter
+    """Warm-up and timed steps through the one training loop with nothing installed, the process peak over the timed
+    ones; then COUNTED_STEPS more with every collective counted and the bytes written read beside them."""
+    import torch.distributed as dist
+
+    from ..measure.comm import Collectives
     from .loop import Hooks, Trainer, Window, run_steps
     from .probes import PeakWindow, check_finite
 
@@ -297,14 +302,14 @@ def _rank_training(s) -> None:
     end = spec.warmup_steps + spec.timed_steps
     trainer.step(next(got["stream"]))
     proc = PeakWindow(spec.device)
-    with proc, CommCounter() as comm:
-        def start() -> None:
-            comm.bytes.clear()
-            comm.calls.clear()
-            proc.open()
-
+    with proc:
         got["timed"] = run_steps(trainer, got["stream"], Window(spec.warmup_steps, end, end), s.form.tokens,
-                                 Hooks(on_start=start, on_end=proc.close))
+                                 Hooks(on_start=proc.open, on_end=proc.close))
+    batches = [next(got["stream"]) for _ in range(COUNTED_STEPS)]  # drawn before counting: no I/O inside
+    dist.barrier()  # every rank enters the counted steps from the same point
+    with Collectives(dist.get_world_size()) as comm:
+        for batch in batches:
+            trainer.step(batch)
     check_finite(trainer.losses)
     got.update(peak=proc.peak, comm=comm, losses=trainer.losses, opt=trainer.opt)
 
@@ -361,7 +366,8 @@ def combine(rows: list[dict], spec) -> dict:
     row = {**r0["identity"], **r0["params"], **R.as_row(_timing(rows)), **R.as_row(_distributed(rows, spec)),
            "process_peak_bytes": max(peaks), "process_baseline_bytes": r0["baseline"], "memory_source": r0["source"],
            "replica": spec.replica, "status": "ok", "reason": ""}
-    grad_payload = row["allreduce_bytes_per_step"] if spec.parallel == "ddp" else row["reducescatter_bytes_per_step"]
+    grad_payload = gradient_payload({k: row[f"{k}_bytes_per_step"] for k in ("allreduce", "reducescatter")},
+                                    spec.parallel)
     if not row["comm_matches_closed_form"]:
         row.update(status="error", reason=f"gradient payload counted {grad_payload} B per step != closed form "
                    f"{r0['closed_comm']} B ({spec.parallel}, {len(rows)} ranks)")
@@ -387,27 +393,39 @@ def _timing(rows: list[dict]):
     return timing_record(timed, r0["losses"], batch, learning([], []))
 
 
+def gradient_payload(kinds: dict, parallel: str) -> int:
+    """The bytes that carried gradients: DDP's all-reduces; FSDP's reduce-scatters (gloo runs each as an all-reduce
+    of the whole input, so there they are all-reduces)."""
+    return kinds["allreduce"] if parallel == "ddp" else kinds["reducescatter"] + kinds["allreduce"]
+
+
 def _distributed(rows: list[dict], spec):
-    """Communication per step by collective, against its closed form; memory per rank, max and min."""
+    """Communication per step by collective, against its closed form and the bytes on the wire; memory per rank."""
     from ..measure import records as R
     from ..measure.timing import Stats
 
     r0, world = rows[0], len(rows)
     fastest = [min(r["walls"][i] for r in rows) for i in range(len(r0["walls"]))]
-    comm = r0["comm_bytes"]
-    kinds = {k: int(round(comm.get(k, 0))) for k in ("allreduce", "allgather", "reducescatter", "other")}
-    grad_payload = kinds["allreduce"] if spec.parallel == "ddp" else kinds["reducescatter"]
-    held = [r["held"] for r in rows]
-    peaks = [r["process_peak"] for r in rows]
+    kinds = {k: int(round(r0["comm_bytes"].get(k, 0))) for k in ("allreduce", "allgather", "reducescatter",
+                                                                  "broadcast", "other")}
+    held, peaks = [r["held"] for r in rows], [r["process_peak"] for r in rows]
+    wires = [r["wire"] for r in rows if r["wire"] is not None]
+    wire = sum(wires) / len(wires) if len(wires) == world else math.nan
+    ring = sum(r["ring"] for r in rows) / world
     return R.DistributedRecord(
         world_size=world, parallel=spec.parallel, backend=r0["backend"],
         threads_per_rank=spec.threads_per_rank or threads_per_rank(spec.nproc),
         fastest_rank_step_time_s=Stats.of(fastest).median,
-        allreduce_bytes_per_step=kinds["allreduce"], allgather_bytes_per_step=kinds["allgather"],
-        reducescatter_bytes_per_step=kinds["reducescatter"], other_collective_bytes_per_step=kinds["other"],
+        broadcast_buffers=spec.broadcast_buffers if spec.parallel == "ddp" else None,
+        comm_counted_steps=COUNTED_STEPS, allreduce_bytes_per_step=kinds["allreduce"],
+        allgather_bytes_per_step=kinds["allgather"], reducescatter_bytes_per_step=kinds["reducescatter"],
+        broadcast_bytes_per_step=kinds["broadcast"], other_collective_bytes_per_step=kinds["other"],
         comm_bytes_per_step=sum(kinds.values()), collectives_per_step=r0["comm_calls"],
-        wire_bytes_per_rank_per_step=r0["wire"], comm_closed_form_bytes=r0["closed_comm"],
-        comm_matches_closed_form=grad_payload == r0["closed_comm"],
+        ring_estimate_bytes_per_rank_per_step=ring, wire_bytes_per_step=wire,
+        wire_bytes_max_rank_per_step=max(wires) if len(wires) == world else math.nan,
+        wire_within_15pct=bool(abs(wire - ring) <= 0.15 * ring) if ring and wire == wire else None,
+        comm_closed_form_bytes=r0["closed_comm"],
+        comm_matches_closed_form=gradient_payload(kinds, spec.parallel) == r0["closed_comm"],
         rank_process_peak_max_bytes=max(peaks), rank_process_peak_min_bytes=min(peaks),
         rank_weights_max_bytes=max(h["weights"] for h in held), rank_weights_min_bytes=min(h["weights"] for h in held),
         rank_gradients_max_bytes=max(h["gradients"] for h in held),

@@ -225,24 +225,40 @@ class DistributedRecord:
     fastest_rank_step_time_s: float = metric("median over the timed steps of the fastest rank's wall time (the "
                                              "slowest rank's is step_time_s), scaled like the throughputs from the "
                                              "first repeat's process to the repeats' median")
+    broadcast_buffers: bool = metric("ddp: the model's buffers broadcast from rank 0 before every forward (DDP's "
+                                     "default; --broadcast-buffers off turns it off, right when buffers are "
+                                     "constant, as causal masks are); fsdp: empty")
+    comm_counted_steps: int = metric("training steps after the timed ones over which communication was counted "
+                                     "(the profiler that counts stays out of the timed steps)")
     allreduce_bytes_per_step: int = metric("payload all-reduced per training step, per rank: the bytes of every "
-                                           "tensor passed to all_reduce (DDP's gradient buckets), counted at the call",
-                                           "lower")
+                                           "tensor an all-reduce ran on (DDP's gradient buckets; on gloo also "
+                                           "FSDP's gradients, which gloo reduce-scatters by all-reducing the whole "
+                                           "input), from the backend's own records", "lower")
     allgather_bytes_per_step: int = metric("payload all-gathered per step, per rank: bytes of each all-gather's "
-                                           "output (FSDP's parameter unsharding, forward and backward)", "lower")
+                                           "output, N × the shard (FSDP's parameter unsharding, forward and "
+                                           "backward)", "lower")
     reducescatter_bytes_per_step: int = metric("payload reduce-scattered per step, per rank: bytes of each "
-                                               "reduce-scatter's input (FSDP's gradient reduction)", "lower")
-    other_collective_bytes_per_step: int = metric("payload of any other collective in a step (broadcasts)")
-    comm_bytes_per_step: int = metric("sum of the four payloads above: what one rank hands to collectives per step",
+                                               "reduce-scatter's input, N × the shard (FSDP's gradient reduction on "
+                                               "NCCL)", "lower")
+    broadcast_bytes_per_step: int = metric("payload broadcast per step: DDP's buffer broadcast before each forward "
+                                           "(broadcast_buffers), and any other broadcast", "lower")
+    other_collective_bytes_per_step: int = metric("payload of any other collective in a step (barriers carry none)")
+    comm_bytes_per_step: int = metric("sum of the payloads above: what one rank hands to collectives per step",
                                       "lower")
-    collectives_per_step: float = metric("collective calls per training step, per rank")
-    wire_bytes_per_rank_per_step: float = metric("estimate, not counted: bytes one rank sends per step if every "
-                                                 "collective ran as a ring (all-reduce 2(N−1)/N × payload, all-gather "
-                                                 "and reduce-scatter (N−1)/N)")
+    collectives_per_step: float = metric("collectives the backend ran per training step, per rank")
+    ring_estimate_bytes_per_rank_per_step: float = metric(
+        "estimate from the counted payload: bytes one rank sends per step, mean over ranks, if every collective ran "
+        "as a ring (all-reduce 2(N−1)/N × payload; all-gather, reduce-scatter and broadcast (N−1)/N)")
+    wire_bytes_per_step: float = metric("measured, the second witness: bytes each rank wrote to its sockets per "
+                                        "counted step (growth of wchar in /proc/<pid>/io), mean over ranks; gloo "
+                                        "on Linux only (NCCL does not move data through sockets)", "lower")
+    wire_bytes_max_rank_per_step: float = metric("the same, the rank that wrote most (a broadcast's root sends it "
+                                                 "all)")
+    wire_within_15pct: bool = metric("wire_bytes_per_step within 15 % of ring_estimate_bytes_per_rank_per_step")
     comm_closed_form_bytes: int = metric("gradient payload predicted from the trainable count: element size × "
                                          "trainable parameters (ddp: the all-reduce), × trainable parameters padded "
                                          "per tensor to a multiple of the world size on dim 0 (fsdp: the "
-                                         "reduce-scatter)")
+                                         "reduce-scatter, or on gloo the all-reduce it runs instead)")
     comm_matches_closed_form: bool = metric("the counted gradient payload equals comm_closed_form_bytes")
     rank_process_peak_max_bytes: int = metric("largest over ranks of process_peak_bytes (each rank's resident-set "
                                               "or CUDA-reserved high-water mark over its measured steps, minus its "
@@ -273,6 +289,11 @@ RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, RepeatsRecord, Interference
 
 def columns() -> list[str]:
     return [f.name for r in RECORDS for f in dataclasses.fields(r)]
+
+
+def text_columns() -> set[str]:
+    """The record fields that are not numbers (text and yes/no), from their declared types."""
+    return {f.name for r in RECORDS for f in dataclasses.fields(r) if str(f.type).split(" ")[0] in ("str", "bool")}
 
 
 def definitions() -> dict[str, str]:

@@ -44,24 +44,34 @@ def ordered(df):
 
 
 def comm_ratios(ok) -> list[str]:
-    """Gradient communication of each method against full fine-tuning's, per workload, mode and world size."""
+    """Communication of each method against full fine-tuning's, per workload, mode and world size: every byte the
+    process group carried, then the gradients alone (the part that scales with the trainable count)."""
     lines = []
     for (wl, mode, n), g in ok.groupby(["workload", "parallel", "world_size"], sort=False):
-        if n < 2:
-            continue
         full = g[g.method == "full"]
-        if not len(full):
+        if n < 2 or not len(full):
             continue
-        ref = _f(full.iloc[0], "comm_bytes_per_step")
+        ref, gref = _f(full.iloc[0], "comm_bytes_per_step"), _gradients(full.iloc[0])
         for _, r in g.iterrows():
             if r.method == "full" or not _f(r, "comm_bytes_per_step"):
                 continue
-            grad = "allreduce_bytes_per_step" if mode == "ddp" else "reducescatter_bytes_per_step"
-            lines.append(f"- {wl}, {mode} × {int(n)}: full : {r.method} = **{sig(ref / _f(r, 'comm_bytes_per_step'))} : 1"
-                         f"** in bytes per step ({_size(ref)} vs {_size(_f(r, 'comm_bytes_per_step'))}); gradients alone "
-                         f"{sig(_f(full.iloc[0], grad) / _f(r, grad))} : 1 ({_size(_f(full.iloc[0], grad))} vs "
-                         f"{_size(_f(r, grad))}).")
+            total = _f(r, "comm_bytes_per_step")
+            lines.append(f"- {wl}, {mode} × {int(n)}{_buffers(r)}: full : {r.method} = **{sig(ref / total)} : 1** "
+                         f"in every byte per step ({_size(ref)} vs {_size(total)}); gradients alone "
+                         f"{sig(gref / _gradients(r))} : 1 ({_size(gref)} vs {_size(_gradients(r))}).")
     return lines
+
+
+def _gradients(r) -> float:
+    """The bytes that carried gradients: DDP's all-reduce; FSDP's reduce-scatter (an all-reduce on gloo)."""
+    if r.parallel == "ddp":
+        return _f(r, "allreduce_bytes_per_step")
+    return _f(r, "reducescatter_bytes_per_step") + _f(r, "allreduce_bytes_per_step")
+
+
+def _buffers(r) -> str:
+    return "" if r.parallel != "ddp" else (", buffers broadcast" if str(r.get("broadcast_buffers")) == "True"
+                                           else ", no buffer broadcast")
 
 
 def fsdp_lines(ok) -> list[str]:
@@ -87,6 +97,27 @@ def _payload(r, key: str) -> str:
     return _size(_f(r, key)) if _f(r, key) else "0"
 
 
+def _wire(r) -> str:
+    w = _f(r, "wire_bytes_per_step")
+    if not math.isfinite(w):
+        return "not read"
+    return f"{_payload(r, 'wire_bytes_per_step')} ({_payload(r, 'wire_bytes_max_rank_per_step')})"
+
+
+def _within(r) -> str:
+    v = str(r.get("wire_within_15pct"))
+    return "yes" if v == "True" else "**no**" if v == "False" else "–"
+
+
+BUFFERS = ["DDP broadcasts the model's buffers from rank 0 before every forward unless told not to "
+           "(`broadcast_buffers`, DDP's default on; `--broadcast-buffers off` here): on GPT-Neo those are the causal "
+           "masks, constant through training, so the broadcast carries nothing a rank does not already hold — its "
+           "cost is the buffer-broadcast column, and a model whose buffers never change can turn it off. The wire "
+           "column is the second witness: the bytes each rank wrote to its sockets during the counted steps "
+           "(`wchar` in `/proc/<pid>/io`), mean over ranks and the largest rank (a broadcast's root sends it all); "
+           "the ring estimate is computed from the counted payload (all-reduce 2(N−1)/N, the others (N−1)/N).", ""]
+
+
 def _efficiency(r) -> str:
     """The scaling efficiency with its CI; the one-process cell is the reference."""
     text = ci(_f(r, "scaling_efficiency"), _f(r, "scaling_efficiency_ci_low"), _f(r, "scaling_efficiency_ci_high"))
@@ -99,14 +130,16 @@ def _ratio(a, b, key: str) -> float:
 
 
 COMM = ["workload", "method", "mode × ranks", "trainable params", "all-reduce", "all-gather", "reduce-scatter",
-        "total per step", "gradient payload = closed form", "collectives", "wire per rank (ring estimate)"]
+        "buffer broadcast", "total per step", "gradient payload = closed form", "collectives",
+        "ring estimate per rank", "wire per rank, measured (max rank)", "within 15 %"]
 SPEED = ["workload", "method", "mode × ranks", "step ms, slowest rank (95% CI)", "fastest rank ms", "samples/s (all ranks)",
          "tokens/s (all ranks)", "scaling efficiency (95% CI)"]
 MEMORY = ["workload", "method", "mode × ranks", "process peak MiB, max / min over ranks", "weights held MiB, max / min",
           "gradients MiB", "AdamW state MiB", "shards add up to the model", "replicas max abs diff"]
 USED = ("world_size", "parallel", "step_time_s", "fastest_rank_step_time_s", "allreduce_bytes_per_step",
-        "allgather_bytes_per_step", "reducescatter_bytes_per_step", "comm_bytes_per_step",
-        "wire_bytes_per_rank_per_step", "comm_closed_form_bytes", "scaling_efficiency", "rank_process_peak_max_bytes",
+        "allgather_bytes_per_step", "reducescatter_bytes_per_step", "broadcast_bytes_per_step", "broadcast_buffers",
+        "comm_bytes_per_step", "comm_counted_steps", "ring_estimate_bytes_per_rank_per_step", "wire_bytes_per_step",
+        "wire_bytes_max_rank_per_step", "comm_closed_form_bytes", "scaling_efficiency", "rank_process_peak_max_bytes",
         "rank_weights_max_bytes", "rank_gradients_max_bytes", "rank_optimizer_max_bytes", "shards_cover_model",
         "replicas_max_abs_diff", "unused_parameters", "threads_per_rank")
 
@@ -131,12 +164,17 @@ def summary(df, env: dict) -> str:
               f"{int(_f(first, 'batch_size'))}" + (f" × {int(_f(first, 'seq_len'))} tokens"
                                                    if math.isfinite(_f(first, "seq_len")) else "")
               + f" (its own shuffle); {int(_f(first, 'timed_steps'))} timed steps per repeat, after warm-up. "
-              "A step's time is the slowest rank's. Communication is counted at the collective calls during the timed "
-              "steps (DDP's buckets through its stock all-reduce hook, FSDP2's all-gathers and reduce-scatters), "
-              "as the payload per rank: the whole tensor each collective acts on. Each cell checks itself: the "
-              "trainable count equals its closed form; the gradient payload per step equals the element size × the "
-              "trainable parameters (DDP's all-reduce; FSDP's reduce-scatter, each tensor padded to the world size); "
-              "DDP's replicas are identical after training; FSDP's shards add up to the model.", ""]
+              "A step's time is the slowest rank's, timed on DDP's and FSDP2's default paths with nothing installed. "
+              f"Communication is counted on {int(_f(first, 'comm_counted_steps') or 0)} further steps, from the "
+              "records the communication backend itself writes for every collective it runs (read through "
+              "`torch.profiler`): DDP's bucket all-reduces and its buffer broadcasts, FSDP2's all-gathers and "
+              "reduce-scatters, barriers — whatever the process group carried, C++ paths included — as the payload "
+              "per rank: the whole tensor each collective acts on (gloo runs a reduce-scatter as an all-reduce of "
+              "the whole input, and it is counted as one). Each cell checks itself: the trainable count equals its "
+              "closed form; the gradient payload per step equals the element size × the trainable parameters "
+              "(DDP's all-reduce; FSDP's reduce-scatter, each tensor padded to the world size); DDP's replicas are "
+              "identical after training; FSDP's shards add up to the model; the bytes written to the sockets are "
+              "within 15 % of the ring estimate.", ""]
     lines += noise_section(aa, floor, df)
     bad = rows[rows.status != "ok"]
     if len(bad):
@@ -156,11 +194,13 @@ def _comm_and_speed(ok) -> list[str]:
                            _payload(r, "allreduce_bytes_per_step"),
                            _payload(r, "allgather_bytes_per_step"),
                            _payload(r, "reducescatter_bytes_per_step"),
+                           _payload(r, "broadcast_bytes_per_step"),
                            _payload(r, "comm_bytes_per_step"),
                            f"{_yes(r.comm_matches_closed_form)} ({int(_f(r, 'comm_closed_form_bytes')):,} B)",
                            sig(_f(r, "collectives_per_step")),
-                           _payload(r, "wire_bytes_per_rank_per_step")]
-                          for _, r in ok.iterrows()]) + [""]
+                           _payload(r, "ring_estimate_bytes_per_rank_per_step"), _wire(r),
+                           _within(r)]
+                          for _, r in ok.iterrows()]) + [""] + BUFFERS
     lines += ["## Speed and scaling", "",
               "Scaling efficiency: the one-process cell's step time ÷ this cell's, paired by round (weak scaling: "
               "each rank keeps its batch, so 1.0 means N ranks process N× the examples per second). On this machine "
