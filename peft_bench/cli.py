@@ -134,6 +134,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return done.code
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .engine import witness
+
+    verdicts = witness.run(from_flags(vars(args), "validate"))
+    failed = [v for v in verdicts if v.agree is False]
+    print(f"{len(verdicts) - len(failed)} of {len(verdicts)} verdicts without disagreement", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .engine.sweep import architecture
     from .report import summary as report
@@ -191,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {"run": ("run a benchmark suite, one fresh process per cell", _cmd_run),
                 "sweep": ("cells at several values of one parameter: fitted growth, crossovers", _cmd_sweep),
                 "capacity": ("the largest batch or context each method trains within a memory cap", _cmd_capacity),
-                "tune": ("choose learning rates per method on a validation split (not the test split)", _cmd_tune)}
+                "tune": ("choose learning rates per method on a validation split (not the test split)", _cmd_tune),
+                "validate": ("each instrument beside an independent witness, on this machine and model (exit 1 if "
+                             "any disagrees)", _cmd_validate)}
     for name, (text, func) in commands.items():  # their flags: generated from RunConfig's declarations
         cmd = sub.add_parser(name, help=text)
         add_flags(cmd, name)

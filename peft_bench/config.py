@@ -24,6 +24,7 @@ VARY = {"rank": ("option", "r"), "virtual_tokens": ("option", "num_virtual_token
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUN = ("run", "sweep")  # the commands that take every option of a run
+V = "validate"  # peft-bench validate: one model (a workload or --model), its methods, each instrument witnessed
 
 
 # -- parsers: each turns one flag's text into its value, or says in one line what is allowed ---------------------
@@ -135,20 +136,20 @@ class RunConfig:
     suite: str = option("smoke", "smoke | default | accuracy | gpu | custom (default: custom — each workload at its own "
                         "budget — when --workloads or --model is given, else smoke); `peft-bench list` shows them")
     methods: tuple[str, ...] | None = option(None, "comma-separated method names (default: all)", type=names,
-                                             commands=(*RUN, "tune", "capacity"), required=("capacity",),
+                                             commands=(*RUN, "tune", "capacity", V), required=("capacity",),
                                              helps={"tune": "comma-separated (default: all)"})
     workloads: tuple[str, ...] | None = option(None, "comma-separated workload names (default: the suite's)",
-                                               type=names, commands=(*RUN, "tune", "capacity"),
+                                               type=names, commands=(*RUN, "tune", "capacity", V),
                                                required=("capacity", "sweep"),
                                                helps={"tune": "comma-separated (default: the pretrained workloads)"})
-    device: str = option("cpu", "cpu | cuda", type=one_of(DEVICES, "device"), commands=(*RUN, "capacity"))
+    device: str = option("cpu", "cpu | cuda", type=one_of(DEVICES, "device"), commands=(*RUN, "capacity", V))
     out: Path | None = option(None, "output directory", type=out_dir, commands=(*RUN, "tune", "capacity"),
                               helps=_OUT_HELP)
     resume: bool = option(False, "skip cells already finished in <out>/metrics.csv", type=bool,
                           commands=(*RUN, "tune"), helps={"tune": "skip (method, workload, rate) cells already "
                                                           "finished"})
     cell_timeout: float | None = option(None, "seconds per cell", type=positive(float, "--cell-timeout"),
-                                        commands=(*RUN, "capacity"), helps={"capacity": "seconds per probe"})
+                                        commands=(*RUN, "capacity", V), helps={"capacity": "seconds per probe"})
     seed: int | None = option(None, "one training seed (default: the suite's, 0)", type=nonnegative_int)
     seeds: tuple[int, ...] | None = option(None, "comma-separated training seeds: each cell runs once per seed and the "
                                            "summary gives mean accuracy with its CI across seeds (the data split "
@@ -159,7 +160,7 @@ class RunConfig:
         helps={"tune": "rates to try for every method (default: a grid per method)"})
     dtype: str = option("auto", "element type of the base model; auto: a checkpoint brought with --model in its own "
                         "dtype (config.json), embedded workloads in float32. Adapters follow peft's policy: float32 on "
-                        "a half base. The row's dtype column says what ran", choices=DTYPES)
+                        "a half base. The row's dtype column says what ran", choices=DTYPES, commands=(*RUN, V))
     rank: int | None = option(None, "LoRA rank r", type=positive(int, "--rank"), method_option="r")
     alpha: float | None = option(None, "LoRA alpha", type=positive(float, "--alpha"), method_option="alpha")
     dropout: float | None = option(None, "LoRA dropout in [0, 1)", type=float, method_option="dropout")
@@ -167,19 +168,23 @@ class RunConfig:
                                         method_option="num_virtual_tokens")
     targets: tuple[str, ...] | None = option(None, "comma-separated module name patterns for LoRA", type=names,
                                              method_option="targets")
-    batch_size: int | None = option(None, "", type=positive(int, "--batch-size"))
-    max_length: int | None = option(None, "max tokens per example", type=positive(int, "--seq-len"), flag="--seq-len")
+    batch_size: int | None = option(None, "", type=positive(int, "--batch-size"),
+                                    commands=(*RUN, V))
+    max_length: int | None = option(None, "max tokens per example", type=positive(int, "--seq-len"), flag="--seq-len",
+                                    commands=(*RUN, V))
     train_steps: int | None = option(None, "training steps per cell (budget)", type=positive(int, "--steps"),
-                                     flag="--steps", commands=(*RUN, "tune"),
+                                     flag="--steps", commands=(*RUN, "tune", V),
                                      helps={"tune": "training steps (default: the accuracy suite's)"})
-    model: str | None = option(None, "hub id or local model directory (instead of --workloads)", type=str)
-    dataset: str | None = option(None, "hub dataset id (e.g. stanfordnlp/imdb) or a local .csv/.json file", type=str)
-    trust_remote_code: bool = option(False, "allow the model repo's own code to run", type=bool)
-    allow_pickle: bool = option(False, "accept non-safetensors (pickle) weights", type=bool)
+    model: str | None = option(None, "hub id or local model directory (instead of --workloads)", type=str,
+                               commands=(*RUN, V))
+    dataset: str | None = option(None, "hub dataset id (e.g. stanfordnlp/imdb) or a local .csv/.json file", type=str,
+                                 commands=(*RUN, V))
+    trust_remote_code: bool = option(False, "allow the model repo's own code to run", type=bool, commands=(*RUN, V))
+    allow_pickle: bool = option(False, "accept non-safetensors (pickle) weights", type=bool, commands=(*RUN, V))
     repeats: int | None = option(None, "fresh processes per cell, run round-robin (default: the suite's; default "
                                  "suite 3, smoke 1)", type=positive(int, "--repeats"))
     allow_busy: bool = option(False, "measure even if other processes use the CPU/GPU (each row records the "
-                              "interference)", type=bool)
+                              "interference)", type=bool, commands=(*RUN, V))
     mnist_root: str | None = option(None, "mlp-mnist: use the full MNIST under this directory via torchvision",
                                     type=str)
     nproc: tuple[int, ...] | None = option(None, "run each cell under torchrun with this many processes per node "

@@ -159,9 +159,10 @@ def test_compare_identity_is_the_declared_cell_identity():
 
 
 def test_every_mode_of_a_cell_names_registered_probes():
-    from peft_bench.engine import cell, torchrun
+    from peft_bench.engine import cell, torchrun, witness
 
     torchrun._register()
+    witness._register()
     for mode, probes in cell.PROBES.items():
         assert probes and all(p in cell.PROBE for p in probes), mode
 

@@ -57,7 +57,8 @@ from .setup import (
 # What each mode of a cell runs after the common start, in order. `timing`: a further repeat; `accuracy`: the whole
 # budget, then accuracy and forgetting only (tune, the accuracy suite); `capacity`: warm-up and timed steps, the
 # process peak in them (peft-bench capacity); `cost`: counts, training memory, timing and FLOPs with the
-# after-training checks (peft-bench sweep); `rank`: one torchrun rank (its probes live in engine/torchrun.py).
+# after-training checks (peft-bench sweep); `rank`: one torchrun rank (its probes live in engine/torchrun.py);
+# `witness`: peft-bench validate's child (engine/witness.py).
 PROBES: dict[str, tuple[str, ...]] = {
     "all": ("counts", "training", "checks", "accuracy", "forgetting", "inference", "checkpoint", "base"),
     "cost": ("counts", "training", "checks"),
@@ -65,7 +66,9 @@ PROBES: dict[str, tuple[str, ...]] = {
     "accuracy": ("budget", "accuracy", "forgetting", "base"),
     "capacity": ("capacity",),
     "rank": ("counts", "wrap", "rank_training", "agreement"),
+    "witness": ("witness",),
 }
+NO_REFERENCE = ("rank", "witness")  # modes without the after-training checks: no reference output kept
 PROBE: dict[str, Callable[[P.State], None]] = {}  # probe name → the function that runs it on a cell's state
 
 
@@ -141,7 +144,7 @@ def run_probes(spec: CellSpec, mode: str) -> P.State:
     method.schedule(spec.train_steps)
     w = workload_of(spec, method)
     try:
-        s = start(spec, method, w, reference=mode != "rank")
+        s = start(spec, method, w, reference=mode not in NO_REFERENCE)
         for name in PROBES[mode]:
             PROBE[name](s)
         return s
