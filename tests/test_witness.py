@@ -74,7 +74,7 @@ def test_tracker_peak_is_the_profiler_s_for_every_method(family):
 def _validate(capsys, *argv) -> list[str]:
     from peft_bench.cli import main
 
-    code = main(["validate", "--methods", "lora", "--allow-busy", *argv])
+    code = main(["validate", "--methods", "lora", "--steps", "6", "--allow-busy", *argv])
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.strip()]
     assert code == 0, out

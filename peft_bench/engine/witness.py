@@ -157,8 +157,9 @@ def wire_verdict(spec, timeout: float | None) -> Verdict:
     from .torchrun import threads_per_rank
 
     cell = f"{spec.method} × {spec.workload or spec.model}, ddp × 2"
+    # the fewest steps a rank runs (one warm-up, one timed): the bytes are counted on the steps after them
     row = run_isolated(dataclasses.replace(spec, parallel="ddp", nproc=2, threads_per_rank=threads_per_rank(2),
-                                           probes="all", base_probe=False), timeout)
+                                           warmup_steps=1, timed_steps=1, base_probe=False), timeout)
     if row.get("status") != "ok":
         return Verdict("wire bytes", cell, "–", "–", False, f"the 2-rank cell failed: {row.get('reason')}")
     wire, ring = float(row["wire_bytes_per_step"]), float(row["ring_estimate_bytes_per_rank_per_step"])
