@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -133,11 +132,8 @@ def _cells(out, *argv):
 
     from peft_bench.cli import main
 
-    os.environ["PEFT_BENCH_ALLOW_BUSY"] = "1"
-    try:
-        assert main(["run", "--workloads", "gpt-neo-125m-arch-tiny", "--steps", "4", "--out", str(out), *argv]) == 0
-    finally:
-        del os.environ["PEFT_BENCH_ALLOW_BUSY"]
+    assert main(["run", "--workloads", "gpt-neo-125m-arch-tiny", "--steps", "4", "--allow-busy", "--out", str(out),
+                 *argv]) == 0
     return pd.read_csv(out / "metrics.csv")
 
 
