@@ -9,26 +9,32 @@ import torch
 from peft_bench import get_method
 from peft_bench.errors import UnsupportedError
 from peft_bench.measure.memory import StepMemoryTracker
-from peft_bench.measure.profiled import profiled_peak
+from peft_bench.measure.profiled import allocator_peak, profiled_peak
 from peft_bench.methods import method_class
 from peft_bench.names import METHODS
 
 from .conftest import tiny_batch, tiny_model
 
-# The stated tolerance, measured over every method on the four families: the peaks agree to within a few hundred
-# bytes (the input batch, which the profiler counts and the tracker only when an operator saves it), except LN tuning
-# (−1 KB), OFT (the profiler lower by 15 to 47 KB, up to 0.80 % on T5: not explained yet) and AdaLoRA (+12 to +43 KB, up to 0.74 %): peft's rank
-# allocator keeps importance scores per adapter tensor (exp_avg_ipt, exp_avg_unc) outside the model and the optimizer,
-# which the profiler sees and the tracker does not — a known blind spot of the tracker, bounded here. Categories: AdamW state equals OPTIMIZER_STATE exactly, weights equal
-# PARAMETER plus the model's buffers (which the profiler files under INPUT or leaves uncategorized). The other three are
-# defined differently, so they are printed, not compared: the profiler labels a tensor by the role it ends up in for
-# its whole life (the tied embedding's gradient is GRADIENT from the moment its first part is computed), the tracker
-# by the role it has at that moment.
-PEAK_TOLERANCE = {"adalora": 0.01, "oft": 0.01}  # the rest: 0.5 %
+# Two readings of PyTorch's profiler, two tolerances, measured over every method on the four families:
+# - the allocator's own events (every allocation and free, summed in order): their largest running total equals the
+#   tracker's peak less what was live when the step began to within 344 B for every method but FourierFT, where the
+#   tracker reads 64 KB (GPT-Neo, BERT) to 192 KB (T5) more than the allocator served — not explained yet (its
+#   inverse FFT alone agrees to 12 B), bounded at 4 % of the peak and said in the issue's closing note;
+# - the memory timeline (the profiler's analysis, with its categories), on GPT-Neo: the peaks agree to within a few
+#   hundred bytes (the input batch, which the profiler counts and the tracker only when an operator saves it), except
+#   LN tuning (−1 KB), OFT (the timeline lower by 15 to 47 KB, up to 0.80 % on T5) and AdaLoRA (+12 to +43 KB, up to
+#   0.74 %: peft's rank allocator keeps importance scores per adapter tensor outside the model and the optimizer,
+#   live before the step began, which the timeline counts and the tracker does not — the allocator reading, which
+#   sees only the step, agrees). AdamW state equals OPTIMIZER_STATE exactly; weights equal PARAMETER plus the model's
+#   buffers (which the profiler files under INPUT or leaves uncategorized). The other three are defined differently,
+#   so they are printed, not compared: the timeline labels a tensor by the role it ends up in, for its whole life (the
+#   tied embedding's gradient is GRADIENT from the moment its first part is computed), the tracker by its role then.
+ALLOCATOR_TOLERANCE = 1024  # bytes; FourierFT: 4 % of the peak
+TIMELINE_TOLERANCE = {"adalora": 0.01, "oft": 0.01}  # the rest: 0.5 % of the peak
 
 
-def witnessed(method_name: str, family: str):
-    """Two AdamW steps, then the same batch once under the tracker and once under the profiler."""
+def trained(method_name: str, family: str):
+    """A method on a tiny model after two AdamW steps, and `step`, which takes one more on the same batch."""
     method = get_method(method_name)
     model = method.apply(tiny_model(family)).train()
     opt = torch.optim.AdamW(method.trainable_parameters(model).values(), lr=1e-3)
@@ -43,32 +49,50 @@ def witnessed(method_name: str, family: str):
     step()
     step()
     opt.zero_grad(set_to_none=True)
+    return model, opt, step
+
+
+def tracked(model, opt, step) -> StepMemoryTracker:
     with StepMemoryTracker(model, opt) as tracker:
         step()
     opt.zero_grad(set_to_none=True)
-    return tracker, profiled_peak(step), model
+    return tracker
 
 
-@pytest.mark.parametrize("family", ["gpt-neo", "llama", "bert", "t5"])
-def test_tracker_peak_is_the_profiler_s_for_every_method(family):
-    """Every registered method the family supports: the tracker's peak equals the profiler timeline's within 0.5 %
-    (AdaLoRA and OFT 1 %);
-    AdamW state exactly; weights = PARAMETER + the model's buffers within the same tolerance."""
-    seen = []
+def every_method(family: str):
     for name in METHODS:
         if method_class(name).unsupported_reason(family):
             continue
         try:
-            tracker, prof, model = witnessed(name, family)
+            yield name, trained(name, family)
         except UnsupportedError:  # refused by the model itself (BitFit on a model without biases)
             continue
-        bound = PEAK_TOLERANCE.get(name, 0.005) * prof.peak_bytes
+
+
+@pytest.mark.parametrize("family", ["gpt-neo", "llama", "bert", "t5"])
+def test_tracker_peak_is_the_allocator_s_for_every_method(family):
+    seen = []
+    for name, (model, opt, step) in every_method(family):
+        tracker = tracked(model, opt, step)
+        above_start = tracker.peak_bytes - sum(tracker.initial_parts.values())
+        bound = 0.04 * tracker.peak_bytes if name == "fourierft" else ALLOCATOR_TOLERANCE
+        assert abs(allocator_peak(step) - above_start) <= bound, (name, above_start)
+        seen.append(name)
+    assert len(seen) >= 14, seen
+
+
+def test_tracker_peak_and_categories_against_the_profiler_timeline_on_gpt_neo():
+    seen = []
+    for name, (model, opt, step) in every_method("gpt-neo"):
+        tracker = tracked(model, opt, step)
+        prof = profiled_peak(step)
+        bound = TIMELINE_TOLERANCE.get(name, 0.005) * prof.peak_bytes
         assert abs(prof.peak_bytes - tracker.peak_bytes) <= bound, (name, tracker.peak_bytes, prof.peak_bytes)
         assert tracker.peak_parts["optimizer"] == prof.categories["optimizer_state"], name
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         assert abs(tracker.peak_parts["weights"] - prof.categories["parameter"] - buffers) <= bound, name
         seen.append(name)
-    assert len(seen) >= 14, seen
+    assert len(seen) == 20, seen
 
 
 def _validate(capsys, *argv) -> list[str]:

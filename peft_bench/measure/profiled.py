@@ -1,6 +1,12 @@
-"""PyTorch's own memory profiler as the second witness of the tensor tracker (`memory.StepMemoryTracker`).
+"""PyTorch's own memory profiler as the second witness of the tensor tracker (`memory.StepMemoryTracker`), in two
+readings.
 
-`profiled_peak(step)` runs `step` under `torch.profiler.profile(profile_memory=True, record_shapes=True,
+`allocator_peak(step)`: the allocator's own events (`profile(profile_memory=True)`: every allocation and free the
+c10 allocator serves during the step, with its size), summed in order; their largest running total is the most
+bytes the step held beyond what was live when it began — the tracker's peak less what it found live at the start.
+Cheap (no analysis), and blind to nothing the allocator serves: scratch no tensor owns would show here first.
+
+`profiled_peak(step)`: runs `step` under `torch.profiler.profile(profile_memory=True, record_shapes=True,
 with_stack=True)` and reads the profiler's memory timeline (`torch.profiler._memory_profiler.MemoryProfileTimeline`,
 the data behind `export_memory_timeline`): the live bytes of every tensor allocation it saw, by the profiler's own
 categories, at each moment. Its peak and the categories at that moment are an independent reading of what the
@@ -32,6 +38,23 @@ class ProfiledPeak:
     def as_parts(self) -> dict[str, int]:
         """The profiler's categories at its peak, gathered into the tracker's five (`PARTS`)."""
         return {part: sum(self.categories.get(c, 0) for c in cats) for part, cats in PARTS.items()}
+
+
+def allocator_peak(step: Callable[[], None], device: str = "cpu") -> int:
+    """The largest running total of the allocator's allocations minus frees during `step` (bytes above the start)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    wanted = "CUDA" if device == "cuda" else "CPU"
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                     and e.device_type().name == wanted), key=lambda e: e.start_ns())
+    total = peak = 0
+    for e in events:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
 
 
 def profiled_peak(step: Callable[[], None], device: str = "cpu") -> ProfiledPeak:
