@@ -59,8 +59,8 @@ def tracked(model, opt, step) -> StepMemoryTracker:
     return tracker
 
 
-def every_method(family: str):
-    for name in METHODS:
+def every_method(family: str, only: tuple[str, ...] = METHODS):
+    for name in only:
         if method_class(name).unsupported_reason(family):
             continue
         try:
@@ -81,9 +81,14 @@ def test_tracker_peak_is_the_allocator_s_for_every_method(family):
     assert len(seen) >= 14, seen
 
 
+TIMELINE_METHODS = ("full", "lora", "hf-lora", "prefix", "adalora", "oft")  # the issue's four and the two outliers
+
+
 def test_tracker_peak_and_categories_against_the_profiler_timeline_on_gpt_neo():
+    """The timeline's analysis is the slow reading (about 0.5 s a step): the methods the issue measured and the two
+    whose gaps are explained above; every method against the allocator above."""
     seen = []
-    for name, (model, opt, step) in every_method("gpt-neo"):
+    for name, (model, opt, step) in every_method("gpt-neo", TIMELINE_METHODS):
         tracker = tracked(model, opt, step)
         prof = profiled_peak(step)
         bound = TIMELINE_TOLERANCE.get(name, 0.005) * prof.peak_bytes
@@ -92,13 +97,13 @@ def test_tracker_peak_and_categories_against_the_profiler_timeline_on_gpt_neo():
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         assert abs(tracker.peak_parts["weights"] - prof.categories["parameter"] - buffers) <= bound, name
         seen.append(name)
-    assert len(seen) == 20, seen
+    assert tuple(seen) == TIMELINE_METHODS, seen
 
 
 def _validate(capsys, *argv) -> list[str]:
     from peft_bench.cli import main
 
-    code = main(["validate", "--methods", "lora", "--steps", "6", "--allow-busy", *argv])
+    code = main(["validate", "--methods", "lora", "--steps", "5", "--allow-busy", *argv])
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.strip()]
     assert code == 0, out
