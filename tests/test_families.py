@@ -168,8 +168,9 @@ def test_sequence_length_is_a_high_percentile_of_the_data_capped_by_the_model(mo
 def test_lengths_beyond_the_model_and_batches_beyond_the_data_are_refused(flags, message, model_root, reviews,
                                                                            tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "o"
-    assert main(["run", "--model", saved("gpt2", model_root), "--dataset", reviews, "--out", str(out), *flags]) == 2
+    out, model = tmp_path / "o", saved("gpt2", model_root)
+    capsys.readouterr()  # saving the model (when this test comes first) prints its own progress
+    assert main(["run", "--model", model, "--dataset", reviews, "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert list(tmp_path.iterdir()) == []

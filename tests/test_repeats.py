@@ -176,8 +176,8 @@ def test_a_run_on_a_busy_machine_is_refused_before_anything_is_written(tmp_path,
 def repeated(tmp_path_factory):
     out = tmp_path_factory.mktemp("repeats") / "run"
     opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["mlp-mnist-tiny"], out=out,
-                      train_steps=4, repeats=3)
-    assert run_suite(opts, ["run", "--repeats", "3"]) == 0
+                      train_steps=4, repeats=2)
+    assert run_suite(opts, ["run", "--repeats", "2"]) == 0
     return out
 
 
@@ -186,12 +186,11 @@ def test_repeats_run_round_robin_with_an_aa_copy(repeated):
         samples = list(csv.DictReader(f))
     order = [(s["method"], s["replica"], s["repeat"]) for s in samples if s["remeasured"] == "False"]
     # A B A' per round (prefix is unsupported on an MLP: never repeated), round after round
-    assert order[:9] == [("full", "0", "0"), ("lora", "0", "0"), ("full", "1", "0"),
-                         ("full", "0", "1"), ("lora", "0", "1"), ("full", "1", "1"),
-                         ("full", "0", "2"), ("lora", "0", "2"), ("full", "1", "2")]
+    assert order[:6] == [("full", "0", "0"), ("lora", "0", "0"), ("full", "1", "0"),
+                         ("full", "0", "1"), ("lora", "0", "1"), ("full", "1", "1")]
     df = pd.read_csv(repeated / "metrics.csv")
     ok = df[(df.status == "ok") & (df.replica == 0)]
-    assert (ok.repeats == 3).all()
+    assert (ok.repeats == 2).all()
     assert ((ok.step_time_ci_low_s <= ok.step_time_s) & (ok.step_time_s <= ok.step_time_ci_high_s)).all()
     full = ok[ok.method == "full"].iloc[0]
     assert full.step_time_vs_full == 1.0
