@@ -48,7 +48,7 @@ FAMILY = {"gpt2": "decoder", "gpt_neox": "decoder", "opt": "decoder", "llama": "
 # The methods whose handling differs by family (LoRA targeting, hand-written and peft; prompt sizes): `full` and
 # `lora-parametrize` (lora's targeting) add nothing family-specific here, and every method's contract runs in-process
 # on five families in test_methods.py — the README's test command stays under 10 minutes.
-# p-tuning (peft's prompt encoder) runs on five families in tests/test_methods.py and through the CLI in test_runner.
+# p-tuning (peft's prompt encoder) runs on five families in-process in tests/test_methods.py.
 METHODS = ("lora", "prefix")  # hf-lora takes the same default targets as lora (peft wraps them; GPT-2's
 # Conv1D against peft below, every method on five families in tests/test_methods.py): kept out to fit 10 minutes
 # Trainable parameters worked out by hand from the shapes (r = 8 on the default targets, 20 virtual tokens), for

@@ -111,19 +111,15 @@ def _validate(capsys, *argv) -> list[str]:
 
 
 @pytest.mark.xdist_group("torchrun")  # its wire check starts a 2-rank cell: beside the other torchrun tests
-def test_validate_prints_four_verdicts_on_the_embedded_gpt_neo(capsys):
-    lines = _validate(capsys, "--workloads", "gpt-neo-tiny")
-    assert [x.split()[0] + " " + x.split()[1] for x in lines] == ["tensor peak", "process peak", "step time",
-                                                                   "wire bytes"]
-    assert all(": agree" in x for x in lines), lines
-
-
-@pytest.mark.xdist_group("torchrun")
 def test_validate_on_a_model_brought_as_a_directory(capsys, tmp_path):
+    """Four verdicts, all agreeing, on a model brought as a directory (the embedded GPT-Neo runs the same code: its
+    output is in the README)."""
     from .test_families import saved
 
     data = tmp_path / "reviews.csv"
     data.write_text("text,label\n" + "".join(f"{'good fun film' if i % 2 else 'dull boring plot'} {i},{i % 2}\n"
                                              for i in range(120)))
     lines = _validate(capsys, "--model", saved("llama", tmp_path), "--dataset", str(data))
-    assert len(lines) == 4 and all(": agree" in x for x in lines) and "llama" in lines[0], lines
+    assert [x.split()[0] + " " + x.split()[1] for x in lines] == ["tensor peak", "process peak", "step time",
+                                                                   "wire bytes"]
+    assert all(": agree" in x for x in lines) and "llama" in lines[0], lines

@@ -91,7 +91,7 @@ SMOLLM2_BUDGET = Budget(train_steps=40, warmup_steps=3, timed_steps=8, latency_s
 SUITES: Registry[Suite] = Registry("suite")
 for _suite in (
     Suite("smoke", ("mlp-mnist-tiny", "minilm-sentiment-tiny", "gpt-neo-tiny", "t5-tiny"),
-                   {"*": Budget(train_steps=8, warmup_steps=1, timed_steps=5, latency_seconds=0.2)},
+                   {"*": Budget(train_steps=8, warmup_steps=1, timed_steps=5, latency_seconds=0.1)},
           aa=("lora", "gpt-neo-tiny")),
     Suite("default", ("mlp-mnist", "minilm-sentiment", "smollm2-135m-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),
                      {"mlp-mnist": Budget(train_steps=400, warmup_steps=5, timed_steps=50),  # one epoch, batch 10
