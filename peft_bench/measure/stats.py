@@ -61,24 +61,6 @@ def bootstrap(values: Sequence[float], stat: Callable[[list[float]], float] = st
     return Estimate(point, lo, hi, len(xs))
 
 
-def log_t(values: Sequence[float], level: float = LEVEL) -> Estimate:
-    """Geometric mean of independent positive observations (each one process's median step time, or one round's
-    ratio) with the Student-t interval on their logarithms, exponentiated: exact at its level when the logarithms are
-    normal, whatever n ≥ 2 (t with n − 1 degrees of freedom; 12.7 standard errors at n = 2, 4.30 at n = 3). Its
-    coverage under this machine's noise, slow processes included, is proven by simulation in
-    tests/test_intervals.py. One observation: the value with no interval (NaN ends), never a zero-width one."""
-    xs = [math.log(float(x)) for x in values if x == x and float(x) > 0]
-    if not xs:
-        return Estimate.missing()
-    centre = statistics.fmean(xs)
-    if len(xs) == 1:
-        return Estimate(math.exp(centre), math.nan, math.nan, 1)
-    from scipy.stats import t
-
-    half = t.ppf(0.5 + level / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return Estimate(math.exp(centre), math.exp(centre - half), math.exp(centre + half), len(xs))
-
-
 def paired_ratio(num: dict[int, float], den: dict[int, float], **kw) -> Estimate:
     """Median of the per-round ratios num[r] / den[r] over the rounds both were measured in, with a bootstrap CI.
 
