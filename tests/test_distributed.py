@@ -109,6 +109,22 @@ def test_blocks_are_the_repeated_layers_of_every_family():
     assert len(D.blocks(mlp)) <= 0 or all(isinstance(b, torch.nn.Module) for b in D.blocks(mlp))
 
 
+def test_the_rendezvous_id_is_the_same_in_every_process():
+    """Two nodes run the same command in separate interpreters (each with its own hash salt): same id."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from peft_bench.config import CellSpec; from peft_bench.engine.torchrun import rendezvous_id; "
+            "print(rendezvous_id(CellSpec('lora', 'gpt-neo-tiny', parallel='ddp', nproc=1, nnodes=2)))")
+    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+           for seed in (1, 2)}
+    assert len(ids) == 1 and ids.pop().startswith("peft-bench-")
+    spec = CellSpec("lora", "gpt-neo-tiny", parallel="ddp", nproc=1, nnodes=2, rdzv_endpoint="127.0.0.1:29561")
+    assert D.rendezvous_id(spec) in D.torchrun_args(spec, [])
+
+
 def test_dead_rank_reason_names_the_rank_and_signal():
     log = ("Failures:\n[1]:\n  time      : x\n  host      : h\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15 "
            "(pid: 9722)  (SIGTERM)\n------\nRoot Cause (first observed failure):\n[0]:\n  time      : x\n  host      : h\n"

@@ -58,10 +58,18 @@ def torchrun_args(spec, entry: list[str]) -> list[str]:
             "--monitor-interval", "0.1"]
     if spec.nnodes > 1 or spec.rdzv_endpoint:
         args += ["--nnodes", str(spec.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
-                 "--rdzv-id", f"peft-bench-{abs(hash(spec.key())) % 10**9}"]
+                 "--rdzv-id", rendezvous_id(spec)]
     else:
         args += ["--standalone"]
     return args + entry
+
+
+def rendezvous_id(spec) -> str:
+    """The same on every node that runs the same command: from the cell's key through SHA-256 (Python's `hash()` is
+    salted per process, so two nodes asked for different rendezvous and waited for each other forever)."""
+    import hashlib
+
+    return "peft-bench-" + hashlib.sha256(spec.key().encode()).hexdigest()[:16]
 
 
 def launch(spec, timeout: float | None) -> dict:
