@@ -98,6 +98,10 @@ def run_and_report(cfg, argv: list[str] | None = None) -> int:
     done = run_suite(cfg, argv)
     if done.reportable:
         build(done.out, arch=architecture)
+    elif done.code == 0:  # every cell's row is on another node (several nodes, this one without global rank 0)
+        print("peft-bench: this node took part in every cell; the rows are on the node of global rank 0",
+              file=sys.stderr)
+        return 0
     if done.code == 130:
         again = " ".join(a for a in (argv or ["run", "--suite", cfg.suite]) if a != "--resume")
         print(f"peft-bench: interrupted; the finished cells are in {done.out}/metrics.csv and summary.md; resume with: "

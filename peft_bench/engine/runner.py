@@ -33,6 +33,7 @@ from ..results import check_out_dir, prepare_out_dir
 from . import launch
 from .environment import environment
 from .plan import plan, repeats_of, seeds_of, validate_targets
+from .torchrun import ELSEWHERE
 
 FAILED = ("error", "oom", "timeout")
 FINISHED = ("ok", "unsupported")
@@ -97,6 +98,9 @@ class Run:
         t0 = time.perf_counter()
         row = launch.run_isolated(spec if first else dataclasses.replace(spec, probes="timing"), self.cfg.cell_timeout)
         seconds = round(time.perf_counter() - t0, 2)
+        if row["status"] == ELSEWHERE:  # another node writes this cell's row
+            print(f"{label}: {row['reason']} ({seconds:.1f}s)", file=sys.stderr)
+            return row
         row.update(cell_key=key, cell_seconds=seconds, suite=self.cfg.suite)
         if r == 0 and not remeasure:  # the cell's row (the replica's holds its timing only)
             self.rows = [x for x in self.rows if x.get("cell_key") != key] + [row]
@@ -145,7 +149,7 @@ class Run:
         if code is None:
             code = 1 if self.failed else 0
         ok = any(r.get("status") == "ok" for r in self.rows)
-        return Outcome(code, self.out, self.failed, reportable=code != 130 or ok)
+        return Outcome(code, self.out, self.failed, reportable=bool(self.rows) and (code != 130 or ok))
 
 
 def run_suite(cfg: RunConfig, argv: list[str] | None = None) -> Outcome:

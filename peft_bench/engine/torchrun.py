@@ -44,6 +44,7 @@ from pathlib import Path
 MODES = ("ddp", "fsdp")
 RANK_SEED_STRIDE = 104_729  # each rank's batch order: seed + rank × stride (rank 0 sees a single process's batches)
 KILL_GRACE_S = 10.0
+ELSEWHERE = "elsewhere"  # a multi-node cell seen from a node without global rank 0: no row here
 COUNTED_STEPS = 2  # steps after the timed ones, under the collective counter (its profiler stays out of the timing)
 
 
@@ -99,6 +100,8 @@ def launch(spec, timeout: float | None) -> dict:
         errors = sorted(Path(tmp).glob("rank*.json"))
         if errors:
             return json.loads(errors[0].read_text())
+        if proc.returncode == 0 and spec.nnodes > 1:  # every rank here finished; global rank 0 runs on another node
+            return {"status": ELSEWHERE, "reason": "this node's ranks finished; the node of global rank 0 writes the row"}
         return {"status": "error", "reason": dead_rank_reason(log_path.read_text(errors="replace"), proc.returncode)}
 
 
