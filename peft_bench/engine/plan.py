@@ -105,7 +105,8 @@ def distribute(cells: list[CellSpec], opts: RunConfig) -> list[CellSpec]:
     from .torchrun import MODES, threads_per_rank
 
     if not opts.nproc:
-        raise UserError("--parallel, --nnodes, --rdzv-endpoint and --broadcast-buffers need --nproc (processes per node), e.g. --nproc 2")
+        raise UserError("--parallel, --nnodes, --rdzv-endpoint and --broadcast-buffers need --nproc (processes per "
+                        "node), e.g. --nproc 2")
     if any(n < 1 for n in opts.nproc):
         raise UserError(f"--nproc takes positive integers, got {','.join(map(str, opts.nproc))}")
     modes = opts.parallel or ("ddp",)

@@ -351,14 +351,13 @@ def train(s: State, instrument: bool, steps: int | None = None, progress=None):
     Returns (memory, timing, FLOPs, process peak); memory and FLOPs are None when not instrumented."""
     spec = s.spec
     trainer = Trainer(s.model, s.method, spec.lr, spec.device)
-    stream = (on_device(b, spec) for b in endless(s.data.train, s.form, s.w.batch_size, spec.seed))
+    stream = train_stream(s, spec.seed)
     s.model.train()
     _inject(spec.inject_fault, s.model)
     win = window(spec, instrument, steps)
     bar = progress(win.last, f"{spec.method} × {s.w.name}") if progress else None
     # The learning probe is scored in every process, timed repeats included, so each runs the same prefix.
-    probe = [on_device(b, spec) for b in itertools.islice(endless(s.data.train, s.form, s.w.batch_size,
-                                                                  spec.seed + PROBE_SEED), PROBE_BATCHES)]
+    probe = list(itertools.islice(train_stream(s, spec.seed + PROBE_SEED), PROBE_BATCHES))
     before = task_losses(s.method, s.model, probe)
     found: dict = {}
     trainer.step(next(stream))  # step 0: first-call allocations and the optimizer state
@@ -394,12 +393,22 @@ def _instrumented(s: State, trainer: Trainer, win: Window, found: dict) -> dict[
         found["counted"], found["analytic"] = counted_step(s.model, s.method, trainer.step, batch)
 
     def tracked(batch: dict) -> None:
-        trainer.opt.zero_grad(set_to_none=True)
-        with memory.StepMemoryTracker(s.model, trainer.opt) as tracker:
-            trainer.step(batch)
-        found["tracker"] = tracker
+        found["tracker"] = tracked_step(s, trainer, batch)
 
     return {win.end: flops, win.end + 1: tracked}
+
+
+def train_stream(s: State, seed: int):
+    """The training batches of a cell, endless, shuffled by `seed`, on the cell's device."""
+    return (on_device(b, s.spec) for b in endless(s.data.train, s.form, s.w.batch_size, seed))
+
+
+def tracked_step(s: State, trainer: Trainer, batch: dict) -> memory.StepMemoryTracker:
+    """One training step under the tensor-memory tracker, starting with no gradients held."""
+    trainer.opt.zero_grad(set_to_none=True)
+    with memory.StepMemoryTracker(s.model, trainer.opt) as tracker:
+        trainer.step(batch)
+    return tracker
 
 
 def timing_record(timed: Timed, losses: list[float], batch_size: int, learned: dict) -> R.TimingRecord:

@@ -291,11 +291,9 @@ def _wrap(s) -> None:
 
 
 def _rank_stream(s, rank: int):
-    from ..workloads.tasks import endless
-    from .setup import on_device
+    from .probes import train_stream
 
-    seed = s.spec.seed + RANK_SEED_STRIDE * rank
-    return (on_device(b, s.spec) for b in endless(s.data.train, s.form, s.w.batch_size, seed))
+    return train_stream(s, s.spec.seed + RANK_SEED_STRIDE * rank)
 
 
 def _rank_training(s) -> None:
@@ -413,6 +411,7 @@ def gradient_payload(kinds: dict, parallel: str) -> int:
 def _distributed(rows: list[dict], spec):
     """Communication per step by collective, against its closed form and the bytes on the wire; memory per rank."""
     from ..measure import records as R
+    from ..measure.comm import WIRE_TOLERANCE
     from ..measure.timing import Stats
 
     r0, world = rows[0], len(rows)
@@ -434,7 +433,7 @@ def _distributed(rows: list[dict], spec):
         comm_bytes_per_step=sum(kinds.values()), collectives_per_step=r0["comm_calls"],
         ring_estimate_bytes_per_rank_per_step=ring, wire_bytes_per_step=wire,
         wire_bytes_max_rank_per_step=max(wires) if len(wires) == world else math.nan,
-        wire_within_15pct=bool(abs(wire - ring) <= 0.15 * ring) if ring and wire == wire else None,
+        wire_within_15pct=bool(abs(wire - ring) <= WIRE_TOLERANCE * ring) if ring and wire == wire else None,
         comm_closed_form_bytes=r0["closed_comm"],
         comm_matches_closed_form=gradient_payload(kinds, spec.parallel) == r0["closed_comm"],
         rank_process_peak_max_bytes=max(peaks), rank_process_peak_min_bytes=min(peaks),

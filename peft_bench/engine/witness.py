@@ -30,9 +30,11 @@ import threading
 import time
 from pathlib import Path
 
+from ..measure.comm import WIRE_TOLERANCE
+
 SAMPLE_S = 0.0005
 # instrument → (tolerance, what it is relative to)
-TOLERANCE = {"tensor peak": 0.01, "process peak": 0.05, "step time": 0.05, "wire bytes": 0.15}
+TOLERANCE = {"tensor peak": 0.01, "process peak": 0.05, "step time": 0.05, "wire bytes": WIRE_TOLERANCE}
 
 
 @dataclasses.dataclass
@@ -181,16 +183,13 @@ def _mib(n: float) -> str:
 def witness_probe(s) -> None:
     """The child's measurements: warm-up and timed steps through the one loop (marks and the process peak around the
     timed ones), then one step under the tracker and the identical step under the profiler."""
-    from ..measure import memory
     from ..measure.profiled import allocator_peak, profiled_peak
-    from ..workloads.tasks import endless
     from .loop import Hooks, Trainer, Window, run_steps
-    from .probes import PeakWindow
-    from .setup import on_device
+    from .probes import PeakWindow, tracked_step, train_stream
 
     spec = s.spec
     trainer = Trainer(s.model, s.method, spec.lr, spec.device)
-    stream = (on_device(b, spec) for b in endless(s.data.train, s.form, s.w.batch_size, spec.seed))
+    stream = train_stream(s, spec.seed)
     s.model.train()
     trainer.step(next(stream))
     end = spec.warmup_steps + spec.timed_steps
@@ -201,9 +200,7 @@ def witness_probe(s) -> None:
                           Hooks(on_start=lambda: (proc.open(), mark("start")),
                                 on_end=lambda: (mark("end"), proc.close())))
     batch = next(stream)
-    trainer.opt.zero_grad(set_to_none=True)
-    with memory.StepMemoryTracker(s.model, trainer.opt) as tracker:
-        trainer.step(batch)
+    tracker = tracked_step(s, trainer, batch)
     trainer.opt.zero_grad(set_to_none=True)
     prof = profiled_peak(lambda: trainer.step(batch), spec.device)
     trainer.opt.zero_grad(set_to_none=True)

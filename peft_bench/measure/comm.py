@@ -36,6 +36,7 @@ ELEMENT = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "bool": 
            "signed char": 1, "short int": 2, "int": 4, "long int": 8, "c10::complex<float>": 8,
            "c10::complex<double>": 16, "c10::Float8_e4m3fn": 1, "c10::Float8_e5m2": 1}
 BACKENDS = ("gloo:", "nccl:")
+WIRE_TOLERANCE = 0.15  # the bytes written and the ring estimate agree within this share of the estimate
 
 
 def kind_of(name: str) -> str:

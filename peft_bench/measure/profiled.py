@@ -42,11 +42,7 @@ class ProfiledPeak:
 
 def allocator_peak(step: Callable[[], None], device: str = "cpu") -> int:
     """The largest running total of the allocator's allocations minus frees during `step` (bytes above the start)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as prof:
-        step()
+    prof = _profiled(step, device)
     wanted = "CUDA" if device == "cuda" else "CPU"
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
                      and e.device_type().name == wanted), key=lambda e: e.start_ns())
@@ -59,17 +55,22 @@ def allocator_peak(step: Callable[[], None], device: str = "cpu") -> int:
 
 def profiled_peak(step: Callable[[], None], device: str = "cpu") -> ProfiledPeak:
     """Run `step` once under the profiler's memory timeline; its peak and the categories at the peak."""
-    from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
+    prof = _profiled(step, device, record_shapes=True, with_stack=True)  # what the timeline's analysis needs
     _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cuda:0" if device == "cuda"
                                                                                else "cpu")
     # each row: an unused first slot, then one per category in _CATEGORY_TO_INDEX's order (None: uncategorized)
     names = ["unused"] + [c.name.lower() if c else "uncategorized" for c in _CATEGORY_TO_INDEX]
-    if not sizes:
-        return ProfiledPeak(0, dict.fromkeys(names, 0))
-    at = max(sizes, key=sum)
+    at = max(sizes, key=sum) if sizes else [0] * len(names)
     return ProfiledPeak(sum(at), {k: v for k, v in zip(names, at) if k != "unused"})
+
+
+def _profiled(step: Callable[[], None], device: str, **options):
+    """`step` run once under `torch.profiler` with memory events (and `options`); the finished profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, profile_memory=True, **options) as prof:
+        step()
+    return prof
