@@ -123,3 +123,18 @@ def test_validate_on_a_model_brought_as_a_directory(capsys, tmp_path):
     assert [x.split()[0] + " " + x.split()[1] for x in lines] == ["tensor peak", "process peak", "step time",
                                                                    "wire bytes"]
     assert all(": agree" in x for x in lines) and "llama" in lines[0], lines
+
+
+def test_validate_says_in_one_line_when_its_child_dies(capsys, monkeypatch):
+    from peft_bench.cli import main
+    from peft_bench.engine import witness
+
+    def dies(spec):
+        raise RuntimeError("the validation child failed: killed by SIGKILL")
+
+    monkeypatch.setattr(witness, "observe", dies)
+    monkeypatch.setattr(witness, "wire_verdict", lambda spec, timeout: witness.Verdict("wire bytes", "c", "–", "–",
+                                                                                     None, "not run here"))
+    assert main(["validate", "--workloads", "gpt-neo-tiny", "--methods", "lora", "--steps", "4", "--allow-busy"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("cell") and "DISAGREE (the validation child failed: killed by SIGKILL)" in out[0]

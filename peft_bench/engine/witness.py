@@ -75,8 +75,13 @@ def run(cfg) -> list:
         refuse_if_busy(cfg.device)
     out = []
     for spec in cells:
-        print(f"validating {spec.method} × {spec.workload or spec.model} ...", file=sys.stderr, flush=True)
-        for v in verdicts(spec, observe(spec)) + [wire_verdict(spec, cfg.cell_timeout)]:
+        cell = f"{spec.method} × {spec.workload or spec.model}"
+        print(f"validating {cell} ...", file=sys.stderr, flush=True)
+        try:
+            seen = verdicts(spec, observe(spec))
+        except RuntimeError as e:  # the child died: one line, and the run's exit status says it
+            seen = [Verdict("cell", cell, "–", "–", False, str(e))]
+        for v in seen + [wire_verdict(spec, cfg.cell_timeout)]:
             print(v.line(), flush=True)
             out.append(v)
     return out
