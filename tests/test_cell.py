@@ -29,17 +29,19 @@ def neo_rows() -> dict[str, dict]:
     return {m: run_cell(CellSpec(m, "gpt-neo-tiny", **FAST)) for m in ("full", "lora", "hf-lora", "p-tuning")}
 
 
-def test_memory_parts_are_non_negative_and_sum_to_the_tensor_peak(neo_rows):
+def test_memory_parts_match_the_closed_form_from_the_parameter_counts(neo_rows):
+    """The optimizer part is AdamW's two float32 moments of every trained parameter (counted from the rows' own
+    trainable_params, not from the tracker) plus one 4-byte step counter per trained tensor."""
     parts = ["weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes"]
     for method, row in neo_rows.items():
         assert all(row[p] >= 0 for p in parts), method
-        assert sum(row[p] for p in parts) == row["tensor_peak_bytes"], method
+        assert 0 <= row["optimizer_bytes"] - 8 * row["trainable_params"] <= 4 * 64, method  # ≤ 64 trained tensors
         assert row["static_matches_closed_form"] is True, method
-        assert row["process_peak_bytes"] > 0 and row["process_baseline_bytes"] > 0
+        assert row["process_peak_bytes"] > row["process_baseline_bytes"] > 0
 
 
 def test_full_fine_tuning_keeps_more_activations_than_lora(neo_rows):
-    assert neo_rows["full"]["saved_activations_max_bytes"] >= neo_rows["lora"]["saved_activations_max_bytes"]
+    assert neo_rows["full"]["saved_activations_max_bytes"] > neo_rows["lora"]["saved_activations_max_bytes"] > 0
 
 
 def test_counted_flops_agree_with_the_formula(neo_rows):
@@ -190,11 +192,13 @@ def test_list_metrics_defines_every_column(capsys):
 
 
 def test_rows_carry_wilson_columns_and_no_forgetting_on_random_weights(neo_rows):
-    from peft_bench.measure.stats import wilson
+    from scipy.stats import binomtest  # a second implementation of the Wilson score interval
 
     for row in neo_rows.values():
         n = row["test_examples"]
-        assert (row["accuracy_ci_low"], row["accuracy_ci_high"]) == wilson(round(row["accuracy"] * n), n)
+        ci = binomtest(round(row["accuracy"] * n), n).proportion_ci(0.95, method="wilson")
+        assert row["accuracy_ci_low"] == pytest.approx(ci.low, abs=1e-9)
+        assert row["accuracy_ci_high"] == pytest.approx(ci.high, abs=1e-9)
         assert 0.5 <= row["majority_rate"] <= 1
         assert math.isnan(row["forgetting"]) and row["forgetting_tokens"] == 0  # random weights: nothing to forget
         assert row["loss_window"] >= 1 and row["split"] == "test" and row["loss_probe_examples"] == probes.PROBE_BATCHES * 8

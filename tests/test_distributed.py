@@ -5,7 +5,6 @@ on the sockets against the ring estimate, FSDP's shards, dead and hung ranks."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def test_blocks_are_the_repeated_layers_of_every_family():
     names = {type(b).__name__ for b in D.blocks(t5)}
     assert names == {"T5Block"} and len(D.blocks(t5)) == t5.config.num_layers + t5.config.num_decoder_layers
     assert all(type(b).__name__ != "T5LayerSelfAttention" for b in D.blocks(t5))  # not the layers inside a block
-    assert len(D.blocks(mlp)) <= 0 or all(isinstance(b, torch.nn.Module) for b in D.blocks(mlp))
+    assert list(D.blocks(mlp)) == []  # no transformer block: FSDP wraps the root alone
 
 
 def test_the_rendezvous_id_is_the_same_in_every_process():
@@ -240,7 +239,7 @@ def test_cell_key_of_a_single_process_cell_is_unchanged():
     c = CellSpec(method="lora", workload="gpt-neo-tiny")
     assert "parallel" not in c.key() and "nproc" not in c.key() and "nnodes" not in c.key()
     d = dataclasses.replace(c, parallel="ddp", nproc=1)
-    assert '"nproc": 1' in d.key() and '"parallel": "ddp"' in d.key() and math.isfinite(1.0)
+    assert '"nproc": 1' in d.key() and '"parallel": "ddp"' in d.key() and d.key() != c.key()
 
 
 def test_adalora_is_refused_under_fsdp_with_the_reason_and_runs_under_ddp():

@@ -154,8 +154,17 @@ def test_compare_identity_is_the_declared_cell_identity():
     from peft_bench.config import CellSpec
     from peft_bench.report import compare
 
-    assert set(compare.IDENTITY) == {f.name for f in dataclasses.fields(CellSpec) if f.metadata.get("same_cell")}
-    assert set(compare.IDENTITY) <= set(__import__("json").loads(CellSpec("lora", "w").key()))
+    key_fields = {f.name for f in dataclasses.fields(CellSpec)} - set(__import__("peft_bench.config").config.NOT_IN_KEY)
+    assert set(compare.IDENTITY) == {n for n in key_fields if not CellSpec.__dataclass_fields__[n].metadata.get("budget")}
+    base = CellSpec("lora", "w")
+    ident = compare._identity({"cell_key": base.key()})[0]
+    distinct = dict(parallel="ddp", nproc=2, nnodes=2, vary="seq_len", vary_value=64.0, width=128, depth=2, seed=1,
+                    gradient_checkpointing=True, broadcast_buffers=False, replica=1, lr=0.5, dtype="bfloat16",
+                    method_options={"r": 4})
+    for name, value in distinct.items():  # each makes another cell: rows never collapse in compare
+        assert compare._identity({"cell_key": dataclasses.replace(base, **{name: value}).key()})[0] != ident, name
+    budget = compare._identity({"cell_key": dataclasses.replace(base, train_steps=99).key()})
+    assert budget[0] == ident and budget[1]["train_steps"] == 99  # a budget: the same cell, not comparable
 
 
 def test_every_mode_of_a_cell_names_registered_probes():

@@ -31,7 +31,14 @@ def _context():
 
 
 def _peak_child(device: str, dtype: str, out_path: str) -> None:
-    Path(out_path).write_text(repr(timing.matmul_peak_flops(device, dtype)))
+    value = timing.canary_flops(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
+    Path(out_path).write_text(repr(value))
+
+
+def canary_in_child(device: str) -> float:
+    """The matmul canary read on the idle machine at the start of a run, in a process forked like the cells': the
+    speed every repeat's canary is compared with (`peft_bench.measure.repeats.speeds`)."""
+    return matmul_peak_in_child(device, "canary")
 
 
 _PEAKS: dict[tuple[str, str], float] = {}  # measured once per fork server (the cells' conditions do not change)
@@ -48,7 +55,8 @@ def matmul_peak_in_child(device: str, dtype: str) -> float:
         proc = _context().Process(target=_peak_child, args=(device, dtype, str(path)))
         proc.start()
         proc.join()
-        _PEAKS[device, dtype] = float(path.read_text()) if path.exists() else timing.matmul_peak_flops(device, dtype)
+        _PEAKS[device, dtype] = float(path.read_text()) if path.exists() else \
+            timing.canary_flops(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
     return _PEAKS[device, dtype]
 
 
@@ -114,10 +122,13 @@ def _run_forked(spec: CellSpec, timeout: float | None) -> dict:
 
 
 def _with_load(row: dict, load) -> dict:
-    """An ok row gets what other processes did to the machine while the cell ran."""
+    """An ok row keeps what its process saw during the timed steps; one without (torchrun's ranks, where each rank
+    is another's "other process") gets what other processes did while the whole cell ran."""
     if row.get("status") == "ok":
-        row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
-                   interference_repeats=int(load.busy), remeasured=0)
+        if "other_cpu_pct" not in row:
+            row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
+                       interference_repeats=int(load.busy), interference_window_s=load.wall_s)
+        row["remeasured"] = 0
     return row
 
 

@@ -80,6 +80,7 @@ class Timed:
     tokens: list[int] = field(default_factory=list)
     padded: int = 0
     canary: float = math.nan
+    load: dict = field(default_factory=dict)  # others' CPU share and steal over the timed steps alone
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,17 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens:
               hooks: Hooks = Hooks()) -> Timed:
     """Steps 1..window.last - 1 (step 0, the first call's allocations, is the caller's). The canary is read just
     before step `start` and just after step `end - 1`."""
+    from ..measure.interference import Window as Load
+
     special, on_start, on_end, tick = hooks.special, hooks.on_start, hooks.on_end, hooks.tick
-    out = Timed()
+    out, guard = Timed(), Load()
     for i in range(1, window.last):
         batch = next(batches)
         if i == window.start:
             out.canary = timing.canary_flops(trainer.device)
             if on_start:
                 on_start()
+            guard.__enter__()
         if i in special:
             special[i](batch)
         else:
@@ -113,6 +117,8 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens:
             if window.start <= i < window.end:
                 _record(out, batch, wall, split, tokens)
                 if i == window.end - 1:
+                    guard.__exit__(None, None, None)
+                    out.load = guard.fields()
                     if on_end:
                         on_end()
                     out.canary = min(out.canary, timing.canary_flops(trainer.device))

@@ -373,6 +373,7 @@ def train(s: State, instrument: bool, steps: int | None = None, progress=None):
     check_finite(trainer.losses)
     if not timed.walls:
         raise CellError("no step was timed: raise train_steps above warm-up")
+    s.extra.update(timed.load)  # what other processes did during the timed steps (the runner's guard)
     after = task_losses(s.method, s.model, probe) if instrument or steps else []
     tim = timing_record(timed, trainer.losses, s.w.batch_size, learning(before, after))
     peak = ProcessPeak(proc.peak.peak_bytes, s.baseline, proc.peak.source)

@@ -7,8 +7,13 @@ has a finished row. Rows of cells not in this run are kept.
 With `repeats` N > 1 the suite runs N rounds, round-robin (A B C, A B C, ...), so that drift on the machine hits
 every method alike: the first round runs every probe, later rounds only the training steps up to the last timed
 one. Each round's timing is a sample in `repeats.csv`. One cell is also measured as an independent copy (A/A,
-`replica` 1) whose ratio to the original is the run's noise floor. A repeat that saw other processes use the CPU
-is flagged and, after the rounds, measured once more.
+`replica` 1) whose ratio to the original is the run's noise floor. After the minimum rounds, more are added for the cells
+whose interval is still wider than `--target-ci` (each with the cells it is paired with), until every one is met or
+the time budget is spent; a repeat that saw other processes use the CPU during its timed steps, or a slow machine, is
+measured once more *as a pair* — with its references, in a new round — and the disturbed one set aside.
+
+Each run has an id (environment.json, every repeat and row). `--resume` continues that run; a new run into a used
+`--out` is refused unless `--overwrite`, so the repeats of two runs never mix.
 
 The runner writes rows; it never writes a report. The CLI (or the pytest-benchmark front end) builds the report
 from the rows afterwards (`peft_bench.report`).
@@ -22,6 +27,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +39,12 @@ from ..results import check_out_dir, prepare_out_dir
 from . import launch
 from .environment import environment
 from .plan import plan, repeats_of, seeds_of, validate_targets
+from .suites import get_suite
 from .torchrun import ELSEWHERE
 
 FAILED = ("error", "oom", "timeout")
 FINISHED = ("ok", "unsupported")
+MAX_ROUNDS = 12  # no cell gets more processes than this, whatever the target
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,13 @@ class Run:
     def __init__(self, cfg: RunConfig, argv: list[str] | None) -> None:
         # Everything a user can get wrong is checked before the first byte is written.
         self.cfg, self.argv = cfg, argv
-        out = check_out_dir(cfg.out or Path("results") / cfg.suite)
+        out = check_out_dir(cfg.out or Path("runs") / cfg.suite)
         self.rows = results.read_rows(out / "metrics.csv")  # refuses a malformed file, untouched
         self.samples = results.read_samples(out / "repeats.csv")
+        self.before = _old_environment(out)
+        self.run_id = _run_id(cfg, out, bool(self.rows or self.samples), self.before)
+        if cfg.overwrite:
+            self.rows, self.samples = [], []
         if cfg.device == "cuda":
             _require_cuda()
         self.cells = plan(cfg)
@@ -67,7 +79,9 @@ class Run:
         if not cfg.allow_busy and not os.environ.get("PEFT_BENCH_ALLOW_BUSY"):
             refuse_if_busy(cfg.device)
         self.out = prepare_out_dir(out)
-        self.failed = 0
+        self.failed, self.t0 = 0, time.monotonic()
+        budget = cfg.time_budget if cfg.time_budget is not None else get_suite(cfg.suite).time_budget_s
+        self.budget = budget if budget is not None else 0.0
         self._start()
 
     def _start(self) -> None:
@@ -82,14 +96,18 @@ class Run:
         peaks = {d: launch.matmul_peak_in_child(cfg.device, d) for d in sorted({c.dtype for c in cells} or {"float32"})}
         self.cells = [dataclasses.replace(c, matmul_peak_flops=peaks[c.dtype]) for c in cells]
         env = environment(cfg, max(peaks.values()), self.argv)
-        env.update(dtype="+".join(peaks), repeats=self.n_rounds, seeds=list(seeds_of(cfg)))  # --dtype auto resolved
+        self.reference = self.before.get("canary_idle_flops_per_s") if cfg.resume else None
+        self.reference = self.reference or launch.canary_in_child(cfg.device)
+        env.update(dtype="+".join(peaks), repeats=self.n_rounds, seeds=list(seeds_of(cfg)),  # --dtype auto resolved
+                   run_id=self.run_id, canary_idle_flops_per_s=self.reference, target_ci_pct=cfg.target_ci,
+                   time_budget_s=self.budget or None)
         results.atomic_write_text(self.out / "environment.json", json.dumps(env, indent=2) + "\n")
         self.done = {r.get("cell_key") for r in self.rows if r.get("status") in FINISHED}
         self.have = {(s["cell_key"], int(s["repeat"])) for s in self.samples if s.get("status") == "ok"}
 
     def save(self) -> None:
         results.write_samples(self.out / "repeats.csv", self.samples)
-        results.write_rows(self.out / "metrics.csv", rep.aggregate(self.rows, self.samples))
+        results.write_rows(self.out / "metrics.csv", rep.aggregate(self.rows, self.samples, self.run_id, self.reference))
 
     def measure(self, spec: CellSpec, r: int, label: str, remeasure: bool = False) -> dict:
         """One process of a cell: the first round's runs every probe, a later one (or the A/A copy) the timed steps."""
@@ -101,15 +119,15 @@ class Run:
         if row["status"] == ELSEWHERE:  # another node writes this cell's row
             print(f"{label}: {row['reason']} ({seconds:.1f}s)", file=sys.stderr)
             return row
-        row.update(cell_key=key, cell_seconds=seconds, suite=self.cfg.suite)
+        row.update(cell_key=key, cell_seconds=seconds, suite=self.cfg.suite, run_id=self.run_id)
         if r == 0 and not remeasure:  # the cell's row (the replica's holds its timing only)
             self.rows = [x for x in self.rows if x.get("cell_key") != key] + [row]
             self.failed += row["status"] in FAILED
         if row["status"] == "ok":
-            self.samples.append(rep.sample(row, key, r, remeasured=remeasure))
+            self.samples.append(rep.sample(row, key, r, remeasured=remeasure, run_id=self.run_id))
         self.save()
-        flag = " [interference: other processes used {:.0f}% of the CPU]".format(float(row["other_cpu_pct"])) \
-            if row["status"] == "ok" and row.get("interference_repeats") else ""
+        flag = " [interference: other processes used {:.0f}% of the CPU during the timed steps]".format(
+            float(row["other_cpu_pct"])) if row["status"] == "ok" and row.get("interference_repeats") else ""
         print(f"{label}: {row['status']}{' — ' + row['reason'] if row.get('reason') else ''} ({seconds:.1f}s){flag}",
               file=sys.stderr)
         return row
@@ -131,18 +149,63 @@ class Run:
                         continue  # unsupported or failed in the first round: nothing to repeat
                 self.measure(spec, r, label)
 
-    def remeasure(self) -> None:
-        """A disturbed repeat (other processes, steal, or a slow machine) is measured once more."""
+    def more(self) -> None:
+        """Rounds after the minimum: the disturbed repeats (each once, set aside when its re-measurement succeeds)
+        and the cells still wider than the target, each with its references, until none is left or time is up."""
         if self.n_rounds < 2:
-            return
-        for s, why in rep.to_remeasure(self.samples):
-            spec = next((c for c in self.cells if c.key() == s["cell_key"]), None)
-            if spec is None:
-                continue
-            row = self.measure(spec, int(s["repeat"]), f"re-measure {spec.method} × {spec.workload}, repeat "
-                                                       f"{int(s['repeat']) + 1} ({why})", remeasure=True)
-            if row["status"] == "ok":
-                s["used"] = False
+            return self._stopped("one repeat")
+        r, why = self._next_round(), "target met"
+        while True:
+            redo = {s["cell_key"]: s for s, _ in rep.to_remeasure(rep.of_run(self.samples, self.run_id),
+                                                                  self.reference)}
+            wide = self._too_wide()
+            if not redo and not wide:
+                break
+            keys = [c.key() for c in self.cells]
+            todo = set(redo) | set(wide)
+            todo |= {ref for k in todo for ref in rep.references(k, keys)}
+            if r >= MAX_ROUNDS:
+                why = f"max rounds ({MAX_ROUNDS})"
+                break
+            if not self._affordable(todo):
+                why = "time budget spent" if self.budget else "no time budget"
+                break
+            self._round(r, todo, redo)
+            r += 1
+        self._stopped(why)
+
+    def _round(self, r: int, todo: set[str], redo: dict[str, dict]) -> None:
+        for spec in (c for c in self.cells if c.key() in todo):
+            why = f" (re-measure: repeat {int(redo[spec.key()]['repeat']) + 1} disturbed)" if spec.key() in redo else ""
+            label = f"[round {r + 1}] {spec.method} × {spec.workload or spec.model}" + \
+                (" (A/A copy)" if spec.replica else "") + why
+            row = self.measure(spec, r, label, remeasure=spec.key() in redo)
+            if row["status"] == "ok" and spec.key() in redo:
+                redo[spec.key()]["used"] = False
+        self.save()
+
+    def _next_round(self) -> int:
+        mine = rep.of_run(self.samples, self.run_id)
+        return max([int(s["repeat"]) + 1 for s in mine] + [self.n_rounds])
+
+    def _too_wide(self) -> list[str]:
+        """Cells whose judged interval (`ci_half_width_pct`) is still wider than the target (or has none)."""
+        rows = rep.aggregate(self.rows, self.samples, self.run_id, self.reference)
+        return [r["cell_key"] for r in rows if r.get("status") == "ok" and not
+                rep.number(r.get("ci_half_width_pct")) <= self.cfg.target_ci]
+
+    def _affordable(self, todo: set[str]) -> bool:
+        """Time left for one more process of each cell in `todo` (each costing what its last one did)."""
+        last = {s["cell_key"]: rep.number(s.get("cell_seconds")) for s in rep.of_run(self.samples, self.run_id)}
+        cost = sum(last.get(k, 0.0) for k in todo)
+        return bool(self.budget) and time.monotonic() - self.t0 + cost <= self.budget
+
+    def _stopped(self, why: str) -> None:
+        agg = {r["cell_key"]: r for r in rep.aggregate(self.rows, self.samples, self.run_id, self.reference)}
+        for row in self.rows:
+            if row.get("status") == "ok":
+                met = rep.number(agg.get(row["cell_key"], {}).get("ci_half_width_pct")) <= self.cfg.target_ci
+                row["repeats_stopped"] = "target met" if met and why != "one repeat" else why
         self.save()
 
     def outcome(self, code: int | None = None) -> Outcome:
@@ -162,7 +225,7 @@ def run_suite(cfg: RunConfig, argv: list[str] | None = None) -> Outcome:
         previous = None
     try:
         run.rounds()
-        run.remeasure()
+        run.more()
         return run.outcome()
     except KeyboardInterrupt:
         launch.stop_fork_server()
@@ -171,6 +234,26 @@ def run_suite(cfg: RunConfig, argv: list[str] | None = None) -> Outcome:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _old_environment(out: Path) -> dict:
+    try:
+        return json.loads((out / "environment.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _run_id(cfg: RunConfig, out: Path, used: bool, before: dict) -> str:
+    """The id of this run: a new one, or with --resume the id of the run in `out` (a used `out` needs one of
+    --resume and --overwrite: the repeats of two runs must never mix)."""
+    if cfg.resume and cfg.overwrite:
+        raise UserError("give --resume (continue the run in --out) or --overwrite (replace it), not both")
+    if used and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out} already holds a run ({before.get('command', 'its metrics.csv')!s}); pass --resume to "
+                        "continue it, --overwrite to replace it, or --out with a new directory")
+    if cfg.resume and used:
+        return str(before.get("run_id") or "")  # "": a folder from before run ids
+    return uuid.uuid4().hex[:12]
 
 
 def _terminate(signum, frame) -> None:

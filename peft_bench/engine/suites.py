@@ -39,7 +39,8 @@ class Suite:
     workloads: tuple[str, ...]
     budgets: dict[str, Budget]
     methods: tuple[str, ...] = CORE
-    repeats: int = 1  # fresh processes per cell, run round-robin (`--repeats` overrides)
+    repeats: int = 1  # fresh processes per cell, run round-robin (`--repeats` overrides): the minimum
+    time_budget_s: float | None = None  # wall time for the run; rounds are added until --target-ci (None: none added)
     aa: tuple[str, str] | None = None  # (method, workload) measured twice for the noise floor when repeats > 1
     seeds: tuple[int, ...] = (0,)  # each cell once per seed (`--seeds` overrides)
     probes: str = "all"  # "accuracy": training and accuracy only (see cell.CellSpec.probes)
@@ -101,7 +102,7 @@ for _suite in (
                                                        latency_seconds=1, test_examples=300),
                       "gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=8, latency_seconds=1),
                       "t5-small-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=8, latency_seconds=1)},
-          repeats=3, aa=("lora", "gpt-neo-125m-arch")),
+          repeats=3, aa=("lora", "gpt-neo-125m-arch"), time_budget_s=30 * 60),
     # Accuracy only, with its spread over training seeds: the pretrained workloads, every method, 3 seeds.
     Suite("accuracy", ("minilm-sentiment", "smollm2-135m-sentiment"),
           {"minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
@@ -114,12 +115,13 @@ for _suite in (
           {"gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=3, timed_steps=8, latency_seconds=1),
            "minilm-sentiment": Budget(train_steps=80, warmup_steps=2, timed_steps=8),
            "smollm2-135m-sentiment": dataclasses.replace(SMOLLM2_BUDGET, test_examples=300)},
-          methods=ALL, repeats=2, aa=("lora", "gpt-neo-125m-arch")),
+          methods=ALL, repeats=3, aa=("lora", "gpt-neo-125m-arch"), time_budget_s=90 * 60),
     # Data-parallel and sharded training under torchrun: 1 and 2 processes × DDP and FSDP2, communication counted
     # (2 ranks × 1 thread on this 2-core machine; about 30 min).
     Suite("distributed", ("gpt-neo-125m-arch",),
           {"gpt-neo-125m-arch": Budget(train_steps=13, warmup_steps=2, timed_steps=6)},
-          methods=("full", "lora", "prefix"), repeats=2, aa=("lora", "gpt-neo-125m-arch"), nproc=(1, 2),
+          methods=("full", "lora", "prefix"), repeats=3, aa=("lora", "gpt-neo-125m-arch"), nproc=(1, 2),
+          time_budget_s=50 * 60,
           parallel=("ddp", "fsdp")),
     # No budgets of its own: each workload's own (see own_budget). What `run --workloads/--model` without --suite runs.
     Suite("custom", (), {}, methods=ALL),

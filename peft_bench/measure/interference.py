@@ -16,6 +16,7 @@ import psutil
 
 # A measurement is flagged when others took more than this share of the machine's CPU capacity (or steal did).
 THRESHOLD_PCT = 10.0
+TICK_S = 0.01  # the kernel counts CPU time in clock ticks (USER_HZ = 100): each reading is that coarse per CPU
 _IDLE = ("idle", "iowait", "steal", "guest", "guest_nice")  # guest time is already counted in user
 
 
@@ -60,9 +61,16 @@ class Window:
         wall = time.perf_counter() - self._t0
         sys1, own = psutil.cpu_times(), own_cpu_s() - self._own0 + self._extra
         capacity = max(wall, 1e-9) * (psutil.cpu_count() or 1)
-        others = max(0.0, _busy(sys1) - _busy(self._sys0) - own)
+        slack = 2 * TICK_S * ((psutil.cpu_count() or 1) + 1)  # two readings' rounding, the machine's and ours
+        others = max(0.0, _busy(sys1) - _busy(self._sys0) - own - slack)
         steal = max(0.0, getattr(sys1, "steal", 0.0) - getattr(self._sys0, "steal", 0.0))
         self.load = Load(100 * others / capacity, 100 * steal / capacity, psutil.getloadavg()[0], wall)
+
+    def fields(self) -> dict:
+        """The row's interference columns from this window."""
+        load = self.load
+        return dict(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
+                    interference_repeats=int(load.busy), interference_window_s=load.wall_s)
 
 
 def machine_load(seconds: float = 1.0) -> Load:

@@ -54,8 +54,8 @@ class MemoryRecord:
 @dataclass(frozen=True)
 class TimingRecord:
     step_time_s: float = metric("median wall time of a whole timed training step (zero_grad, forward, backward, "
-                                "optimizer; one device synchronisation at its end), the median over the repeats "
-                                "of each fresh process's median; excludes batch building and host→device copies",
+                                "optimizer; one device synchronisation at its end): the geometric mean over the "
+                                "repeats of each fresh process's median; excludes batch building and host→device copies",
                                 "lower")
     step_time_iqr_s: float = metric("interquartile range of the timed steps within the first repeat's process")
     step_time_split_s: float = metric("forward_s + backward_s + optimizer_s (the split, from marks between the "
@@ -86,17 +86,26 @@ class TimingRecord:
 @dataclass(frozen=True)
 class RepeatsRecord:
     repeats: int = metric("fresh processes whose step times make step_time_s (run round-robin across the suite)")
-    step_time_ci_low_s: float = metric("95 % percentile-bootstrap CI of step_time_s over the repeats' medians, "
-                                       "low end (equal to step_time_s with one repeat)")
-    step_time_ci_high_s: float = metric("the same CI's high end")
-    step_time_vs_full: float = metric("median over rounds of this cell's step time / full fine-tuning's on the same "
-                                      "workload in the same round (empty without a full row)", "lower")
-    step_time_vs_full_ci_low: float = metric("95 % bootstrap CI of step_time_vs_full over rounds, low end")
-    step_time_vs_full_ci_high: float = metric("the same CI's high end")
-    aa_ratio: float = metric("on the A/A replica's row: its step time / the original cell's, median over rounds "
-                             "(two measurements of one thing; 1.0 is perfect agreement)")
-    aa_ratio_ci_low: float = metric("95 % bootstrap CI of aa_ratio over rounds, low end")
-    aa_ratio_ci_high: float = metric("the same CI's high end")
+    step_time_ci_low_s: float = metric("95 % Student-t interval of step_time_s on the log of each process's median "
+                                       "step time, low end (empty with one repeat: no interval); coverage proven by "
+                                       "simulation in tests/test_intervals.py")
+    step_time_ci_high_s: float = metric("the same interval's high end")
+    step_time_vs_full: float = metric("geometric mean over rounds of this cell's step time / full fine-tuning's on "
+                                      "the same workload in the same round (empty without a full row)", "lower")
+    step_time_vs_full_ci_low: float = metric("95 % paired-t interval of step_time_vs_full (logs of the per-round "
+                                             "ratios), low end")
+    step_time_vs_full_ci_high: float = metric("the same interval's high end")
+    aa_ratio: float = metric("on the A/A replica's row: its step time / the original cell's, geometric mean over "
+                             "rounds (two measurements of one thing; 1.0 is perfect agreement)")
+    aa_ratio_ci_low: float = metric("95 % paired-t interval of aa_ratio over rounds, low end")
+    aa_ratio_ci_high: float = metric("the same interval's high end")
+    ci_half_width_pct: float = metric("half-width reached by the interval --target-ci judges (the ratio to full "
+                                      "fine-tuning, the A/A ratio, or for a reference cell its step time), % of "
+                                      "the value")
+    repeats_stopped: str = metric("why no more repeats were added: 'target met', 'time budget spent', 'max rounds' "
+                                  "or 'one repeat' (--target-ci PCT, --time-budget)")
+    run_id: str = metric("the run whose repeats made these numbers (a --resume continues it; a new run into a used "
+                         "--out is refused unless --overwrite)")
     replica: int = metric("0 for a cell; 1 for the A/A copy that measures the noise floor (same spec, separate "
                           "processes)")
 
@@ -104,16 +113,22 @@ class RepeatsRecord:
 @dataclass(frozen=True)
 class InterferenceRecord:
     other_cpu_pct: float = metric("largest, over the repeats used, share of the machine's CPU capacity (wall × "
-                                  "logical CPUs) that other processes used while the cell's process ran (system "
-                                  "busy time − the cell's and the runner's CPU time)")
-    cpu_steal_pct: float = metric("largest share of CPU capacity stolen by the hypervisor while a repeat ran")
+                                  "logical CPUs) that other processes used during the timed steps (system busy "
+                                  "time − the cell's own CPU time, less two clock ticks; under torchrun over the "
+                                  "whole cell, the ranks' CPU time subtracted)")
+    cpu_steal_pct: float = metric("largest share of CPU capacity stolen by the hypervisor during a repeat's timed "
+                                  "steps")
     load_avg_1m: float = metric("largest 1-minute load average at the end of a repeat")
-    interference_repeats: int = metric("repeats used that saw other_cpu_pct or cpu_steal_pct above 10 % (flagged; "
-                                       "each was re-measured once when repeats > 1)")
-    machine_speed: float = metric("slowest canary_flops_per_s of the repeats used ÷ the run's median canary (1.0: "
-                                  "the machine ran at its usual speed; below 0.85 the repeat is flagged as "
-                                  "interference, e.g. a noisy neighbour that no process list shows)")
-    remeasured: int = metric("repeats measured again because the first measurement saw interference")
+    interference_repeats: int = metric("repeats used that saw other_cpu_pct or cpu_steal_pct above 10 % or a slow "
+                                       "machine (flagged; with repeats > 1 each was re-measured once, as a pair "
+                                       "with its reference, in a new round; what is still counted here was not)")
+    machine_speed: float = metric("slowest canary_flops_per_s of the repeats used ÷ the canary measured on the idle "
+                                  "machine at the start of the run (environment.json; 1.0: its usual speed; below "
+                                  "0.85 the repeat is flagged, e.g. a noisy neighbour that no process list shows)")
+    remeasured: int = metric("repeats used that are re-measurements of a disturbed one")
+    interference_window_s: float = metric("seconds the guard watched: the timed steps (the whole cell under "
+                                          "torchrun); below about 1 s the kernel's 10 ms ticks hide a neighbour, and "
+                                          "the canary is the guard")
 
 
 @dataclass(frozen=True)
@@ -224,7 +239,7 @@ class DistributedRecord:
     threads_per_rank: int = metric("intra-op threads of each rank (torch.set_num_threads)")
     fastest_rank_step_time_s: float = metric("median over the timed steps of the fastest rank's wall time (the "
                                              "slowest rank's is step_time_s), scaled like the throughputs from the "
-                                             "first repeat's process to the repeats' median")
+                                             "first repeat's process to the repeats' geometric mean")
     broadcast_buffers: bool = metric("ddp: the model's buffers broadcast from rank 0 before every forward (DDP's "
                                      "default; --broadcast-buffers off turns it off, right when buffers are "
                                      "constant, as causal masks are); fsdp: empty")
@@ -277,10 +292,10 @@ class DistributedRecord:
     unused_parameters: int = metric("trainable tensors that received no gradient in a probe step before wrapping "
                                     "(> 0: DDP runs with find_unused_parameters)")
     scaling_efficiency: float = metric("weak scaling: step time of the same cell with one process ÷ this cell's, "
-                                       "median over paired rounds (each rank keeps its batch, so 1.0 means N "
+                                       "geometric mean over paired rounds (each rank keeps its batch, so 1.0 means N "
                                        "processes train N× the examples per second)", "higher")
-    scaling_efficiency_ci_low: float = metric("95 % bootstrap CI of scaling_efficiency over rounds, low end")
-    scaling_efficiency_ci_high: float = metric("the same CI's high end")
+    scaling_efficiency_ci_low: float = metric("95 % paired-t interval of scaling_efficiency over rounds, low end")
+    scaling_efficiency_ci_high: float = metric("the same interval's high end")
 
 
 RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, RepeatsRecord, InterferenceRecord, FlopsRecord, InferenceRecord,

@@ -1,9 +1,12 @@
 """Repeats of a cell and what they add up to.
 
 Each repeat is a fresh process; its timing lands in `repeats.csv` as one *sample* (one row per cell × repeat).
-`aggregate` turns the samples into the per-cell columns of `metrics.csv`: the median of the repeats' medians with a
-bootstrap CI, the ratio to full fine-tuning paired by round with its CI, the A/A ratio of the noise-floor replica,
-and what interference the used repeats saw. Everything here is recomputed from the two CSVs alone.
+`aggregate` turns the samples into the per-cell columns of `metrics.csv`: the geometric mean of the repeats' medians
+with its t-interval on logs, the ratio to full fine-tuning paired by round with its paired t-interval, the A/A ratio
+of the noise-floor replica, and what interference the used repeats saw (`peft_bench.measure.stats`). Only the
+samples of one run count (`run_id`): a second run into the same folder can never mix its repeats with the first's.
+Everything here is recomputed from the two CSVs (and the idle canary of environment.json) alone, so aggregating
+aggregated rows again gives the same rows.
 """
 
 from __future__ import annotations
@@ -13,24 +16,31 @@ import statistics
 from collections import defaultdict
 
 from ..config import VARY
-from .stats import Estimate, bootstrap, noise_floor, paired_ratio
+from .stats import Estimate, log_t, noise_floor, paired_ratio
 
 TIMES = ("step_time_s", "step_time_split_s", "forward_s", "backward_s", "optimizer_s")
-SAMPLE_COLUMNS = ["cell_key", "method", "workload", "replica", "repeat", "status", "used", "remeasured",
+SAMPLE_COLUMNS = ["run_id", "cell_key", "method", "workload", "replica", "repeat", "status", "used", "remeasured",
                   *TIMES, "step_time_iqr_s", "timed_steps", "other_cpu_pct", "cpu_steal_pct", "load_avg_1m", "busy",
+                  "interference_window_s",
                   "canary_flops_per_s", "cell_seconds"]
-SLOW = 0.85  # a repeat whose canary ran below this share of the run's median canary is flagged
+SLOW = 0.85  # a repeat whose canary ran below this share of the idle machine's canary is flagged
 
 
-def sample(row: dict, key: str, repeat: int, remeasured: bool = False) -> dict:
+def sample(row: dict, key: str, repeat: int, remeasured: bool = False, run_id: str = "") -> dict:
     """One repeat's timing, from a cell row (full or timing-only)."""
     s = {c: row.get(c, "") for c in SAMPLE_COLUMNS}
     busy = _int0(row.get("interference_repeats")) > 0  # the runner's verdict (`interference.Load.busy`)
-    s.update(cell_key=key, repeat=repeat, used=True, remeasured=remeasured, busy=busy, replica=row.get("replica", 0))
+    s.update(cell_key=key, repeat=repeat, used=True, remeasured=remeasured, busy=busy, replica=row.get("replica", 0),
+             run_id=run_id)
     return s
 
 
-def _f(x) -> float:
+def of_run(samples: list[dict], run_id: str | None) -> list[dict]:
+    """The samples of one run (all of them when `run_id` is None; files from before run ids hold run id '')."""
+    return samples if run_id is None else [s for s in samples if str(s.get("run_id") or "") == run_id]
+
+
+def number(x) -> float:
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -38,7 +48,7 @@ def _f(x) -> float:
 
 
 def _int0(x) -> int:
-    v = _f(x)
+    v = number(x)
     return int(v) if v == v else 0
 
 
@@ -46,13 +56,16 @@ def _true(x) -> bool:
     return str(x).lower() == "true"
 
 
-def speeds(samples: list[dict]) -> dict[int, float]:
-    """id(sample) → its canary ÷ the median canary of every ok sample of the run (1.0 = usual speed)."""
-    ok = [s for s in samples if str(s.get("status")) == "ok" and _f(s.get("canary_flops_per_s")) > 0]
+def speeds(samples: list[dict], reference: float | None = None) -> dict[int, float]:
+    """id(sample) → its canary ÷ the idle machine's canary at the start of the run (`reference`; without one, the
+    median canary of every ok sample) — 1.0 = usual speed. Against the idle reference a slowdown lasting the whole
+    run shows; against the run's own median it could not."""
+    ok = [s for s in samples if str(s.get("status")) == "ok" and number(s.get("canary_flops_per_s")) > 0]
     if not ok:
         return {}
-    mid = statistics.median(_f(s["canary_flops_per_s"]) for s in ok)
-    return {id(s): _f(s["canary_flops_per_s"]) / mid for s in ok}
+    mid = reference if reference and reference == reference else \
+        statistics.median(number(s["canary_flops_per_s"]) for s in ok)
+    return {id(s): number(s["canary_flops_per_s"]) / mid for s in ok}
 
 
 def disturbed(s: dict, speed: dict[int, float]) -> bool:
@@ -60,9 +73,9 @@ def disturbed(s: dict, speed: dict[int, float]) -> bool:
     return _true(s.get("busy")) or speed.get(id(s), 1.0) < SLOW
 
 
-def to_remeasure(samples: list[dict]) -> list[tuple[dict, str]]:
+def to_remeasure(samples: list[dict], reference: float | None = None) -> list[tuple[dict, str]]:
     """The samples that count but were disturbed and not yet measured again, each with why."""
-    speed = speeds(samples)
+    speed = speeds(samples, reference)
     return [(s, "other processes" if _true(s.get("busy")) else
              f"machine at {speed.get(id(s), float('nan')):.2f}× its usual speed")
             for s in samples if str(s.get("status")) == "ok" and _true(s.get("used")) and disturbed(s, speed)
@@ -79,7 +92,7 @@ def used(samples: list[dict]) -> dict[str, dict[int, dict]]:
 
 
 def times_by_round(samples: dict[int, dict], col: str = "step_time_s") -> dict[int, float]:
-    return {r: _f(s[col]) for r, s in samples.items()}
+    return {r: number(s[col]) for r, s in samples.items()}
 
 
 def peer_key(key: str, **changes) -> str:
@@ -116,66 +129,86 @@ def _single_process(key: str, keys: list[str]) -> str | None:
     return next((k for k in keys if json.loads(k) == want), None)
 
 
-def aggregate(rows: list[dict], samples: list[dict]) -> list[dict]:
-    """metrics.csv rows with their repeat-level columns filled from the samples."""
-    by_key = used(samples)
-    speed = speeds(samples)
-    original = {s["cell_key"]: _f(s["step_time_s"]) for s in samples
-                if str(s.get("status")) == "ok" and int(s["repeat"]) == 0 and not _true(s.get("remeasured"))}
+def references(key: str, keys: list[str]) -> list[str]:
+    """The cells `key` is paired with: full fine-tuning on its workload, one process for a distributed cell, the
+    original for the A/A copy — measured again beside it, in the same new round, so that pairs never cross rounds."""
+    out = [_match_full(key, keys), _single_process(key, keys)]
+    if _int0(json.loads(key).get("replica")) == 1:
+        out.append(peer_key(key, replica=0))
+    return [k for k in out if k and k != key and k in keys]
+
+
+def aggregate(rows: list[dict], samples: list[dict], run_id: str | None = None,
+              reference: float | None = None) -> list[dict]:
+    """metrics.csv rows with their repeat-level columns filled from the samples of run `run_id`."""
+    samples = of_run(samples, run_id)
+    by_key, speed = used(samples), speeds(samples, reference)
     keys = [r["cell_key"] for r in rows]
     out = []
     for row in rows:
-        row = dict(row)
-        got = by_key.get(row["cell_key"], {})
-        if row.get("status") != "ok" or not got:
-            out.append(row)
-            continue
-        own_step = original.get(row["cell_key"], float("nan"))  # the process whose throughputs the row holds
-        est = bootstrap([_f(s["step_time_s"]) for s in got.values()])
-        for col in TIMES:
-            row[col] = statistics.median(_f(s[col]) for s in got.values())
-        row["step_time_s"] = est.value
-        row.update(repeats=len(got), step_time_ci_low_s=est.low, step_time_ci_high_s=est.high)
-        if own_step == own_step and est.value:
-            scale = own_step / est.value
-            for col in ("samples_per_s", "tokens_per_s", "padded_tokens_per_s", "achieved_flops_per_s",
-                        "pct_of_matmul_peak"):
-                if col in row and row[col] not in ("", None):
-                    row[col] = _f(row[col]) * scale
-            if row.get("fastest_rank_step_time_s") not in ("", None):  # a time: the inverse scale
-                row["fastest_rank_step_time_s"] = _f(row["fastest_rank_step_time_s"]) / scale
-        ratio = Estimate.missing()
-        ref = _match_full(row["cell_key"], keys)
-        if ref and ref in by_key:
-            ratio = paired_ratio(times_by_round(got), times_by_round(by_key[ref]))
-        row.update(step_time_vs_full=ratio.value, step_time_vs_full_ci_low=ratio.low,
-                   step_time_vs_full_ci_high=ratio.high)
-        if _int0(row.get("world_size")) > 1:  # weak scaling vs one process
-            one = _single_process(row["cell_key"], keys)
-            eff = paired_ratio(times_by_round(by_key[one]), times_by_round(got)) if one in by_key else \
-                Estimate.missing()
-            row.update(scaling_efficiency=eff.value, scaling_efficiency_ci_low=eff.low,
-                       scaling_efficiency_ci_high=eff.high)
-        if _int0(row.get("replica")) == 1:
-            orig = peer_key(row["cell_key"], replica=0)
-            aa = paired_ratio(times_by_round(got), times_by_round(by_key.get(orig, {})))
-            row.update(aa_ratio=aa.value, aa_ratio_ci_low=aa.low, aa_ratio_ci_high=aa.high)
-        row.update(other_cpu_pct=max(_f(s["other_cpu_pct"]) for s in got.values()),
-                   cpu_steal_pct=max(_f(s["cpu_steal_pct"]) for s in got.values()),
-                   load_avg_1m=max(_f(s["load_avg_1m"]) for s in got.values()),
-                   interference_repeats=sum(disturbed(s, speed) for s in got.values()),
-                   machine_speed=min(speed.get(id(s), float("nan")) for s in got.values()),
-                   remeasured=sum(_true(s["remeasured"]) for s in got.values()))
+        row, got = dict(row), by_key.get(row["cell_key"], {})
+        if row.get("status") == "ok" and got:
+            _times(row, got)
+            _ratios(row, got, by_key, keys)
+            _interference(row, got, speed)
         out.append(row)
     return out
+
+
+def _times(row: dict, got: dict[int, dict]) -> None:
+    """The step time over processes, its interval, and the throughputs rescaled from the process they came from."""
+    est = log_t([number(s["step_time_s"]) for s in got.values()])
+    before = number(row.get("step_time_s"))  # the value the throughputs were computed (or last rescaled) for
+    for col in TIMES:
+        row[col] = statistics.median(number(s[col]) for s in got.values())
+    row.update(step_time_s=est.value, repeats=len(got), step_time_ci_low_s=est.low, step_time_ci_high_s=est.high)
+    if before == before and est.value:
+        scale = before / est.value
+        for col in ("samples_per_s", "tokens_per_s", "padded_tokens_per_s", "achieved_flops_per_s",
+                    "pct_of_matmul_peak"):
+            if col in row and row[col] not in ("", None):
+                row[col] = number(row[col]) * scale
+        if row.get("fastest_rank_step_time_s") not in ("", None):  # a time: the inverse scale
+            row["fastest_rank_step_time_s"] = number(row["fastest_rank_step_time_s"]) / scale
+    row["ci_half_width_pct"] = est.half_width_pct
+
+
+def _ratios(row: dict, got: dict[int, dict], by_key: dict, keys: list[str]) -> None:
+    """Paired by round: to full fine-tuning, to one process (weak scaling), and the A/A copy to its original. The
+    interval --target-ci judges is the last of these the row has (else its own step time's)."""
+    ratio = Estimate.missing()
+    ref = _match_full(row["cell_key"], keys)
+    if ref and ref in by_key and ref != row["cell_key"]:
+        ratio = paired_ratio(times_by_round(got), times_by_round(by_key[ref]))
+        row["ci_half_width_pct"] = ratio.half_width_pct
+    row.update(step_time_vs_full=ratio.value, step_time_vs_full_ci_low=ratio.low,
+               step_time_vs_full_ci_high=ratio.high)
+    if _int0(row.get("world_size")) > 1:  # weak scaling vs one process
+        one = _single_process(row["cell_key"], keys)
+        eff = paired_ratio(times_by_round(by_key[one]), times_by_round(got)) if one in by_key else Estimate.missing()
+        row.update(scaling_efficiency=eff.value, scaling_efficiency_ci_low=eff.low,
+                   scaling_efficiency_ci_high=eff.high)
+    if _int0(row.get("replica")) == 1:
+        aa = paired_ratio(times_by_round(got), times_by_round(by_key.get(peer_key(row["cell_key"], replica=0), {})))
+        row.update(aa_ratio=aa.value, aa_ratio_ci_low=aa.low, aa_ratio_ci_high=aa.high,
+                   ci_half_width_pct=aa.half_width_pct)
+
+
+def _interference(row: dict, got: dict[int, dict], speed: dict[int, float]) -> None:
+    row.update(other_cpu_pct=max(number(s["other_cpu_pct"]) for s in got.values()),
+               cpu_steal_pct=max(number(s["cpu_steal_pct"]) for s in got.values()),
+               load_avg_1m=max(number(s["load_avg_1m"]) for s in got.values()),
+               interference_repeats=sum(disturbed(s, speed) for s in got.values()),
+               machine_speed=min(speed.get(id(s), float("nan")) for s in got.values()),
+               remeasured=sum(_true(s["remeasured"]) for s in got.values()))
 
 
 def floor_of(rows) -> tuple[float, Estimate | None]:
     """The run's noise floor from its A/A replica rows (largest over workloads), and the A/A estimate."""
     best, est = 0.0, None
     for r in rows:
-        if _int0(r.get("replica")) == 1 and _f(r.get("aa_ratio")) == _f(r.get("aa_ratio")):
-            e = Estimate(_f(r["aa_ratio"]), _f(r["aa_ratio_ci_low"]), _f(r["aa_ratio_ci_high"]),
+        if _int0(r.get("replica")) == 1 and number(r.get("aa_ratio")) == number(r.get("aa_ratio")):
+            e = Estimate(number(r["aa_ratio"]), number(r["aa_ratio_ci_low"]), number(r["aa_ratio_ci_high"]),
                          _int0(r.get("repeats")))
             if noise_floor(e) >= best:
                 best, est = noise_floor(e), e

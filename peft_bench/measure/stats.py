@@ -1,33 +1,44 @@
-"""Statistics of repeated measurements: percentile-bootstrap confidence intervals, paired ratios, a noise floor.
+"""Statistics of repeated measurements: intervals whose coverage is proven, paired ratios, a noise floor.
 
-Resampling is seeded, so the same numbers always give the same interval (results and tests are reproducible).
+A step time is measured in several fresh processes; each process's median step time is one observation. The noise
+between processes is multiplicative (a process lands 3 % slow, not 3 ms slow), so the estimate is the geometric
+mean of the processes' medians with a Student-t interval on their logarithms (`log_t`), and a ratio of two cells is
+the geometric mean of the per-round ratios with the paired t-interval on their logs (`paired_ratio`). Both are valid
+at any n ≥ 2 — wide at n = 2 (t with one degree of freedom: ×12.7 the standard error), as they should be. Their
+coverage is not assumed: `tests/test_intervals.py` draws thousands of experiments from a two-level noise model with
+this machine's measured spreads and occasional slow processes, and checks that the stated 95 % intervals contain the
+truth at least 93 % of the time (a percentile bootstrap of 3 medians, used before, is [min, max]: 75 %).
+One observation has no interval (low = high = NaN), never a zero-width one.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-RESAMPLES = 10_000
 LEVEL = 0.95
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate with its 95 % confidence interval (low == high == value when there is one sample)."""
+    """A point estimate with its confidence interval at `level` (NaN ends when there is one observation)."""
 
     value: float
     low: float
     high: float
     n: int
+    level: float = LEVEL
 
     @property
     def half_width_pct(self) -> float:
-        """Half the interval's width as a percentage of the value."""
+        """Half the interval's width as a percentage of the value (NaN without an interval)."""
         return 100 * (self.high - self.low) / 2 / self.value if self.value else math.nan
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low == self.low and self.high == self.high
 
     def includes(self, x: float) -> bool:
         return self.low <= x <= self.high
@@ -37,52 +48,50 @@ class Estimate:
         return cls(math.nan, math.nan, math.nan, 0)
 
 
-def _percentiles(xs: list[float], level: float) -> tuple[float, float]:
-    xs = sorted(xs)
-    lo = (1 - level) / 2
-    # nearest-rank percentiles of the bootstrap distribution
-    i = max(0, min(len(xs) - 1, math.floor(lo * len(xs))))
-    j = max(0, min(len(xs) - 1, math.ceil((1 - lo) * len(xs)) - 1))
-    return xs[i], xs[j]
+def t_quantile(level: float, dof: int) -> float:
+    """The two-sided Student-t quantile: P(|T| ≤ q) = level with `dof` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, dof))
 
 
-def bootstrap(values: Sequence[float], stat: Callable[[list[float]], float] = statistics.median,
-              resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Estimate:
-    """`stat` of `values` with a percentile-bootstrap CI (resampling the values with replacement)."""
-    xs = [float(x) for x in values if x == x]
-    if not xs:
+def log_t(values: Sequence[float], level: float = LEVEL) -> Estimate:
+    """Geometric mean of positive `values` with the Student-t interval of their logs, mapped back (exp)."""
+    logs = [math.log(float(x)) for x in values if x == x and float(x) > 0]
+    if not logs:
         return Estimate.missing()
-    point = stat(xs)
-    if len(xs) == 1:
-        return Estimate(point, point, point, 1)
-    rng = random.Random(seed)
-    boots = [stat(rng.choices(xs, k=len(xs))) for _ in range(resamples)]
-    lo, hi = _percentiles(boots, level)
-    return Estimate(point, lo, hi, len(xs))
+    m = statistics.fmean(logs)
+    if len(logs) < 2:
+        return Estimate(math.exp(m), math.nan, math.nan, 1, level)
+    half = t_quantile(level, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return Estimate(math.exp(m), math.exp(m - half), math.exp(m + half), len(logs), level)
 
 
-def paired_ratio(num: dict[int, float], den: dict[int, float], **kw) -> Estimate:
-    """Median of the per-round ratios num[r] / den[r] over the rounds both were measured in, with a bootstrap CI.
-
-    Cells run round-robin (A B C A B C …): pairing by round cancels drift that hits every cell of a round alike."""
+def paired_ratio(num: dict[int, float], den: dict[int, float], level: float = LEVEL) -> Estimate:
+    """num / den over the rounds both were measured in: the geometric mean of the per-round ratios with the paired
+    t-interval of their logs. Cells run round-robin (A B C A B C …): pairing by round cancels drift that hits every
+    cell of a round alike."""
     rounds = sorted(set(num) & set(den))
     ratios = [num[r] / den[r] for r in rounds if den[r] and num[r] == num[r] and den[r] == den[r]]
-    return bootstrap(ratios, **kw)
+    return log_t(ratios, level)
 
 
 def noise_floor(aa: Estimate) -> float:
     """How far apart two measurements of the same cell land, as a fraction: the larger distance of the A/A
     ratio's CI ends from 1 (0 when unknown)."""
-    if aa.n == 0 or aa.low != aa.low:
+    if aa.n == 0 or not aa.has_interval:
         return 0.0
     return max(abs(aa.high - 1), abs(1 - aa.low), abs(aa.value - 1))
 
 
 def verdict(ratio: Estimate, floor: float = 0.0, lower_is_better: bool = True) -> str:
-    """'no measurable difference' when the CI includes 1 or the ratio lies within the noise floor; else the
-    direction ('faster'/'slower' for lower-is-better times, 'higher'/'lower' otherwise)."""
+    """'no measurable difference' when the CI includes 1 or the ratio lies within the noise floor; 'not ranked (one
+    repeat)' without an interval; else the direction ('faster'/'slower' for lower-is-better times, 'higher'/'lower'
+    otherwise)."""
     if ratio.n == 0 or ratio.value != ratio.value:
         return "n/a"
+    if not ratio.has_interval:
+        return "not ranked (one repeat)"
     if ratio.includes(1.0) or abs(ratio.value - 1) <= floor:
         return "no measurable difference"
     if lower_is_better:
@@ -111,9 +120,7 @@ def mean_ci(values: Sequence[float], level: float = LEVEL) -> Estimate:
     mean = statistics.fmean(xs)
     if len(xs) < 2:
         return Estimate(mean, mean, mean, len(xs))
-    from scipy.stats import t
-
-    half = t.ppf(0.5 + level / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    half = t_quantile(level, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
     return Estimate(mean, mean - half, mean + half, len(xs))
 
 
@@ -130,7 +137,5 @@ def welch_difference(a: Sequence[float], b: Sequence[float], level: float = LEVE
     if se == 0:
         return Estimate(d, d, d, min(len(a), len(b)))
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    from scipy.stats import t
-
-    half = t.ppf(0.5 + level / 2, df) * se
+    half = t_quantile(level, df) * se
     return Estimate(d, d - half, d + half, min(len(a), len(b)))
