@@ -164,9 +164,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
         report.update_readme(readme, block, markers)
         print(f"updated the results section of {readme} from {out}/metrics.csv", file=sys.stderr)
         return 0
+    if args.reaggregate:
+        reaggregate(out)
     build(out, arch=architecture)
     print(f"rebuilt {out}/summary.md and plots from {out}/metrics.csv", file=sys.stderr)
     return 0
+
+
+def reaggregate(out: Path) -> None:
+    """metrics.csv's repeat columns computed again from repeats.csv with this version's estimator (each row's own
+    measurements untouched; only the run's own repeats count)."""
+    import json
+
+    from . import results
+    from .measure.repeats import aggregate
+
+    rows, samples = results.read_rows(out / "metrics.csv"), results.read_samples(out / "repeats.csv")
+    env = json.loads((out / "environment.json").read_text()) if (out / "environment.json").exists() else {}
+    results.write_rows(out / "metrics.csv", aggregate(rows, samples, str(env.get("run_id") or ""),
+                                                      env.get("canary_idle_flops_per_s")))
+    print(f"re-aggregated {out}/metrics.csv from {len(samples)} repeats", file=sys.stderr)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -217,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dir")
     rep.add_argument("--readme", help="instead: regenerate this README's section from DIR (results: gpt-neo-125m-arch; "
                      "accuracy: an accuracy-only run)")
+    rep.add_argument("--reaggregate", action="store_true", help="first recompute metrics.csv's repeat columns "
+                     "(step time, intervals, ratios) from repeats.csv with this version's estimator")
     rep.set_defaults(func=_cmd_report)
 
     c = sub.add_parser("compare", help="judge what changed between two result directories (exit 1 if worse)")

@@ -67,15 +67,15 @@ class Run:
         out = check_out_dir(cfg.out or Path("runs") / cfg.suite)
         self.rows = results.read_rows(out / "metrics.csv")  # refuses a malformed file, untouched
         self.samples = results.read_samples(out / "repeats.csv")
-        self.before = _old_environment(out)
-        self.run_id = _run_id(cfg, out, bool(self.rows or self.samples), self.before)
-        if cfg.overwrite:
-            self.rows, self.samples = [], []
         if cfg.device == "cuda":
             _require_cuda()
         self.cells = plan(cfg)
         self.n_rounds = repeats_of(cfg)
         validate_targets(self.cells, cfg)
+        self.before = _old_environment(out)
+        self.run_id = _run_id(cfg, out, bool(self.rows or self.samples), self.before)
+        if cfg.overwrite:
+            self.rows, self.samples = [], []
         if not cfg.allow_busy and not os.environ.get("PEFT_BENCH_ALLOW_BUSY"):
             refuse_if_busy(cfg.device)
         self.out = prepare_out_dir(out)

@@ -12,7 +12,7 @@ from ..measure import records
 from .format import ci, sig, table
 from .format import mib as _mib
 from .format import size as _size
-from .summary import floor_of_frame, in_registry_order, noise_section
+from .summary import floor_of_frame, in_registry_order, interference_lines, noise_section, repeats_section
 
 
 def is_distributed(df) -> bool:
@@ -175,7 +175,8 @@ def summary(df, env: dict) -> str:
               "(DDP's all-reduce; FSDP's reduce-scatter, each tensor padded to the world size); DDP's replicas are "
               "identical after training; FSDP's shards add up to the model; the bytes written to the sockets are "
               "within 15 % of the ring estimate.", ""]
-    lines += noise_section(aa, floor, df)
+    lines += noise_section(aa, floor, df) + repeats_section(df, env)
+    lines += interference_lines([r for _, r in df.iterrows()], env)
     bad = rows[rows.status != "ok"]
     if len(bad):
         lines += ["Cells without numbers:", ""] + [f"- {r.workload} {r.method} {r.get('parallel', '')}: {r.status} — "

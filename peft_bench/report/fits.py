@@ -1,19 +1,25 @@
 """How cost grows: a sweep's fitted power laws, crossovers between methods, and their plots.
 
 `peft-bench sweep --workloads W --methods M --vary NAME=v1,v2,...` runs the usual cells (fresh processes, repeats,
-checks) once per value; the rows carry `vary` (the parameter) and `vary_value`. From them, per method and metric:
+checks) once per value; the rows carry `vary` (the parameter) and `vary_value`. From them, per method and metric,
+one model for every method:
 
-    y ≈ c + a · x^b        fitted by least squares on log(y − c) against log(x)
+* memory over the sequence length s:  y ≈ static + a·s + b·s²  (activations grow linearly, attention scores
+  quadratically), by least squares on y − static; a and b with 95 % t intervals (n − 2 degrees of freedom) and the
+  residual (R² of y − static, and the largest relative miss);
+* anything else (memory over rank, batch, width, depth; step time; parameters): y ≈ static + a·x^b by least squares
+  on log(y − static) against log(x), b with its 95 % t interval, R² of the log-log regression.
 
-where c is the static part (weights + gradients + optimizer state) for the memory peaks when it does not change
-along the sweep (a real constant, measured, not fitted), else 0. The exponent b has a 95 % t interval from the
-regression's standard error (n − 2 degrees of freedom) and R² is that of the log-log regression. Where an exact
+`static` is the closed form of weights + gradients + AdamW state (`static_closed_form_bytes`, per cell, from the
+configuration) for the two peaks, and 0 for the other metrics — never fitted, the same rule for every method. Where an exact
 count exists beside the measurement — trainable parameters (the closed form) and static memory (the closed form of
 weights, gradients and AdamW state) — `fits.csv` also gives the largest relative difference between the two.
 
 Crossovers: for every pair of methods and metric, the value of the varied parameter at which their curves cross
-(interpolated linearly in log x between the two measured points around the sign change), or "none in the measured
-range"; and for each method against full fine-tuning, where its peak-memory saving falls under 20 %.
+(interpolated linearly in log x between the two measured points around the sign change), claimed only when the two
+differ significantly at the measured points on both sides (step times: their 95 % intervals do not overlap; memory:
+by more than 1 %), with those two points as its interval; else "not resolved" or "none in the measured range"; and
+for each method against full fine-tuning, where its peak-memory saving falls under 20 %.
 """
 
 from __future__ import annotations
@@ -56,28 +62,57 @@ def points(df):
     return ok[ok.vary_value.notna()], ok[ok.vary_value.isna()]
 
 
-def power_fit(x: np.ndarray, y: np.ndarray, c: float = 0.0) -> dict | None:
-    """y ≈ c + a·x^b by least squares in log-log; None with fewer than 3 usable points."""
+def power_fit(x: np.ndarray, y: np.ndarray, c: float | np.ndarray = 0.0) -> dict | None:
+    """y ≈ c + a·x^b by least squares in log-log (c a number, or one per point); None with fewer than 3 usable
+    points."""
     from scipy import stats
 
     z = y - c
     keep = (x > 0) & (z > 0) & np.isfinite(z)
     x, z = x[keep], z[keep]
+    c = float(np.median(np.broadcast_to(c, keep.shape)[keep])) if keep.any() else 0.0
     if len(x) < 3 or len(set(x)) < 3:
         return None
     if np.all(z == z[0]):  # does not grow at all (trainable parameters over the sequence length): b = 0 exactly
         return {"a": float(z[0]), "exponent": 0.0, "exponent_ci_low": 0.0, "exponent_ci_high": 0.0, "r2": 1.0,
-                "c": c, "points": len(x), "constant": True}
+                "c": c, "points": len(x), "constant": True, "model": "static + a·x^b"}
     lx, lz = np.log(x), np.log(z)
     fit = stats.linregress(lx, lz)
     t = stats.t.ppf(0.975, len(x) - 2)
     return {"a": float(math.exp(fit.intercept)), "exponent": float(fit.slope),
             "exponent_ci_low": float(fit.slope - t * fit.stderr), "exponent_ci_high": float(fit.slope + t * fit.stderr),
-            "r2": float(fit.rvalue ** 2), "c": c, "points": len(x)}
+            "r2": float(fit.rvalue ** 2), "c": c, "points": len(x), "model": "static + a·x^b"}
 
 
-def _static(g) -> np.ndarray:
-    return (g.weights_bytes + g.gradients_bytes + g.optimizer_bytes).to_numpy(dtype=float)
+def poly_fit(x: np.ndarray, y: np.ndarray, static: np.ndarray) -> dict | None:
+    """y ≈ static + a·x + b·x² by least squares on y − static (no fitted constant); 95 % t intervals on a and b;
+    None with fewer than 3 distinct points."""
+    from scipy import stats
+
+    keep = np.isfinite(y) & np.isfinite(static)
+    x, z = x[keep], (y - static)[keep]
+    if len(set(x)) < 3:
+        return None
+    design = np.column_stack([x, x**2])
+    coef, *_ = np.linalg.lstsq(design, z, rcond=None)
+    resid = z - design @ coef
+    dof = len(x) - 2
+    sigma2 = float(resid @ resid) / dof
+    se = np.sqrt(np.diag(sigma2 * np.linalg.inv(design.T @ design)))
+    t = stats.t.ppf(0.975, dof)
+    total = float(((z - z.mean()) ** 2).sum())
+    return {"model": "static + a·s + b·s²", "a": float(coef[0]), "a_ci_low": float(coef[0] - t * se[0]),
+            "a_ci_high": float(coef[0] + t * se[0]), "b": float(coef[1]), "b_ci_low": float(coef[1] - t * se[1]),
+            "b_ci_high": float(coef[1] + t * se[1]), "r2": 1 - float(resid @ resid) / total if total else 1.0,
+            "max_rel_residual": float(np.max(np.abs(resid) / np.where(y[keep] != 0, np.abs(y[keep]), np.inf))), "c": float(np.median(static[keep])),
+            "points": len(x)}
+
+
+def _static(g, col: str) -> np.ndarray:
+    """The closed-form static part of `col` per cell (the peaks), else zeros: never fitted, the same for every method."""
+    if col in PEAKS and "static_closed_form_bytes" in g.columns:
+        return g.static_closed_form_bytes.to_numpy(dtype=float)
+    return np.zeros(len(g))
 
 
 def fits(df) -> list[dict]:
@@ -91,12 +126,8 @@ def fits(df) -> list[dict]:
             if col not in g.columns:
                 continue
             y = g[col].to_numpy(dtype=float)
-            c = 0.0
-            if col in PEAKS:
-                static = _static(g)
-                if np.all(np.isfinite(static)) and static.max() <= 1.01 * static.min():
-                    c = float(np.median(static))
-            f = power_fit(x, y, c)
+            static = _static(g, col)
+            f = poly_fit(x, y, static) if g.vary.iloc[0] == "seq_len" and unit == "B" else power_fit(x, y, static)
             if f is None:
                 continue
             row = {"workload": wl, "method": method, "vary": g.vary.iloc[0], "metric": col, "label": label,
@@ -236,6 +267,29 @@ def crossing(xs: list[float], diff: np.ndarray) -> float | None:
     return None
 
 
+def _apart(pts, refs, wl: str, pair: tuple[str, str], col: str, xs: list[float]) -> np.ndarray:
+    """Per measured point: +1 / −1 where method a lies significantly above / below b, 0 where they cannot be told
+    apart (step times: 95 % intervals overlap; memory and counts: within 1 %)."""
+    a, b = (_curve(pts, refs, wl, m, col, xs) for m in pair)
+    if col == "step_time_s" and "step_time_ci_low_s" in pts.columns:
+        alo, bhi = (_curve(pts, refs, wl, m, c, xs) for m, c in zip(pair, ("step_time_ci_low_s", "step_time_ci_high_s")))
+        ahi, blo = (_curve(pts, refs, wl, m, c, xs) for m, c in zip(pair, ("step_time_ci_high_s", "step_time_ci_low_s")))
+        return np.where(alo > bhi, 1, np.where(ahi < blo, -1, 0))
+    return np.where(a > 1.01 * b, 1, np.where(b > 1.01 * a, -1, 0))
+
+
+def resolved_crossing(xs: list[float], diff: np.ndarray, apart: np.ndarray) -> tuple[float, float, float] | None:
+    """(x, low, high): where `diff` changes sign between two measured points at which the curves differ
+    significantly with opposite signs; the crossing interpolated in log x between the nearest such points."""
+    signed = [(x, s) for x, s in zip(xs, apart) if s != 0]
+    for (x0, s0), (x1, s1) in zip(signed, signed[1:]):
+        if s0 != s1:
+            i, j = xs.index(x0), xs.index(x1)
+            x = crossing(xs[i:j + 1], diff[i:j + 1])
+            return (x if x is not None else math.sqrt(x0 * x1)), x0, x1
+    return None
+
+
 def crossovers(df) -> list[dict]:
     pts, refs = points(df)
     out = []
@@ -254,12 +308,8 @@ def crossovers(df) -> list[dict]:
                         out.append({"workload": wl, "metric": col, "a": a, "b": b, "x": None,
                                     "text": f"{name}: {a} and {b} equal at every point"})
                         continue
-                    x = crossing(xs, ya - yb)
-                    first = a if ya[0] > yb[0] else b
-                    text = (f"{name}: {a} and {b} cross at {g.vary.iloc[0]} ≈ {x:.3g} ({first} higher below it)"
-                            if x is not None else f"{name}: {a} {'above' if np.nanmean(ya - yb) > 0 else 'below'} "
-                            f"{b} throughout the measured range (no crossover)")
-                    out.append({"workload": wl, "metric": col, "a": a, "b": b, "x": x, "text": text})
+                    out.append(_pair_crossing(wl, col, name, (a, b), (xs, ya, yb, g.vary.iloc[0]),
+                                              _apart(pts, refs, wl, (a, b), col, xs)))
         full = _curve(pts, refs, wl, "full", "tensor_peak_bytes", xs)
         if full is not None:
             for m in methods:
@@ -280,6 +330,26 @@ def crossovers(df) -> list[dict]:
     return out
 
 
+def _pair_crossing(wl: str, col: str, name: str, pair: tuple[str, str], curves: tuple, apart: np.ndarray) -> dict:
+    (a, b), (xs, ya, yb, kind) = pair, curves
+    row = {"workload": wl, "metric": col, "a": a, "b": b, "x": None, "x_low": None, "x_high": None}
+    found = resolved_crossing(xs, ya - yb, apart)
+    if found:
+        x, lo, hi = found
+        first = a if ya[0] > yb[0] else b
+        row.update(x=x, x_low=lo, x_high=hi, text=f"{name}: {a} and {b} cross at {kind} ≈ {x:.3g} (between the "
+                   f"measured {lo:g} and {hi:g}, where they differ significantly; {first} higher below it)")
+    elif crossing(xs, ya - yb) is not None:
+        row["text"] = (f"{name}: {a} and {b} change order between measured points but do not differ significantly "
+                       "on both sides (crossover not resolved)")
+    elif (apart != 0).all():
+        row["text"] = (f"{name}: {a} {'above' if np.nanmean(ya - yb) > 0 else 'below'} {b} throughout the measured "
+                       "range (no crossover)")
+    else:
+        row["text"] = f"{name}: {a} and {b} not told apart at every point (no crossover claimed)"
+    return row
+
+
 def write(df, out: Path, arch: Callable[..., dict] | None) -> list[str]:
     """fits.csv, crossovers.csv, the log-log plots; return the summary section's lines."""
     import pandas as pd
@@ -296,17 +366,16 @@ def write(df, out: Path, arch: Callable[..., dict] | None) -> list[str]:
     lines = [f"## Sweep: {kind}", "",
              f"Values: {', '.join(f'{v:g}' for v in sorted(set(pts.vary_value.astype(float))))}"
              + (f"; run once (they have no {kind}): {', '.join(sorted(set(refs.method)))}" if len(refs) else "")
-             + ". Fitted y ≈ c + a·x^b (least squares in log-log; c = the measured static part for the peaks when "
-             "it is constant along the sweep, else 0); b with its 95 % CI; R² of the log-log fit. `fits.csv` has "
-             "every method × metric; plot `sweep.png`.", ""]
+             + ". One model per metric for every method: memory over the sequence length as static + a·s + b·s² "
+             "(activations linear, attention scores quadratic), anything else as static + a·x^b (least squares in "
+             "log-log); static = the closed form of weights + gradients + AdamW state for the peaks, 0 otherwise — "
+             "never fitted. 95 % t intervals; R² of the fit. `fits.csv` has every method × metric; plot "
+             "`sweep.png`.", ""]
     shown = [r for r in rows if r["metric"] in ("tensor_peak_bytes", "saved_activations_max_bytes", "step_time_s",
                                                 "trainable_params")]
-    lines += table(["workload", "method", "metric", "exponent b (95% CI)", "R²", "c", "exact count vs measured"],
-                   [[r["workload"], r["method"], r["label"],
-                     "constant" if r.get("constant") else
-                     f"{r['exponent']:.3f} ({r['exponent_ci_low']:.3f} to {r['exponent_ci_high']:.3f})",
-                     f"{r['r2']:.3f}", sig(r["c"]) if r["c"] else "0",
-                     r.get("analytic_note", "–")] for r in shown]) + [""]
+    lines += table(["workload", "method", "metric", "model", "fitted (95% CI)", "R²", "static", "exact count vs measured"],
+                   [[r["workload"], r["method"], r["label"], r["model"], _fitted(r), f"{r['r2']:.3f}",
+                     sig(r["c"]) if r["c"] else "0", r.get("analytic_note", "–")] for r in shown]) + [""]
     act = activation_per_token(df, arch) if arch else []
     if act:
         pd.DataFrame(act).to_csv(out / "activations.csv", index=False)
@@ -323,6 +392,17 @@ def write(df, out: Path, arch: Callable[..., dict] | None) -> list[str]:
                                                                                          "step_time_s",
                                                                                          "saving_vs_full")] + [""]
     return lines
+
+
+def _fitted(r: dict) -> str:
+    from .format import sig
+
+    if r.get("constant"):
+        return "constant"
+    if r["model"].endswith("s²"):
+        return (f"a = {sig(r['a'])} ({sig(r['a_ci_low'])} to {sig(r['a_ci_high'])}) B/token, b = {sig(r['b'])} "
+                f"({sig(r['b_ci_low'])} to {sig(r['b_ci_high'])}) B/token²; largest miss {r['max_rel_residual']:.1%}")
+    return f"b = {r['exponent']:.3f} ({r['exponent_ci_low']:.3f} to {r['exponent_ci_high']:.3f})"
 
 
 def _published_formula(act: list[dict], arch: Callable[..., dict]) -> list[str]:
@@ -379,7 +459,8 @@ def plot(df, rows: list[dict], path: Path) -> None:
                 f = fitted.get((m, col))
                 if f:
                     xx = np.geomspace(x.min(), x.max(), 50)
-                    ax.plot(xx, (f["c"] + f["a"] * xx ** f["exponent"]) / scale, ls="--", lw=0.8, color=colour)
+                    yy = f["c"] + (f["a"] * xx + f["b"] * xx**2 if "b_ci_low" in f else f["a"] * xx ** f["exponent"])
+                    ax.plot(xx, yy / scale, ls="--", lw=0.8, color=colour)
             else:
                 r = refs[refs.method == m]
                 if len(r):
@@ -393,7 +474,8 @@ def plot(df, rows: list[dict], path: Path) -> None:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=min(4, len(handles)))
-    fig.suptitle(f"How cost grows with {kind} (log-log; dashed: fitted c + a·x^b)", fontsize=10)
+    model = "static + a·s + b·s² for memory, static + a·x^b otherwise" if kind == "seq_len" else "static + a·x^b"
+    fig.suptitle(f"How cost grows with {kind} (log-log; dashed: fitted {model})", fontsize=10)
     rows_ = -(-len(handles) // 4)
     fig.tight_layout(rect=(0, min(0.4, (0.17 * rows_ + 0.1) / fig.get_size_inches()[1]), 1, 1))
     fig.savefig(path, dpi=150)
