@@ -101,10 +101,11 @@ def poly_fit(x: np.ndarray, y: np.ndarray, static: np.ndarray) -> dict | None:
     se = np.sqrt(np.diag(sigma2 * np.linalg.inv(design.T @ design)))
     t = stats.t.ppf(0.975, dof)
     total = float(((z - z.mean()) ** 2).sum())
+    scale = np.where(y[keep] != 0, np.abs(y[keep]), np.inf)
     return {"model": "static + a·s + b·s²", "a": float(coef[0]), "a_ci_low": float(coef[0] - t * se[0]),
             "a_ci_high": float(coef[0] + t * se[0]), "b": float(coef[1]), "b_ci_low": float(coef[1] - t * se[1]),
             "b_ci_high": float(coef[1] + t * se[1]), "r2": 1 - float(resid @ resid) / total if total else 1.0,
-            "max_rel_residual": float(np.max(np.abs(resid) / np.where(y[keep] != 0, np.abs(y[keep]), np.inf))), "c": float(np.median(static[keep])),
+            "max_rel_residual": float(np.max(np.abs(resid) / scale)), "c": float(np.median(static[keep])),
             "points": len(x)}
 
 
