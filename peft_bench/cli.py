@@ -183,6 +183,14 @@ def reaggregate(out: Path) -> None:
     env = json.loads((out / "environment.json").read_text()) if (out / "environment.json").exists() else {}
     results.write_rows(out / "metrics.csv", aggregate(rows, samples, str(env.get("run_id") or ""),
                                                       env.get("canary_idle_flops_per_s")))
+    if env:  # the summary says which code computed the intervals
+        import datetime
+
+        from .engine.environment import _git
+
+        env["reaggregated"] = {"git_commit": _git("rev-parse", "HEAD"), "date_utc": datetime.datetime.now(
+            datetime.timezone.utc).isoformat(timespec="seconds")}
+        results.atomic_write_text(out / "environment.json", json.dumps(env, indent=2) + "\n")
     print(f"re-aggregated {out}/metrics.csv from {len(samples)} repeats", file=sys.stderr)
 
 

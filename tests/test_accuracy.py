@@ -198,7 +198,7 @@ def test_accuracy_suite_covers_every_method_on_every_pretrained_workload_with_th
     assert s.seeds == (0, 1, 2) and s.probes == "accuracy"
     assert {w for w in s.workloads} == {"minilm-sentiment", "smollm2-135m-sentiment"}
     assert all(get_workload(w).pretrained for w in s.workloads)
-    assert "smollm2-135m-sentiment" in get_suite("default").workloads
+    assert "smollm2-135m-sentiment" in get_suite("default").budgets  # run by name: --suite default --workloads …
 
 
 # -- the pretrained decoder -------------------------------------------------------------------------------------

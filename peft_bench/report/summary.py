@@ -443,7 +443,10 @@ def _made_by(env: dict) -> list[str]:
             f"({env.get('dtype', 'float32')})"
             + (f"; the GPU's datasheet dense peak, for comparison only: "
                f"{sig(env['gpu_datasheet_dense_peak_flops_per_s'] / 1e9)} GFLOP/s"
-               if env.get("gpu_datasheet_dense_peak_flops_per_s") else "") + ".", ""]
+               if env.get("gpu_datasheet_dense_peak_flops_per_s") else "") + "."
+            + (f" Step times, intervals and ratios re-aggregated from `repeats.csv` by `peft-bench report --reaggregate` "
+               f"at commit {str(env['reaggregated'].get('git_commit', ''))[:10]} (this version's estimator)."
+               if env.get("reaggregated") else ""), ""]
 
 
 def _workload_section(wl: str, g, samples: list[dict], floor: float, per_method: bool) -> list[str]:
