@@ -31,8 +31,15 @@ def _context():
 
 
 def _peak_child(device: str, dtype: str, out_path: str) -> None:
-    value = timing.canary_flops(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
+    value = _idle_canary(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
     Path(out_path).write_text(repr(value))
+
+
+def _idle_canary(device: str) -> float:
+    """The median of three canary readings: the idle machine's speed, steadier than any one reading."""
+    import statistics
+
+    return statistics.median(timing.canary_flops(device) for _ in range(3))
 
 
 def canary_in_child(device: str) -> float:
@@ -56,7 +63,7 @@ def matmul_peak_in_child(device: str, dtype: str) -> float:
         proc.start()
         proc.join()
         _PEAKS[device, dtype] = float(path.read_text()) if path.exists() else \
-            timing.canary_flops(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
+            _idle_canary(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
     return _PEAKS[device, dtype]
 
 

@@ -80,7 +80,7 @@ class TimingRecord:
     loss_probe_examples: int = metric("examples in the probe (8 batches)")
     loss_window: int = metric("steps in each window: a fifth of the budget, at least 3 (when the budget allows)")
     canary_flops_per_s: float = metric("the slower of two readings, just before and just after the timed steps, of "
-                                       "a fixed float32 1024² matmul probe (median of 5): how fast the machine ran")
+                                       "a fixed float32 1024² matmul probe (median of 15): how fast the machine ran")
 
 
 @dataclass(frozen=True)

@@ -78,10 +78,13 @@ class StepClock:
         return wall, parts
 
 
-def canary_flops(device: str, n: int = 1024, reps: int = 5) -> float:
+def canary_flops(device: str, n: int = 1024, reps: int = 15) -> float:
     """Median FLOP/s of `reps` float32 n×n matmuls: a fixed probe of how fast the machine runs right now. Read
     just before and after a cell's timed steps, it exposes slow periods that no process list shows (a noisy
-    neighbour on the host, frequency changes) — compared against the run's median in `peft_bench.bench.repeats`."""
+    neighbour on the host, frequency changes) — compared against the idle machine's at the start of the run
+    (`peft_bench.measure.repeats.speeds`). 15 repeats, not 5: on 2 idle cores one 5-repeat reading in twenty came
+    out at 0.55× (a thread scheduled late), the slower of two readings below 0.85× a quarter of the time; with 15
+    the slower of two stayed above 0.92× in 28 pairs."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     timed(lambda: a @ b, device)  # warm-up
