@@ -111,12 +111,13 @@ def test_no_budget_means_no_added_rounds_and_each_row_says_so(monkeypatch, tmp_p
     assert (m.repeats == 2).all() and set(m.repeats_stopped) == {"no time budget"}
 
 
-def test_a_disturbed_repeat_is_measured_again_as_a_pair_in_a_new_round(monkeypatch, tmp_path):
+@pytest.mark.parametrize("budget", [600.0, None])  # with no budget the target adds no rounds; re-measures still run
+def test_a_disturbed_repeat_is_measured_again_as_a_pair_in_a_new_round(budget, monkeypatch, tmp_path):
     cells = FakeCells(busy={("lora", 5)})  # round 2's lora (calls: full, lora, A/A, full, lora, A/A)
     monkeypatch.setattr(launch, "run_isolated", cells)
     monkeypatch.setattr(launch, "matmul_peak_in_child", lambda device, dtype: IDLE)
     out = tmp_path / "run"
-    runner.run_suite(_cfg(out, target_ci=1000.0, time_budget=600.0))
+    runner.run_suite(_cfg(out, target_ci=1000.0, time_budget=budget))
     s = _samples(out)
     extra = s[s.repeat == 2]
     assert sorted(extra.method) == ["full", "lora"]  # lora and its reference, together, in a new round
@@ -127,11 +128,18 @@ def test_a_disturbed_repeat_is_measured_again_as_a_pair_in_a_new_round(monkeypat
     assert m.loc[("lora", 0), "step_time_vs_full"] == pytest.approx(0.5)  # paired over rounds 1 and 3 alone
 
 
-def test_the_canary_is_judged_against_the_idle_machine_so_a_whole_run_slowdown_shows():
+def test_a_run_slow_throughout_is_flagged_against_the_idle_machine():
+    """Every repeat at 0.7× the idle canary: against the run's own median nothing stands out; against the idle
+    machine's reading (environment.json) the whole run is flagged, every repeat counted as disturbed."""
+    key = json.dumps({"method": "lora", "workload": "w"})
     samples = [{"status": "ok", "canary_flops_per_s": 0.7 * IDLE, "used": True, "busy": False, "repeat": r,
-                "cell_key": "k", "remeasured": False} for r in range(3)]
-    assert not any(rep.disturbed(s, rep.speeds(samples)) for s in samples)  # against its own median: invisible
-    assert all(rep.disturbed(s, rep.speeds(samples, IDLE)) for s in samples)
+                "cell_key": key, "remeasured": False, "step_time_s": 1.0, "other_cpu_pct": 0, "cpu_steal_pct": 0,
+                "load_avg_1m": 0, **{c: 1.0 for c in rep.TIMES}} for r in range(3)]
+    assert not any(rep.disturbed(s, rep.speeds(samples)) for s in samples) and not rep.to_remeasure(samples)
+    (row,) = rep.aggregate([{"status": "ok", "cell_key": key, "step_time_s": 1.0}], samples, reference=IDLE)
+    assert row["run_machine_speed"] == pytest.approx(0.7) and row["interference_repeats"] == 3
+    (quiet,) = rep.aggregate([{"status": "ok", "cell_key": key, "step_time_s": 1.0}], samples, reference=0.75 * IDLE)
+    assert quiet["interference_repeats"] == 0
 
 
 class _Steps:

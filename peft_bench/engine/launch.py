@@ -36,10 +36,21 @@ def _peak_child(device: str, dtype: str, out_path: str) -> None:
 
 
 def _idle_canary(device: str) -> float:
-    """The median of three canary readings: the idle machine's speed, steadier than any one reading."""
-    import statistics
+    """The idle machine's canary as a cell reads it: under sustained load (2 s of matmuls first: a fresh process's
+    first reading runs ~25 % slow, before the threads and the clock are up), the slower of two readings 1 s apart."""
+    import time
 
-    return statistics.median(timing.canary_flops(device) for _ in range(3))
+    import torch
+
+    def load(seconds: float) -> None:
+        a, t0 = torch.randn(1024, 1024, device=device), time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ a
+
+    load(2.0)
+    first = timing.canary_flops(device)
+    load(1.0)
+    return min(first, timing.canary_flops(device))
 
 
 def canary_in_child(device: str) -> float:

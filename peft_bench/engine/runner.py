@@ -150,15 +150,16 @@ class Run:
                 self.measure(spec, r, label)
 
     def more(self) -> None:
-        """Rounds after the minimum: the disturbed repeats (each once, set aside when its re-measurement succeeds)
-        and the cells still wider than the target, each with its references, until none is left or time is up."""
+        """Rounds after the minimum: the disturbed repeats of the minimum rounds (each once, set aside when its
+        re-measurement succeeds) and, with a time budget, the cells still wider than the target — each with its
+        references — until none is left or time is up."""
         if self.n_rounds < 2:
             return self._stopped("one repeat")
         r, why = self._next_round(), "target met"
         while True:
-            redo = {s["cell_key"]: s for s, _ in rep.to_remeasure(rep.of_run(self.samples, self.run_id),
-                                                                  self.reference)}
-            wide = self._too_wide()
+            mine = [s for s in rep.of_run(self.samples, self.run_id) if int(s["repeat"]) < self.n_rounds]
+            redo = {s["cell_key"]: s for s, _ in rep.to_remeasure(mine)}
+            wide = self._too_wide() if self.budget else []
             if not redo and not wide:
                 break
             keys = [c.key() for c in self.cells]
@@ -167,12 +168,12 @@ class Run:
             if r >= MAX_ROUNDS:
                 why = f"max rounds ({MAX_ROUNDS})"
                 break
-            if not self._affordable(todo):
-                why = "time budget spent" if self.budget else "no time budget"
+            if self.budget and not self._affordable(todo):
+                why = "time budget spent"
                 break
             self._round(r, todo, redo)
             r += 1
-        self._stopped(why)
+        self._stopped(why if self.budget else "no time budget")
 
     def _round(self, r: int, todo: set[str], redo: dict[str, dict]) -> None:
         for spec in (c for c in self.cells if c.key() in todo):
@@ -198,7 +199,7 @@ class Run:
         """Time left for one more process of each cell in `todo` (each costing what its last one did)."""
         last = {s["cell_key"]: rep.number(s.get("cell_seconds")) for s in rep.of_run(self.samples, self.run_id)}
         cost = sum(last.get(k, 0.0) for k in todo)
-        return bool(self.budget) and time.monotonic() - self.t0 + cost <= self.budget
+        return time.monotonic() - self.t0 + cost <= self.budget
 
     def _stopped(self, why: str) -> None:
         agg = {r["cell_key"]: r for r in rep.aggregate(self.rows, self.samples, self.run_id, self.reference)}

@@ -122,9 +122,12 @@ class InterferenceRecord:
     interference_repeats: int = metric("repeats used that saw other_cpu_pct or cpu_steal_pct above 10 % or a slow "
                                        "machine (flagged; with repeats > 1 each was re-measured once, as a pair "
                                        "with its reference, in a new round; what is still counted here was not)")
-    machine_speed: float = metric("slowest canary_flops_per_s of the repeats used ÷ the canary measured on the idle "
-                                  "machine at the start of the run (environment.json; 1.0: its usual speed; below "
-                                  "0.85 the repeat is flagged, e.g. a noisy neighbour that no process list shows)")
+    machine_speed: float = metric("slowest canary_flops_per_s of the repeats used ÷ the run's median canary (below "
+                                  "0.55 the repeat is flagged: a neighbour holding a core, or a slow period no process "
+                                  "list shows; the canary scatters ±14 % on an idle machine)")
+    run_machine_speed: float = metric("the run's median canary ÷ the idle machine's, read at the start of the run under "
+                                      "the same sustained load (environment.json); below 0.85 the whole run ran slow "
+                                      "and every repeat counts as disturbed")
     remeasured: int = metric("repeats used that are re-measurements of a disturbed one")
     interference_window_s: float = metric("seconds the guard watched: the timed steps (the whole cell under "
                                           "torchrun); below about 1 s the kernel's 10 ms ticks hide a neighbour, and "

@@ -126,7 +126,7 @@ def reference(g) -> tuple[str, float]:
 
 def step_time(groups, path: Path) -> None:
     """Bars: forward / backward / optimizer medians (the split; they add up to the bar). Dot and whiskers: the
-    whole step's median over repeats with its 95 % CI (asymmetric). Both relative to the named reference."""
+    whole step's geometric mean over repeats with its 95 % interval (asymmetric). Both relative to the named reference."""
     fig, axes = _grid(len(groups), width=4.6, lines=_most(groups))
     for ax, (wl, g) in zip(axes, groups):
         name, ref = reference(g)
@@ -140,7 +140,7 @@ def step_time(groups, path: Path) -> None:
         lo = (g.get("step_time_ci_low_s", g.step_time_s).fillna(g.step_time_s) / ref).to_numpy()
         hi = (g.get("step_time_ci_high_s", g.step_time_s).fillna(g.step_time_s) / ref).to_numpy()
         ax.errorbar(med, y, xerr=[med - lo, hi - med], fmt="o", color="k", ms=3, capsize=3, lw=1,
-                    label="whole step, median (95% CI)")
+                    label="whole step, geometric mean (95% CI)")
         ax.axvline(1.0, color="grey", ls="--", lw=0.8)
         ax.set_yticks(y, g.method)
         ax.invert_yaxis()

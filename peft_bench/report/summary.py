@@ -253,7 +253,9 @@ def _notes(r) -> str:
         cpu, steal = _num(r, "other_cpu_pct"), _num(r, "cpu_steal_pct")
         what = (f"others used up to {sig(cpu)}% CPU during the timed steps" if cpu > 10 else
                 f"steal up to {sig(steal)}%" if steal > 10 else
-                f"machine at {sig(_num(r, 'machine_speed'))}× its idle speed")
+                f"the whole run at {sig(_num(r, 'run_machine_speed'))}× the idle machine's speed"
+                if _num(r, "run_machine_speed") < 0.85 else
+                f"machine at {sig(_num(r, 'machine_speed'))}× the run's usual speed")
         notes.append(f"interference in {int(_num(r, 'interference_repeats'))} repeat(s) ({what})")
     if not learned(r):
         notes.append(f"did not learn (training loss {sig(json.loads(r.first_losses)[0])} → {sig(_num(r, 'final_loss'))}"
@@ -593,12 +595,13 @@ def repeats_section(df, env: dict) -> list[str]:
         return []
     widths = ok.ci_half_width_pct.astype(float)
     why = ok.repeats_stopped.fillna("").astype(str).value_counts()
+    lo, hi = int(ok.repeats.min()), int(ok.repeats.max())
+    took = f"{lo} processes per cell" if lo == hi else f"{lo}–{hi} processes per cell (median {ok.repeats.median():g})"
     return [f"**Repeats:** at least {env.get('repeats', '?')} processes per cell, then rounds added (each cell with "
-            f"the cells it is paired with) while its interval was wider than ±{sig(env.get('target_ci_pct', 5))} % "
-            f"(time budget {_duration(env.get('time_budget_s'))}): {int(ok.repeats.min())}–{int(ok.repeats.max())} "
-            f"processes per cell (median {sig(ok.repeats.median())}); half-widths reached {sig(widths.min())}–"
-            f"{sig(widths.max())} % (median {sig(widths.median())} %); stopped: "
-            + ", ".join(f"{k or '?'} {v}" for k, v in why.items()) + ".", ""]
+            f"the cells it is paired with) while its 95 % interval was wider than ±{env.get('target_ci_pct', 5):g} % "
+            f"(time budget {_duration(env.get('time_budget_s'))}): {took}; half-widths reached "
+            f"{sig(widths.min())}–{sig(widths.max())} % (median {sig(widths.median())} %); stopped: "
+            + ", ".join(f"{k or '?'} ({_plural(v, 'cell')})" for k, v in why.items()) + ".", ""]
 
 
 def _duration(seconds) -> str:
@@ -618,7 +621,8 @@ def interference_lines(rows, env: dict) -> list[str]:
     if still:
         one = int(env.get("repeats", 1) or 1) < 2
         out.append(f"{len(still)} cell(s) still count repeats during whose timed steps other processes used more "
-                   "than 10 % of the CPU or the machine ran below 85 % of its idle speed (see the notes column)"
+                   "than 10 % of the CPU, or the canary ran below 0.55× the run's median, or the whole run below "
+                   "0.85× the idle machine's speed (see the notes column)"
                    + ("; with one repeat nothing is measured again — their times are not comparable." if one else
                       "; their re-measurement was disturbed too, or not affordable in the time budget."))
     return [f"**Interference:** {' '.join(out)}", ""] if out else []
