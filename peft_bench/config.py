@@ -347,6 +347,7 @@ class CellSpec:
     rdzv_endpoint: str = _cell("", budget=True, late=True)  # host:port of the rendezvous for several nodes ("": this machine)
     threads_per_rank: int = _cell(0, budget=True, late=True)  # intra-op threads per rank (0: torch's default)
     gradient_checkpointing: bool = _cell(False, late=True)  # recompute each block's activations in backward
+    canary_reps: int = 15  # matmuls per canary reading: the runner asks for 5 when nothing acts on it (one repeat)
 
     def key(self) -> str:
         """Identity of a cell (--resume, compare): the same key means the same measurement."""
@@ -359,7 +360,7 @@ class CellSpec:
         return json.dumps(d, sort_keys=True)
 
 
-NOT_IN_KEY = ("matmul_peak_flops", "probes", "base_probe")  # how a cell runs, not what it measures
+NOT_IN_KEY = ("matmul_peak_flops", "probes", "base_probe", "canary_reps")  # how a cell runs, not what it measures
 SAME_CELL = tuple(f.name for f in dataclasses.fields(CellSpec) if f.name not in NOT_IN_KEY and
                   not f.metadata.get("budget"))
 

@@ -68,6 +68,7 @@ class Window:
     start: int
     end: int
     last: int
+    canary_reps: int = 15  # matmuls per canary reading (5 where nothing acts on it: a one-repeat run)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens:
     for i in range(1, window.last):
         batch = next(batches)
         if i == window.start:
-            out.canary = timing.canary_flops(trainer.device)
+            out.canary = timing.canary_flops(trainer.device, reps=window.canary_reps)
             if on_start:
                 on_start()
             guard.__enter__()
@@ -121,7 +122,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens:
                     out.load = guard.fields()
                     if on_end:
                         on_end()
-                    out.canary = min(out.canary, timing.canary_flops(trainer.device))
+                    out.canary = min(out.canary, timing.canary_flops(trainer.device, reps=window.canary_reps))
         del batch
         tick()
     return out

@@ -341,7 +341,7 @@ def window(spec: CellSpec, instrument: bool, steps: int | None = None) -> Window
     if start < 1 or spec.timed_steps < 1 or spec.train_steps < need:
         raise CellError(f"train_steps {spec.train_steps} cannot hold {spec.warmup_steps} warm-up, {spec.timed_steps} "
                         f"timed and {INSTRUMENTED_STEPS} instrumented steps (at least one warm-up and one timed)")
-    return Window(start, end, spec.train_steps if instrument else steps or end)
+    return Window(start, end, spec.train_steps if instrument else steps or end, spec.canary_reps)
 
 
 def train(s: State, instrument: bool, steps: int | None = None, progress=None):

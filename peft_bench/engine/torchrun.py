@@ -312,7 +312,7 @@ def _rank_training(s) -> None:
     trainer.step(next(got["stream"]))
     proc = PeakWindow(spec.device)
     with proc:
-        got["timed"] = run_steps(trainer, got["stream"], Window(spec.warmup_steps, end, end), s.form.tokens,
+        got["timed"] = run_steps(trainer, got["stream"], Window(spec.warmup_steps, end, end, spec.canary_reps), s.form.tokens,
                                  Hooks(on_start=proc.open, on_end=proc.close))
     batches = [next(got["stream"]) for _ in range(COUNTED_STEPS)]  # drawn before counting: no I/O inside
     dist.barrier()  # every rank enters the counted steps from the same point

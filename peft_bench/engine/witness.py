@@ -201,7 +201,7 @@ def witness_probe(s) -> None:
     drawn = iter([next(stream) for _ in range(end)])  # drawn beforehand: the outside span holds steps, not the data
     proc = PeakWindow(spec.device)
     with proc:
-        timed = run_steps(trainer, drawn, Window(spec.warmup_steps, end, end), s.form.tokens,
+        timed = run_steps(trainer, drawn, Window(spec.warmup_steps, end, end, spec.canary_reps), s.form.tokens,
                           Hooks(on_start=lambda: (proc.open(), mark("start")),
                                 on_end=lambda: (mark("end"), proc.close())))
     batch = next(stream)
