@@ -25,7 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("peft-bench")
     g.addoption("--suite", default="smoke", help="smoke | default | gpu")
     g.addoption("--device", default="cpu", help="cpu | cuda")
-    g.addoption("--results-dir", default=None, help="where metrics.csv and the report go (default results/<suite>)")
+    g.addoption("--results-dir", default=None, help="where metrics.csv and the report go (default runs/<suite>)")
     g.addoption("--cell-timeout", type=float, default=None, help="seconds per cell")
 
 
@@ -83,7 +83,7 @@ def results(request: pytest.FixtureRequest):
 
     suite = request.config.getoption("--suite")
     opts = RunConfig(suite=suite, device=request.config.getoption("--device"))
-    out = Path(request.config.getoption("--results-dir") or Path("results") / suite)
+    out = Path(request.config.getoption("--results-dir") or Path("runs") / suite)
     res = Results(out, opts)
     yield res
     if res.rows:  # the pytest front end, like the CLI: the runner's rows first, then the report reads them

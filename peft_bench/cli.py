@@ -65,8 +65,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("suites (budgets per workload; repeats; seeds):")
     for name in SUITES.names():
         s = SUITES.get(name)
-        print(f"  {name}: {s.repeats} repeat{'s' * (s.repeats != 1)}, seeds {','.join(map(str, s.seeds))}"
-              + (", accuracy probes only" if s.probes == "accuracy" else ""))
+        print(f"  {name}: {'at least ' * bool(s.time_budget_s)}{s.repeats} repeat{'s' * (s.repeats != 1)}"
+              + (f" (then rounds until --target-ci, within {s.time_budget_s / 60:g} min)" if s.time_budget_s else "")
+              + f", seeds {','.join(map(str, s.seeds))}" + (", accuracy probes only" if s.probes == "accuracy" else ""))
         for w in s.workloads:
             print(f"    {w:26s} {text(budget(s, w))}")
         if not s.workloads:

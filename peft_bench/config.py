@@ -347,7 +347,7 @@ class CellSpec:
     rdzv_endpoint: str = _cell("", budget=True, late=True)  # host:port of the rendezvous for several nodes ("": this machine)
     threads_per_rank: int = _cell(0, budget=True, late=True)  # intra-op threads per rank (0: torch's default)
     gradient_checkpointing: bool = _cell(False, late=True)  # recompute each block's activations in backward
-    canary_reps: int = 15  # matmuls per canary reading: the runner asks for 5 when nothing acts on it (one repeat)
+    canary_reps: int = 5  # matmuls per canary reading: coarse; the runner asks for 15 where repeats act on it
 
     def key(self) -> str:
         """Identity of a cell (--resume, compare): the same key means the same measurement."""

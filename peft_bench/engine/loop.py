@@ -68,7 +68,7 @@ class Window:
     start: int
     end: int
     last: int
-    canary_reps: int = 15  # matmuls per canary reading (5 where nothing acts on it: a one-repeat run)
+    canary_reps: int = 5  # matmuls per canary reading (15 where repeats act on it: `CellSpec.canary_reps`)
 
 
 @dataclass
