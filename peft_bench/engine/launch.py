@@ -36,21 +36,18 @@ def _peak_child(device: str, dtype: str, out_path: str) -> None:
 
 
 def _idle_canary(device: str) -> float:
-    """The idle machine's canary as a cell reads it: under sustained load (2 s of matmuls first: a fresh process's
-    first reading runs ~25 % slow, before the threads and the clock are up), the slower of two readings 1 s apart."""
+    """The idle machine's canary under sustained load, as cells read theirs (a fresh process's first reading runs
+    ~25 % slow, before the threads and the clock are up): 1 s of matmuls, then the median of five readings (one
+    reading alone scattered 98–190 GFLOP/s on idle cores)."""
+    import statistics
     import time
 
     import torch
 
-    def load(seconds: float) -> None:
-        a, t0 = torch.randn(1024, 1024, device=device), time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ a
-
-    load(2.0)
-    first = timing.canary_flops(device)
-    load(1.0)
-    return min(first, timing.canary_flops(device))
+    a, t0 = torch.randn(1024, 1024, device=device), time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        a @ a
+    return statistics.median(timing.canary_flops(device) for _ in range(5))
 
 
 def canary_in_child(device: str) -> float:

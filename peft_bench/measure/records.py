@@ -126,8 +126,8 @@ class InterferenceRecord:
                                   "0.55 the repeat is flagged: a neighbour holding a core, or a slow period no process "
                                   "list shows; the canary scatters ±14 % on an idle machine)")
     run_machine_speed: float = metric("the run's median canary ÷ the idle machine's, read at the start of the run under "
-                                      "the same sustained load (environment.json); below 0.85 the whole run ran slow "
-                                      "and every repeat counts as disturbed")
+                                      "the same sustained load (environment.json); below 0.7 the whole run ran slow "
+                                      "and every repeat counts as disturbed (idle: about 0.9)")
     remeasured: int = metric("repeats used that are re-measurements of a disturbed one")
     interference_window_s: float = metric("seconds the guard watched: the timed steps (the whole cell under "
                                           "torchrun); below about 1 s the kernel's 10 ms ticks hide a neighbour, and "

@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import names, results
 from ..errors import UserError
 from ..measure import records
-from ..measure.repeats import floor_of, times_by_round, used
+from ..measure.repeats import RUN_SLOW, floor_of, times_by_round, used
 from ..results import COLUMNS, TEXT, read_rows
 from .format import ci, sig, table
 from .format import mib as _mib
@@ -254,7 +254,7 @@ def _notes(r) -> str:
         what = (f"others used up to {sig(cpu)}% CPU during the timed steps" if cpu > 10 else
                 f"steal up to {sig(steal)}%" if steal > 10 else
                 f"the whole run at {sig(_num(r, 'run_machine_speed'))}× the idle machine's speed"
-                if _num(r, "run_machine_speed") < 0.85 else
+                if _num(r, "run_machine_speed") < RUN_SLOW else
                 f"machine at {sig(_num(r, 'machine_speed'))}× the run's usual speed")
         notes.append(f"interference in {int(_num(r, 'interference_repeats'))} repeat(s) ({what})")
     if not learned(r):
@@ -622,7 +622,7 @@ def interference_lines(rows, env: dict) -> list[str]:
         one = int(env.get("repeats", 1) or 1) < 2
         out.append(f"{len(still)} cell(s) still count repeats during whose timed steps other processes used more "
                    "than 10 % of the CPU, or the canary ran below 0.55× the run's median, or the whole run below "
-                   "0.85× the idle machine's speed (see the notes column)"
+                   "0.7× the idle machine's speed (see the notes column)"
                    + ("; with one repeat nothing is measured again — their times are not comparable." if one else
                       "; their re-measurement was disturbed too, or not affordable in the time budget."))
     return [f"**Interference:** {' '.join(out)}", ""] if out else []
