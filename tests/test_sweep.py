@@ -180,13 +180,13 @@ def test_bad_sweeps_are_refused_in_one_line_before_anything_is_written(args, mes
 
 
 def test_sweep_of_sequence_length_fits_peak_memory_growth(tmp_path):
-    """Full and LoRA over 32…128 tokens: peak memory fitted as static + a·s + b·s² with the static part each cell's
+    """Full and LoRA over 16…64 tokens: peak memory fitted as static + a·s + b·s² with the static part each cell's
     closed form (full's ≠ LoRA's), activations growing (a > 0) and the fit through the measured points."""
     out = tmp_path / "sweep"
     assert main(["sweep", "--workloads", "gpt-neo-125m-arch-tiny", "--methods", "full,lora", "--vary",
-                 "seq_len=32,64,128", "--out", str(out), "--steps", "4"]) == 0
+                 "seq_len=16,32,64", "--out", str(out), "--steps", "4"]) == 0
     metrics = pd.read_csv(out / "metrics.csv")
-    assert sorted(set(metrics.vary_value)) == [32, 64, 128] and set(metrics.vary) == {"seq_len"}
+    assert sorted(set(metrics.vary_value)) == [16, 32, 64] and set(metrics.vary) == {"seq_len"}
     assert (metrics.seq_len == metrics.vary_value).all()
     fits = pd.read_csv(out / "fits.csv")
     assert {"method", "metric", "model", "a", "b", "r2"} <= set(fits.columns)

@@ -37,7 +37,7 @@ def _peak_child(device: str, dtype: str, out_path: str) -> None:
 
 def _idle_canary(device: str) -> float:
     """The idle machine's canary under sustained load, as cells read theirs (a fresh process's first reading runs
-    ~25 % slow, before the threads and the clock are up): 1 s of matmuls, then the median of five readings (one
+    ~25 % slow, before the threads and the clock are up): 0.5 s of matmuls, then the median of three readings (one
     reading alone scattered 98–190 GFLOP/s on idle cores)."""
     import statistics
     import time
@@ -45,9 +45,9 @@ def _idle_canary(device: str) -> float:
     import torch
 
     a, t0 = torch.randn(1024, 1024, device=device), time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
+    while time.perf_counter() - t0 < 0.5:
         a @ a
-    return statistics.median(timing.canary_flops(device) for _ in range(5))
+    return statistics.median(timing.canary_flops(device) for _ in range(3))
 
 
 def canary_in_child(device: str) -> float:

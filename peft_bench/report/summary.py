@@ -597,6 +597,9 @@ def repeats_section(df, env: dict) -> list[str]:
     why = ok.repeats_stopped.fillna("").astype(str).value_counts()
     lo, hi = int(ok.repeats.min()), int(ok.repeats.max())
     took = f"{lo} processes per cell" if lo == hi else f"{lo}–{hi} processes per cell (median {ok.repeats.median():g})"
+    if env.get("target_ci_pct") is None:  # made before --target-ci: a fixed number of rounds
+        return [f"**Repeats:** {took}, a fixed number of rounds (made before `--target-ci`); 95 % half-widths "
+                f"{sig(widths.min())}–{sig(widths.max())} % (median {sig(widths.median())} %).", ""]
     return [f"**Repeats:** at least {env.get('repeats', '?')} processes per cell, then rounds added (each cell with "
             f"the cells it is paired with) while its 95 % interval was wider than ±{env.get('target_ci_pct', 5):g} % "
             f"(time budget {_duration(env.get('time_budget_s'))}): {took}; half-widths reached "
@@ -615,7 +618,10 @@ def interference_lines(rows, env: dict) -> list[str]:
     still = [r for r in rows if _num(r, "interference_repeats") > 0]
     again = [r for r in rows if _num(r, "remeasured") > 0]
     out = []
-    if again:
+    if again and env.get("target_ci_pct") is None:
+        out.append(f"{len(again)} cell(s) had a disturbed repeat measured again after the rounds (the procedure before "
+                   "pairs: the re-measurement was paired with the reference's original round).")
+    elif again:
         out.append(f"{len(again)} cell(s) had a disturbed repeat measured again, as a pair with the cells it is "
                    "compared with, in a new round; the disturbed one was set aside.")
     if still:
