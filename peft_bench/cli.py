@@ -181,7 +181,7 @@ def reaggregate(out: Path) -> None:
     from .measure.repeats import aggregate
 
     rows, samples = results.read_rows(out / "metrics.csv"), results.read_samples(out / "repeats.csv")
-    env = json.loads((out / "environment.json").read_text()) if (out / "environment.json").exists() else {}
+    env = results.read_environment(out)
     results.write_rows(out / "metrics.csv", aggregate(rows, samples, str(env.get("run_id") or ""),
                                                       env.get("canary_idle_flops_per_s")))
     if env:  # the summary says which code computed the intervals

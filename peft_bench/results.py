@@ -94,6 +94,17 @@ def read_samples(path: Path) -> list[dict]:
     return rows
 
 
+def read_environment(out: Path) -> dict:
+    """A results folder's environment.json ({} if none); one that does not parse is refused in one line."""
+    import json
+
+    path = Path(out) / "environment.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON; remove it or re-run") from None
+
+
 def read_header(path: Path) -> set[str]:
     """The column names of an existing CSV (an empty set if none)."""
     return _read_csv(path)[0] if path.exists() else set()

@@ -31,8 +31,12 @@ def _context():
 
 
 def _peak_child(device: str, dtype: str, out_path: str) -> None:
-    value = _idle_canary(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
-    Path(out_path).write_text(repr(value))
+    Path(out_path).write_text(repr(_speed(device, dtype)))
+
+
+def _speed(device: str, dtype: str) -> float:
+    """The matmul peak in `dtype`, or with dtype "canary" the idle machine's canary."""
+    return _idle_canary(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
 
 
 def _idle_canary(device: str) -> float:
@@ -70,8 +74,7 @@ def matmul_peak_in_child(device: str, dtype: str) -> float:
         proc = _context().Process(target=_peak_child, args=(device, dtype, str(path)))
         proc.start()
         proc.join()
-        _PEAKS[device, dtype] = float(path.read_text()) if path.exists() else \
-            _idle_canary(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
+        _PEAKS[device, dtype] = float(path.read_text()) if path.exists() else _speed(device, dtype)
     return _PEAKS[device, dtype]
 
 
@@ -141,8 +144,7 @@ def _with_load(row: dict, load) -> dict:
     is another's "other process") gets what other processes did while the whole cell ran."""
     if row.get("status") == "ok":
         if "other_cpu_pct" not in row:
-            row.update(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
-                       interference_repeats=int(load.busy), interference_window_s=load.wall_s)
+            row.update(load.fields())
         row["remeasured"] = 0
     return row
 

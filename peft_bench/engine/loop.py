@@ -119,7 +119,7 @@ def run_steps(trainer: Trainer, batches: Iterator[dict], window: Window, tokens:
                 _record(out, batch, wall, split, tokens)
                 if i == window.end - 1:
                     guard.__exit__(None, None, None)
-                    out.load = guard.fields()
+                    out.load = guard.load.fields()
                     if on_end:
                         on_end()
                     out.canary = min(out.canary, timing.canary_flops(trainer.device, reps=window.canary_reps))

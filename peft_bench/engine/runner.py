@@ -191,11 +191,14 @@ class Run:
         mine = rep.of_run(self.samples, self.run_id)
         return max([int(s["repeat"]) + 1 for s in mine] + [self.n_rounds])
 
-    def _too_wide(self) -> list[str]:
-        """Cells whose judged interval (`ci_half_width_pct`) is still wider than the target (or has none)."""
+    def _met(self) -> dict[str, bool]:
+        """Each ok cell: is its judged interval (`ci_half_width_pct`) within the target? (None is not.)"""
         rows = rep.aggregate(self.rows, self.samples, self.run_id, self.reference)
-        return [r["cell_key"] for r in rows if r.get("status") == "ok" and not
-                rep.number(r.get("ci_half_width_pct")) <= self.cfg.target_ci]
+        return {r["cell_key"]: rep.number(r.get("ci_half_width_pct")) <= self.cfg.target_ci
+                for r in rows if r.get("status") == "ok"}
+
+    def _too_wide(self) -> list[str]:
+        return [k for k, met in self._met().items() if not met]
 
     def _affordable(self, todo: set[str]) -> bool:
         """Time left for one more process of each cell in `todo` (each costing what its last one did)."""
@@ -204,11 +207,10 @@ class Run:
         return time.monotonic() - self.t0 + cost <= self.budget
 
     def _stopped(self, why: str) -> None:
-        agg = {r["cell_key"]: r for r in rep.aggregate(self.rows, self.samples, self.run_id, self.reference)}
+        met = self._met()
         for row in self.rows:
             if row.get("status") == "ok":
-                met = rep.number(agg.get(row["cell_key"], {}).get("ci_half_width_pct")) <= self.cfg.target_ci
-                row["repeats_stopped"] = "target met" if met and why != "one repeat" else why
+                row["repeats_stopped"] = "target met" if met.get(row["cell_key"]) and why != "one repeat" else why
         self.save()
 
     def outcome(self, code: int | None = None) -> Outcome:

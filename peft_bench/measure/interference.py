@@ -35,6 +35,11 @@ class Load:
     def busy(self) -> bool:
         return self.other_cpu_pct > THRESHOLD_PCT or self.steal_pct > THRESHOLD_PCT
 
+    def fields(self) -> dict:
+        """The row's interference columns."""
+        return dict(other_cpu_pct=self.other_cpu_pct, cpu_steal_pct=self.steal_pct, load_avg_1m=self.load_avg_1m,
+                    interference_repeats=int(self.busy), interference_window_s=self.wall_s)
+
 
 def own_cpu_s() -> float:
     """CPU seconds this process has used so far, every thread, user + system."""
@@ -65,12 +70,6 @@ class Window:
         others = max(0.0, _busy(sys1) - _busy(self._sys0) - own - slack)
         steal = max(0.0, getattr(sys1, "steal", 0.0) - getattr(self._sys0, "steal", 0.0))
         self.load = Load(100 * others / capacity, 100 * steal / capacity, psutil.getloadavg()[0], wall)
-
-    def fields(self) -> dict:
-        """The row's interference columns from this window."""
-        load = self.load
-        return dict(other_cpu_pct=load.other_cpu_pct, cpu_steal_pct=load.steal_pct, load_avg_1m=load.load_avg_1m,
-                    interference_repeats=int(load.busy), interference_window_s=load.wall_s)
 
 
 def machine_load(seconds: float = 1.0) -> Load:

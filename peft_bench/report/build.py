@@ -7,8 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import UserError
-from ..results import atomic_write_text, read_rows, read_samples
+from ..results import atomic_write_text, read_environment, read_rows, read_samples
 from . import distributed as dist_report
 from . import fits as sweep
 from . import plots
@@ -24,11 +23,7 @@ def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
     per-layer activation lines of a sweep; without it those lines are left out."""
     df = load_frame(out)  # refuses bad values before anything is written
     samples = read_samples(out / "repeats.csv")
-    env_path = out / "environment.json"
-    try:
-        env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    except ValueError:
-        raise UserError(f"{env_path} is not valid JSON; remove it or re-run") from None
+    env = read_environment(out)
     seeds = across_seeds(df)
     if len(seeds):
         seeds.to_csv(out / "summary_seeds.csv", index=False)

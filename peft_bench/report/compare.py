@@ -34,7 +34,8 @@ from .. import results
 from ..config import SAME_CELL, cell_defaults
 from ..errors import UserError
 from ..measure.repeats import floor_of, of_run, used
-from ..measure.stats import Estimate, t_quantile
+from ..measure.repeats import number as _f
+from ..measure.stats import Estimate, welch_difference
 from .format import sig, table
 
 EXACT = ("trainable_params", "total_params", "static_closed_form_bytes", "checkpoint_bytes")
@@ -75,11 +76,7 @@ def _load(path: Path) -> Side:
     if not (path / "metrics.csv").is_file():
         raise UserError(f"{path} has no metrics.csv; pass the --out directory of a run")
     rows = results.read_rows(path / "metrics.csv")
-    env_path = path / "environment.json"
-    try:
-        env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    except json.JSONDecodeError:
-        raise UserError(f"{env_path} is not valid JSON") from None
+    env = results.read_environment(path)
     by_id: dict[str, dict] = {}
     for r in rows:
         ident = _identity(r)[0]
@@ -118,13 +115,6 @@ def _label(row: dict) -> str:
     return f"{row['method']} × {row['workload']}" + (f" ({extra})" if extra else "")
 
 
-def _f(x) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _diff(a: dict, b: dict, keys) -> str:
     return ", ".join(f"{k} {a.get(k)} → {b.get(k)}" for k in keys if a.get(k) != b.get(k))
 
@@ -140,11 +130,9 @@ def _step_ratio(b: dict, n: dict, bs: dict | None, ns: dict | None) -> Estimate:
     r = nv / bv
     lb, ln = _logs(bs), _logs(ns)
     if len(lb) >= 2 and len(ln) >= 2:
-        va, vb = _var(ln) / len(ln), _var(lb) / len(lb)
-        se = math.sqrt(va + vb)
-        dof = (va + vb) ** 2 / (va**2 / (len(ln) - 1) + vb**2 / (len(lb) - 1)) if se else 1
-        half = t_quantile(0.95, dof) * se
-        return Estimate(r, r * math.exp(-half), r * math.exp(half), min(len(lb), len(ln)))
+        d = welch_difference(ln, lb)
+        half = (d.high - d.low) / 2
+        return Estimate(r, r * math.exp(-half), r * math.exp(half), d.n)
     ends = [_f(x.get(k)) for x in (b, n) for k in ("step_time_ci_low_s", "step_time_ci_high_s")]
     if any(e != e or e <= 0 for e in ends) or len(lb) == 1 or len(ln) == 1:
         return Estimate(r, math.nan, math.nan, 1)
@@ -152,11 +140,6 @@ def _step_ratio(b: dict, n: dict, bs: dict | None, ns: dict | None) -> Estimate:
     down = math.hypot(math.log(nv / nlo), math.log(bhi / bv))
     up = math.hypot(math.log(nhi / nv), math.log(bv / blo))
     return Estimate(r, r * math.exp(-down), r * math.exp(up), 2)
-
-
-def _var(xs: list[float]) -> float:
-    m = sum(xs) / len(xs)
-    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
 
 
 def _fmt(metric: str, x: float) -> str:

@@ -516,8 +516,7 @@ def readme_markers(out: Path) -> tuple[str, str]:
 def accuracy_readme_block(out: Path) -> str:
     """The README's accuracy section: mean accuracy over seeds per method and workload, from `out`."""
     df = load_frame(out)
-    env_path = out / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env = results.read_environment(out)
     seeds = across_seeds(df)
     if not len(seeds):
         raise UserError(f"{out}/metrics.csv has no method with two or more seeds on a pretrained workload")
@@ -540,8 +539,7 @@ def accuracy_readme_block(out: Path) -> str:
 def readme_block(out: Path, workload: str = README_WORKLOAD) -> str:
     """The README's results section: one workload's main numbers from `out`, generated (never typed by hand)."""
     df = load_frame(out)
-    env_path = out / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env = results.read_environment(out)
     floor, aa = floor_of_frame(df)
     g = cells(df)
     g = g[g.workload == workload]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..results import read_environment
 from . import summary as report
 from .format import table
 
@@ -35,8 +36,7 @@ def summary(out: Path) -> str:
     df = report.load_frame(out)
     if df.empty:
         raise UserError(f"{out}/metrics.csv has no rows")
-    env_path = out / "environment.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env = read_environment(out)
     chosen = choose([r.to_dict() for _, r in df.iterrows()])
     lines = ["# Learning-rate sweep", "",
              f"Made by `{env.get('command', 'peft-bench tune')}` at commit {str(env.get('git_commit', ''))[:10]} "
