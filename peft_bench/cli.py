@@ -182,7 +182,7 @@ def reaggregate(out: Path) -> None:
 
     rows, samples = results.read_rows(out / "metrics.csv"), results.read_samples(out / "repeats.csv")
     env = results.read_environment(out)
-    results.write_rows(out / "metrics.csv", aggregate(rows, samples, str(env.get("run_id") or ""),
+    results.write_rows(out / "metrics.csv", aggregate(rows, samples, env.get("run_id"),
                                                       env.get("canary_idle_flops_per_s")))
     if env:  # the summary says which code computed the intervals
         import datetime

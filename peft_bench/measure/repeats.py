@@ -42,7 +42,7 @@ def sample(row: dict, key: str, repeat: int, remeasured: bool = False, run_id: s
 
 
 def of_run(samples: list[dict], run_id: str | None) -> list[dict]:
-    """The samples of one run (all of them when `run_id` is None; files from before run ids hold run id '')."""
+    """The samples of one run (all of them when `run_id` is None: a folder from before run ids)."""
     return samples if run_id is None else [s for s in samples if str(s.get("run_id") or "") == run_id]
 
 

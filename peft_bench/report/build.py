@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..measure.repeats import of_run
 from ..results import atomic_write_text, read_environment, read_rows, read_samples
 from . import distributed as dist_report
 from . import fits as sweep
@@ -22,8 +23,8 @@ def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
     `arch(workload, width, depth)`: the engine's description of a model a sweep built (layers, width, heads), for the
     per-layer activation lines of a sweep; without it those lines are left out."""
     df = load_frame(out)  # refuses bad values before anything is written
-    samples = read_samples(out / "repeats.csv")
     env = read_environment(out)
+    samples = of_run(read_samples(out / "repeats.csv"), env.get("run_id"))  # this run's repeats, as metrics.csv's
     seeds = across_seeds(df)
     if len(seeds):
         seeds.to_csv(out / "summary_seeds.csv", index=False)

@@ -87,7 +87,7 @@ def _load(path: Path) -> Side:
     _check_numbers(path, rows)
     samples = results.read_samples(path / "repeats.csv")
     return Side(path, by_id, env, results.read_header(path / "metrics.csv"),
-                used(of_run(samples, env.get("run_id", "") if samples else None)))
+                used(of_run(samples, env.get("run_id"))))
 
 
 def _check_numbers(path: Path, rows: list[dict]) -> None:
