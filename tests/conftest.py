@@ -50,3 +50,17 @@ def tiny_batch(family: str, batch: int = 3, length: int = 7) -> dict[str, torch.
     if family == "bert":
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (batch,), generator=g)}
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+@pytest.fixture(scope="session")
+def repeated(tmp_path_factory):
+    """One real run with repeats (full, LoRA and an unsupported prefix on the tiny MLP; 2 rounds with an A/A copy),
+    read by test_repeats.py and test_report.py — both in the xdist group "repeats", so it runs once."""
+    from peft_bench.cli import run_and_report
+    from peft_bench.config import RunConfig
+
+    out = tmp_path_factory.mktemp("repeats") / "run"
+    opts = RunConfig(suite="smoke", methods=("full", "lora", "prefix"), workloads=("mlp-mnist-tiny",), out=out,
+                     train_steps=4, repeats=2)
+    assert run_and_report(opts, ["run", "--repeats", "2"]) == 0
+    return out

@@ -193,6 +193,27 @@ def test_suite_rates_are_the_committed_tuning_choice():
                 assert learning_rate(m, wl, "x") == rates["lora"]
 
 
+def test_each_rate_says_whether_it_was_tuned_and_the_summary_says_who_did_not_learn_at_it():
+    import pandas as pd
+
+    from peft_bench.engine.suites import lr_source
+
+    tuned = TUNED["minilm-sentiment"]["lora"]
+    assert lr_source("lora", "minilm-sentiment", "encoder", tuned) == "tuned"
+    assert lr_source("hf-lora", "minilm-sentiment", "encoder", tuned) == "tuned"  # lora's parametrisation
+    assert lr_source("lora", "minilm-sentiment", "encoder", tuned * 3) == "asked"
+    assert lr_source("full", "gpt-neo-125m-arch", "decoder", 5e-5) == "conventional"
+    assert lr_source("full", "gpt-neo-125m-arch", "decoder", 1e-4) == "asked"
+    rows = pd.DataFrame([dict(method=m, lr=lr, loss_probe_drop_ci_low=d, status="ok")
+                         for m, lr, d in (("lora", 1e-3, 0.2), ("vera", 1e-2, -0.1), ("ia3", 3e-3, -0.05))])
+    sources = {"lora": "tuned", "vera": "tuned", "ia3": "conventional"}
+    assert report._rates(rows, sources) == ("AdamW learning rates (tuned on the validation split by `peft-bench tune`, "
+                                            "unless marked): lora 0.001, vera 0.01, ia3 0.003 (untuned).")
+    assert report._unlearned(rows, sources) == ["Did not learn within this budget at its tuned rate: vera; at an "
+                                                "untuned rate: ia3.", ""]
+    assert report._unlearned(rows, {}) == [] and report._rates(rows, {}).startswith("AdamW learning rates: lora")
+
+
 def test_accuracy_suite_covers_every_method_on_every_pretrained_workload_with_three_seeds():
     s = get_suite("accuracy")
     assert s.seeds == (0, 1, 2) and s.probes == "accuracy"

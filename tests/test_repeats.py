@@ -16,16 +16,14 @@ import pandas as pd
 import pytest
 
 from peft_bench.cli import main
-from peft_bench.cli import run_and_report as run_suite
-from peft_bench.config import RunConfig as RunOptions
 from peft_bench.measure import interference, stats, timing
 from peft_bench.measure.repeats import aggregate, sample
 from peft_bench.report import summary as report
 
 from .markdown import tables
 
-# One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): its tests share one module-scoped run
-# with repeats (once, not once per worker), and two load the whole machine on purpose.
+# One xdist worker (`pytest -n 2 --dist loadgroup`, the README's test command): its tests share the session's run
+# with repeats with test_report.py (once, not once per worker), and two load the whole machine on purpose.
 pytestmark = pytest.mark.xdist_group("repeats")
 
 
@@ -200,13 +198,7 @@ def test_a_run_on_a_busy_machine_is_refused_before_anything_is_written(tmp_path,
 
 
 # -- a real run with repeats --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def repeated(tmp_path_factory):
-    out = tmp_path_factory.mktemp("repeats") / "run"
-    opts = RunOptions(suite="smoke", methods=["full", "lora", "prefix"], workloads=["mlp-mnist-tiny"], out=out,
-                      train_steps=4, repeats=2)
-    assert run_suite(opts, ["run", "--repeats", "2"]) == 0
-    return out
+# `repeated`: the session's run with repeats (tests/conftest.py), shared with test_report.py
 
 
 def test_repeats_run_round_robin_with_an_aa_copy(repeated):

@@ -133,12 +133,14 @@ def test_sigterm_mid_run_keeps_finished_rows_and_leaves_no_process(tmp_path):
 
     out = tmp_path / "o"
     env = {**os.environ, "PEFT_BENCH_ALLOW_BUSY": "1", "HF_HUB_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "peft_bench.cli", "run", "--workloads", "mlp-mnist-tiny,gpt-neo-tiny",
-                          "--methods", "full,lora", "--steps", "3000", "--out", str(out)],
+    # the smoke suite: one repeat (no idle reference, no A/A copy); 300 steps keep the second cell running for
+    # seconds after the first cell's row is written, when the signal comes
+    p = subprocess.Popen([sys.executable, "-m", "peft_bench.cli", "run", "--suite", "smoke", "--workloads",
+                          "mlp-mnist-tiny,gpt-neo-tiny", "--methods", "full,lora", "--steps", "300", "--out", str(out)],
                          stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "metrics.csv").exists():  # the first cell has finished
-        time.sleep(0.5)
+        time.sleep(0.02)
     assert (out / "metrics.csv").exists()
     children = psutil.Process(p.pid).children(recursive=True)
     os.kill(p.pid, signal.SIGTERM)

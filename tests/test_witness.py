@@ -103,7 +103,7 @@ def test_tracker_peak_and_categories_against_the_profiler_timeline_on_gpt_neo():
 def _validate(capsys, *argv) -> list[str]:
     from peft_bench.cli import main
 
-    code = main(["validate", "--methods", "lora", "--steps", "4", "--allow-busy", *argv])
+    code = main(["validate", "--methods", "lora", "--steps", "6", "--allow-busy", *argv])
     out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if x.strip()]
     assert code == 0, out

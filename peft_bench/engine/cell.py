@@ -355,7 +355,8 @@ def run_in_child(spec: dict, out_path: str) -> None:
     from ..measure.interference import own_cpu_s
 
     row["cell_cpu_s"] = own_cpu_s()  # the runner subtracts it from the machine's busy time over the cell
-    Path(out_path).write_text(json.dumps(row, default=float))
+    if Path(out_path).parent.is_dir():  # else the run that asked has ended (interrupted as this process started)
+        Path(out_path).write_text(json.dumps(row, default=float))
 
 
 def main(argv: list[str] | None = None) -> int:

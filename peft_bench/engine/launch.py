@@ -116,12 +116,13 @@ def _run_forked(spec: CellSpec, timeout: float | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp, Window() as window:
         row_path = Path(tmp, "row.json")
         proc = _context().Process(target=run_in_child, args=(dataclasses.asdict(spec), str(row_path)))
-        proc.start()
         try:
+            proc.start()
             proc.join(timeout)
-        except BaseException:  # Ctrl-C or SIGTERM: the running cell ends with the run
-            proc.kill()
-            proc.join()
+        except BaseException:  # Ctrl-C or SIGTERM (also while the process starts): the cell ends with the run
+            if proc.pid is not None:
+                proc.kill()
+                proc.join()
             raise
         if proc.is_alive():
             proc.kill()

@@ -102,7 +102,10 @@ class Run:
             self.reference = launch.canary_in_child(cfg.device)
         env.update(dtype="+".join(peaks), repeats=self.n_rounds, seeds=list(seeds_of(cfg)),  # --dtype auto resolved
                    run_id=self.run_id, canary_idle_flops_per_s=self.reference, target_ci_pct=cfg.target_ci,
-                   time_budget_s=self.budget or None)
+                   time_budget_s=self.budget or None, lr_sources=_lr_sources(self.cells))
+        if cfg.resume and self.before:  # the runs before this one, whose rows it keeps
+            env["resumed_runs"] = self.before.get("resumed_runs", []) + [
+                {k: self.before.get(k) for k in ("git_commit", "date_utc", "command")}]
         results.atomic_write_text(self.out / "environment.json", json.dumps(env, indent=2) + "\n")
         self.done = {r.get("cell_key") for r in self.rows if r.get("status") in FINISHED}
         self.have = {(s["cell_key"], int(s["repeat"])) for s in self.samples if s.get("status") == "ok"}
@@ -239,6 +242,18 @@ def run_suite(cfg: RunConfig, argv: list[str] | None = None) -> Outcome:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _lr_sources(cells) -> dict[str, dict[str, str]]:
+    """workload → method → where its rate came from (`suites.lr_source`), for the report to say."""
+    from ..workloads import get_workload
+    from .suites import lr_source
+
+    out: dict[str, dict[str, str]] = {}
+    for c in (c for c in cells if c.workload and not c.replica):
+        out.setdefault(c.workload, {})[c.method] = lr_source(c.method, c.workload, get_workload(c.workload).family,
+                                                             c.lr)
+    return out
 
 
 def _old_environment(out: Path) -> dict:

@@ -58,7 +58,8 @@ TUNED: dict[str, dict[str, float]] = {
 }
 TUNED_SOURCE = "results/tune/summary.md"
 # The rates `peft-bench tune` tries by default, around each method's conventional rate (a factor ~3 apart).
-LR_GRID = {"full": (1e-5, 3e-5, 1e-4), "prefix": (3e-3, 1e-2, 3e-2), "p-tuning": (3e-3, 1e-2, 3e-2)}
+LR_GRID = {"full": (1e-5, 3e-5, 1e-4), "prefix": (3e-3, 1e-2, 3e-2), "p-tuning": (3e-3, 1e-2, 3e-2),
+           "ia3": (1e-3, 3e-3, 1e-2), "vera": (3e-3, 1e-2, 3e-2), "prompt-tuning": (1e-2, 3e-2, 1e-1)}
 LR_GRID_ADAPTERS = (3e-4, 1e-3, 3e-3)
 
 
@@ -78,6 +79,18 @@ def learning_rate(method: str, workload: str, family: str) -> float:
     if family == "mlp":
         return 1e-3  # the tutorial's Adam rate, for every method
     return CONVENTIONAL.get(method, 1e-3)
+
+
+def lr_source(method: str, workload: str, family: str, lr: float) -> str:
+    """Where a cell's rate came from: "tuned" (TUNED, chosen on the validation split), "conventional" (the untuned
+    fallback below) or "asked" (--lr)."""
+    from ..methods import method_class
+
+    tuned = TUNED.get(workload, {})
+    for name in (method, method_class(method).tunes_like):
+        if name in tuned:
+            return "tuned" if tuned[name] == lr else "asked"
+    return "conventional" if lr == learning_rate(method, workload, family) else "asked"
 
 
 # Untuned rates for transformers (1e-3 for any other adapter), from the methods' papers and peft's examples. Only the

@@ -29,9 +29,9 @@ def default_workloads() -> list[str]:
 
 
 def default_methods() -> list[str]:
-    from .suites import CORE
+    from .suites import ALL
 
-    return [m for m in CORE if method_class(m).tunes_like is None]
+    return [m for m in ALL if method_class(m).tunes_like is None]
 
 
 def run(asked: RunConfig, argv: list[str] | None = None) -> Outcome:

@@ -35,6 +35,9 @@ from ..measure.comm import WIRE_TOLERANCE
 SAMPLE_S = 0.0005
 # instrument → (tolerance, what it is relative to)
 TOLERANCE = {"tensor peak": 0.01, "process peak": 0.05, "step time": 0.05, "wire bytes": WIRE_TOLERANCE}
+# The outside span also holds the two marks' trip down the pipe to this process, which may be waiting for a core on a
+# busy machine (seen: 4.6 ms on one 84 ms step with both cores taken): allowed on top of the 5 %.
+MARK_DELIVERY_S = 0.010
 
 
 @dataclasses.dataclass
@@ -154,8 +157,9 @@ def verdicts(spec, got: dict) -> list[Verdict]:
     walls, outside = sum(got["walls"]), got["outside_s"]
     out.append(Verdict("step time", cell, f"{1e3 * walls:,.1f} ms over {len(got['walls'])} timed steps (cell clock)",
                        f"{1e3 * outside:,.1f} ms (this process's clock between the child's marks)",
-                       within(walls, outside, TOLERANCE["step time"]), "the outside span also holds the loop's "
-                       "own work between steps"))
+                       abs(outside - walls) <= TOLERANCE["step time"] * walls + MARK_DELIVERY_S,
+                       "the outside span also holds the loop's own work between steps and the marks' trip down a "
+                       f"pipe (up to 5 % + {1e3 * MARK_DELIVERY_S:.0f} ms)"))
     return out
 
 

@@ -426,7 +426,8 @@ def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool =
         lines += [f"Tables and plots of cost show seed {int(main.seed.min())}; accuracy over every seed is in its own "
                   "section below.", ""]
     for wl, g in main.groupby("workload", sort=False):
-        lines += _workload_section(wl, in_registry_order(g), samples, floor, per_method)
+        lines += _workload_section(wl, in_registry_order(g), samples, floor, per_method,
+                                   (env or {}).get("lr_sources", {}).get(wl, {}))
     lines += seeds_section(across_seeds(df)) + _footer(main)
     return "\n".join(lines)
 
@@ -451,7 +452,31 @@ def _made_by(env: dict) -> list[str]:
                if env.get("reaggregated") else ""), ""]
 
 
-def _workload_section(wl: str, g, samples: list[dict], floor: float, per_method: bool) -> list[str]:
+def _rates(ok, sources: dict[str, str]) -> str:
+    """The AdamW rates of a workload's cells, each marked untuned where it was not chosen on a validation split."""
+    marks = {"conventional": " (untuned)", "asked": " (--lr)"}
+    head = "AdamW learning rates" + (" (tuned on the validation split by `peft-bench tune`, unless marked)"
+                                     if "tuned" in sources.values() else "")
+    return head + ": " + ", ".join(f"{r.method} {r.lr:g}{marks.get(sources.get(r.method), '')}"
+                                   for _, r in ok.iterrows()) + "."
+
+
+def _unlearned(ok, sources: dict[str, str]) -> list[str]:
+    """Which cells did not learn, and whether at a tuned rate (a method's limit at this budget) or not (maybe the
+    rate's)."""
+    missed = [r.method for _, r in ok.iterrows() if not learned(r)]
+    if not missed or not sources:
+        return []
+    at = {"tuned": [], "other": []}
+    for m in missed:
+        at["tuned" if sources.get(m) == "tuned" else "other"].append(m)
+    text = "; ".join(x for x in (f"at its tuned rate: {', '.join(at['tuned'])}" if at["tuned"] else "",
+                                 f"at an untuned rate: {', '.join(at['other'])}" if at["other"] else "") if x)
+    return [f"Did not learn within this budget {text}.", ""]
+
+
+def _workload_section(wl: str, g, samples: list[dict], floor: float, per_method: bool,
+                      sources: dict[str, str]) -> list[str]:
     """One workload's tables: at a glance (many methods), the main table, hand-written vs peft, pairwise step-time
     ratios, checkpoints."""
     ok = g[g.status == "ok"]
@@ -462,9 +487,8 @@ def _workload_section(wl: str, g, samples: list[dict], floor: float, per_method:
              + (f" × {_int(first, 'seq_len')} tokens" if _int(first, "seq_len") not in ("", "0") else "")
              + f"; {_int(first, 'train_steps')} training steps, {_int(first, 'timed_steps')} timed per repeat"
              + f"; device {first.get('device')}; dtype {first.get('dtype', '')}; tokenizer: "
-             f"{first.get('tokenizer') or 'none'}; AdamW learning rates: "
-             + ", ".join(f"{r.method} {r.lr:g}" for _, r in ok.iterrows()) + "."
-             + _base_line(ok, wl), ""]
+             f"{first.get('tokenizer') or 'none'}; " + _rates(ok, sources)
+             + _base_line(ok, wl), ""] + _unlearned(ok, sources)
     if len(g) > MATRIX_MAX and glance(g, floor):
         lines += ["At a glance, relative to full fine-tuning on this workload (details in the next table):", ""]
         lines += glance(g, floor) + [""]

@@ -32,6 +32,16 @@ def choose(rows: list[dict]) -> dict[str, dict[str, float]]:
     return chosen
 
 
+def _earlier(env: dict) -> list[str]:
+    """The runs this one resumed (`--resume` adds cells to a finished sweep): their commits and dates."""
+    made = env.get("resumed_runs") or []
+    if not made:
+        return []
+    return ["This sweep was resumed: cells were also made " + "; ".join(
+        f"at commit {str(m.get('git_commit', ''))[:10]} ({m.get('date_utc', '?')}, `{m.get('command', '?')}`)"
+        for m in made) + "; the commit above made the rest.", ""]
+
+
 def summary(out: Path) -> str:
     df = report.load_frame(out)
     if df.empty:
@@ -45,10 +55,12 @@ def summary(out: Path) -> str:
              "split is never read. The highest validation accuracy is chosen (**bold**; the lower rate on a tie); "
              "intervals are 95 % Wilson. "
              "A chosen rate whose interval overlaps another's is a choice within the noise, not a ranking. "
-             "`lora-parametrize` and `hf-lora` take `lora`'s rate (the same parametrisation).", ""]
-    if "loss_probe_drop_ci_low" not in df.columns or df.loss_probe_drop_ci_low.isna().all():
-        lines += ["These cells predate the paired learning probe: \"lower (point estimate)\" says only that the last "
-                  "window's mean training loss is below the first window's, not that the drop exceeds batch noise.", ""]
+             "`lora-parametrize` and `hf-lora` take `lora`'s rate, `dora` takes `hf-dora`'s (the same "
+             "parametrisation; `tunes_like` in `peft-bench list`'s registry).", ""] + _earlier(env)
+    if "loss_probe_drop_ci_low" not in df.columns or df.loss_probe_drop_ci_low.isna().any():
+        lines += ["Cells made before the paired learning probe existed say \"lower (point estimate)\": only that the "
+                  "last window's mean training loss is below the first window's, not that the drop exceeds batch "
+                  "noise.", ""]
     for wl, g in df.groupby("workload", sort=False):
         ok = g[g.status == "ok"]
         first = ok.iloc[0] if len(ok) else g.iloc[0]
