@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import add_flags, from_flags, nonnegative_int, out_dir
 from .errors import UserError
-from .results import atomic_write_text
+from .results import atomic_write_text, read_rows
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,6 +139,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return done.code
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .engine import predict
+    from .engine.capacity import parse_bytes
+    from .report import plan
+
+    cfg = from_flags(vars(args), "plan")
+    if cfg.against:
+        measured = read_rows(Path(cfg.against) / "metrics.csv")
+        if not measured:
+            raise UserError(f"plan --against {cfg.against}: no metrics.csv rows there")
+        rows = predict.against(measured)
+        print(plan.against_table(rows, cfg.against, args.argv))
+        return 0 if all(r.get("status") != "ok" or plan.equal(r) for r in rows) else 1
+    cap = parse_bytes(cfg.memory_cap) if cfg.memory_cap else None
+    rows = plan.with_cap(predict.run(cfg), cap)
+    print(plan.render(rows, cfg.output_format))
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .engine import witness
 
@@ -233,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "capacity": ("the largest batch or context each method trains within a memory cap", _cmd_capacity),
                 "tune": ("choose learning rates per method on a validation split (not the test split)", _cmd_tune),
                 "validate": ("each instrument beside an independent witness, on this machine and model (exit 1 if "
-                             "any disagrees)", _cmd_validate)}
+                             "any disagrees)", _cmd_validate),
+                "plan": ("predict a training step's memory on fake tensors, for models this machine cannot hold",
+                         _cmd_plan)}
     for name, (text, func) in commands.items():  # their flags: generated from RunConfig's declarations
         cmd = sub.add_parser(name, help=text)
         add_flags(cmd, name)

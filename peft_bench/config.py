@@ -25,6 +25,7 @@ VARY = {"rank": ("option", "r"), "virtual_tokens": ("option", "num_virtual_token
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUN = ("run", "sweep")  # the commands that take every option of a run
+PL = "plan"  # peft-bench plan: a training step's memory predicted on fake tensors (engine.predict)
 V = "validate"  # peft-bench validate: one model (a workload or --model), its methods, each instrument witnessed
 
 
@@ -151,13 +152,14 @@ class RunConfig:
     suite: str = option("smoke", "smoke | default | accuracy | gpu | custom (default: custom — each workload at its own "
                         "budget — when --workloads or --model is given, else smoke); `peft-bench list` shows them")
     methods: tuple[str, ...] | None = option(None, "comma-separated method names (default: all)", type=names,
-                                             commands=(*RUN, "tune", "capacity", V), required=("capacity",),
-                                             helps={"tune": "comma-separated (default: all)"})
+                                             commands=(*RUN, "tune", "capacity", V, PL), required=("capacity",),
+                                             helps={"tune": "comma-separated (default: all)",
+                                                    PL: "comma-separated (default: full,lora)"})
     workloads: tuple[str, ...] | None = option(None, "comma-separated workload names (default: the suite's)",
-                                               type=names, commands=(*RUN, "tune", "capacity", V),
+                                               type=names, commands=(*RUN, "tune", "capacity", V, PL),
                                                required=("capacity", "sweep"),
                                                helps={"tune": "comma-separated (default: the pretrained workloads)"})
-    device: str = option("cpu", "cpu | cuda", type=one_of(DEVICES, "device"), commands=(*RUN, "capacity", V))
+    device: str = option("cpu", "cpu | cuda", type=one_of(DEVICES, "device"), commands=(*RUN, "capacity", V, PL))
     out: Path | None = option(None, "output directory", type=out_dir, commands=(*RUN, "tune", "capacity"),
                               helps=_OUT_HELP)
     resume: bool = option(False, "skip cells already finished in <out>/metrics.csv", type=bool,
@@ -183,23 +185,25 @@ class RunConfig:
         helps={"tune": "rates to try for every method (default: a grid per method)"})
     dtype: str = option("auto", "element type of the base model; auto: a checkpoint brought with --model in its own "
                         "dtype (config.json), embedded workloads in float32. Adapters follow peft's policy: float32 on "
-                        "a half base. The row's dtype column says what ran", choices=DTYPES, commands=(*RUN, V))
-    rank: int | None = option(None, "LoRA rank r", type=positive(int, "--rank"), method_option="r")
-    alpha: float | None = option(None, "LoRA alpha", type=positive(float, "--alpha"), method_option="alpha")
-    dropout: float | None = option(None, "LoRA dropout in [0, 1)", type=float, method_option="dropout")
+                        "a half base. The row's dtype column says what ran", choices=DTYPES, commands=(*RUN, V, PL))
+    rank: int | None = option(None, "LoRA rank r", type=positive(int, "--rank"), method_option="r", commands=(*RUN, PL))
+    alpha: float | None = option(None, "LoRA alpha", type=positive(float, "--alpha"), method_option="alpha", commands=(*RUN, PL))
+    dropout: float | None = option(None, "LoRA dropout in [0, 1)", type=float, method_option="dropout", commands=(*RUN, PL))
     virtual_tokens: int | None = option(None, "prefix / P-tuning length", type=positive(int, "--virtual-tokens"),
-                                        method_option="num_virtual_tokens")
+                                        method_option="num_virtual_tokens", commands=(*RUN, PL))
     targets: tuple[str, ...] | None = option(None, "comma-separated module name patterns for LoRA", type=names,
-                                             method_option="targets")
+                                             method_option="targets", commands=(*RUN, PL))
     batch_size: int | None = option(None, "", type=positive(int, "--batch-size"),
-                                    commands=(*RUN, V))
+                                    commands=(*RUN, V, PL))
     max_length: int | None = option(None, "max tokens per example", type=positive(int, "--seq-len"), flag="--seq-len",
-                                    commands=(*RUN, V))
+                                    commands=(*RUN, V, PL))
     train_steps: int | None = option(None, "training steps per cell (budget)", type=positive(int, "--steps"),
                                      flag="--steps", commands=(*RUN, "tune", V),
                                      helps={"tune": "training steps (default: the accuracy suite's)"})
     model: str | None = option(None, "hub id or local model directory (instead of --workloads)", type=str,
-                               commands=(*RUN, V))
+                               commands=(*RUN, V, PL), helps={PL: "a named published config: llama-3.2-1b, "
+                                                             "llama-3.2-3b, llama-3.1-8b, qwen2.5-7b, mistral-7b, "
+                                                             "smollm2-135m, gpt-neo-125m, t5-small"})
     dataset: str | None = option(None, "hub dataset id (e.g. stanfordnlp/imdb) or a local .csv/.json file", type=str,
                                  commands=(*RUN, V))
     trust_remote_code: bool = option(False, "allow the model repo's own code to run", type=bool, commands=(*RUN, V))
@@ -222,15 +226,21 @@ class RunConfig:
                          type=positive(int, "--nnodes"))
     rdzv_endpoint: str = option("", "HOST:PORT every node's torchrun meets at (several nodes)", type=str)
     gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in backward "
-                                          "(non-reentrant): less activation memory, more compute", type=bool)
+                                          "(non-reentrant): less activation memory, more compute", type=bool,
+                                          commands=(*RUN, PL))
     vary: tuple[str, tuple[int, ...]] | None = option(
         None, "NAME=v1,v2,... with NAME one of rank, seq_len, batch_size, virtual_tokens, width, depth", type=vary,
         commands=("sweep",), required=("sweep",))
     search: str | None = option(None, "batch_size | seq_len: what grows until the cap is reached", flag="--vary",
                                 type=one_of(("batch_size", "seq_len"), "--vary for capacity"),
                                 commands=("capacity",), required=("capacity",))
-    memory_cap: str | None = option(None, "e.g. 4GiB, 512MiB", type=str, commands=("capacity",),
-                                    required=("capacity",))
+    memory_cap: str | None = option(None, "e.g. 4GiB, 512MiB", type=str, commands=("capacity", PL),
+                                    required=("capacity",), helps={PL: "mark which methods' tensor peak fits (e.g. "
+                                                                   "24GiB)"})
+    output_format: str = option("table", "table | csv | json", flag="--format", commands=(PL,),
+                                choices=("table", "csv", "json"))
+    against: str | None = option(None, "instead: plan every single-process CPU cell of this result directory as it "
+                                 "was measured, and print planned beside measured", type=str, commands=(PL,))
     split: str = "test"  # "validation": peft-bench tune (its cells score a validation split, never the test split)
     probes: str | None = None  # None: the suite's; "accuracy" (tune), "cost" (sweep): see `engine.cell.PROBES`
     extra_method_options: dict = field(default_factory=dict)  # the Python API's other method options

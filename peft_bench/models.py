@@ -98,6 +98,47 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, bos_token_id=1,
                     eos_token_id=2, tie_word_embeddings=True, rope_theta=100000.0)
 
+# Published configs of models this machine cannot hold, for `peft-bench plan` (built on fake tensors only): the fields
+# that shape the model, from each model's config.json on the Hugging Face hub.
+_LLAMA3 = dict(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+               bos_token_id=128000, eos_token_id=128001, hidden_act="silu", attention_bias=False, mlp_bias=False)
+_LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+PLANNED = {
+    # meta-llama/Llama-3.2-1B, -3B, Llama-3.1-8B
+    "llama-3.2-1b": ("llama", dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                   tie_word_embeddings=True, rope_scaling=_LLAMA32_ROPE)),
+    "llama-3.2-3b": ("llama", dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                   num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                                   tie_word_embeddings=True, rope_scaling=_LLAMA32_ROPE)),
+    "llama-3.1-8b": ("llama", dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                   tie_word_embeddings=False, rope_scaling=dict(_LLAMA32_ROPE, factor=8.0))),
+    # Qwen/Qwen2.5-7B: biases on q, k, v
+    "qwen2.5-7b": ("qwen2", dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+                                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                                 bos_token_id=151643, eos_token_id=151643)),
+    # mistralai/Mistral-7B-v0.1
+    "mistral-7b": ("mistral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    "smollm2-135m": ("llama", SMOLLM2_135M),
+    "gpt-neo-125m": ("gpt_neo", GPT_NEO_125M),
+    "t5-small": ("t5", T5_SMALL),
+}
+
+
+def planned(name: str) -> nn.Module:
+    """A model of `PLANNED` built from its published config (call under fake tensors: the weights are not wanted)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    kind, fields = PLANNED[name]
+    cfg = AutoConfig.for_model(kind, **{k: v for k, v in fields.items() if k != "model_type"})
+    return (AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM).from_config(cfg)
+
 
 def gpt_neo(size: str = "full", **overrides: object) -> nn.Module:
     from transformers import GPTNeoConfig, GPTNeoForCausalLM

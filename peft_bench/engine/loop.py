@@ -35,7 +35,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, method, batch: dict
     opt.step()
     method.after_step(hooked if hooked is not None else model)  # AdaLoRA's rank allocation: part of its step
     wall, split = clock.stop()
-    return float(loss.detach()), wall, split
+    return _value(loss), wall, split
+
+
+def _value(loss: torch.Tensor) -> float:
+    """The loss as a number; NaN for a fake tensor (`peft-bench plan`'s steps carry shapes, not values)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return math.nan if is_fake(loss) else float(loss.detach())
 
 
 @dataclass

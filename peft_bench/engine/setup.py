@@ -4,6 +4,7 @@ same way each time, the method applied, batches placed on the device, and the ro
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -95,7 +96,17 @@ def apply(spec: CellSpec, method: Method, model: nn.Module) -> nn.Module:
     model = method.apply(model)
     if spec.gradient_checkpointing:
         enable_checkpointing(model)
-    return model.to(spec.device)
+    return to_device(model, spec.device)
+
+
+def to_device(model: nn.Module, device: str) -> nn.Module:
+    """`model.to(device)`, skipped when every tensor is there already (a planned model's fake tensors cannot be
+    swapped in place, and there is nothing to move)."""
+    where = torch.device(device)
+    held = itertools.chain(model.parameters(), model.buffers())
+    if all(t.device.type == where.type and (where.index is None or t.device == where) for t in held):
+        return model
+    return model.to(device)
 
 
 def enable_checkpointing(model: nn.Module) -> None:

@@ -1,0 +1,331 @@
+"""`peft-bench plan`: a training step's memory, predicted before anything is run, for models this machine cannot hold.
+
+    peft-bench plan --model llama-3.1-8b --methods full,lora,prefix,ia3 --batch-size 1 --seq-len 4096 \\
+        --dtype bfloat16 --device cuda --memory-cap 24GiB
+
+The model is built under `torch._subclasses.FakeTensorMode`: every tensor has its shape, dtype, device and storage
+size but no data, so an 8B model costs no memory and an operator costs only its shape arithmetic. The method is
+applied by the same code as a measured cell's (`setup.apply`), and the step is the one training step every route
+takes (`loop.train_step`: zero_grad, forward, backward, AdamW step, the method's per-step hook): one step to create
+the optimizer's state, then one under the tensor tracker the cells use (`measure.memory.StepMemoryTracker`), then one
+under the FLOP counter. The prediction is therefore the measured account itself, taken on fake storages: on a
+registered workload (its own data, batch and length) it equals the measured cell's tensor peak byte for byte
+(`tests/test_predict.py` over the committed results).
+
+What a fake step cannot give: a method whose step reads a tensor's value (`.item()`, a data-dependent branch) cannot
+be planned (the row says so); the process's runtime overhead above the tensors (allocator, libraries, the CUDA
+context) is not in the tensor peak. On `--device cuda` the tensors are fake CUDA tensors and operators take their
+CUDA paths where torch decides by device (scaled-dot-product attention: the kernel chosen is recorded in
+`attention_kernels`).
+
+A named model (`MODELS`: published configs in `peft_bench.models.PLANNED`) trains on a synthetic batch: every
+sequence `--seq-len` tokens (no padding), labels the inputs themselves (T5: targets of the same length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import sys
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..config import CellSpec
+from ..errors import UnsupportedError, UserError
+from ..measure import memory
+from ..measure.timing import DTYPES
+from ..methods import get_method
+from ..models import PLANNED
+from .loop import Trainer
+
+MODELS = tuple(PLANNED)
+STEPS = 13  # what a method's schedule is told (AdaLoRA's budget); the default suite's budget on the -arch models
+LENGTH = 512  # --seq-len when not given (named models)
+PLANNED_WITH = "FakeTensorMode"
+
+
+@contextlib.contextmanager
+def fake_tensors() -> Iterator:
+    """Fake tensors, and `Module._apply` (`.to`, `.float()`) replacing a converted parameter instead of swapping it in
+    place (a fake parameter cannot be swapped); tied parameters stay tied. Tensors are made on the CPU (a fake CUDA
+    tensor has no random generator to initialise it from) and moved, as a cell's are: fake CUDA tensors need no GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    saved = nn.Module._apply
+    nn.Module._apply = _apply_fake
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, _Moves():
+            yield mode
+    finally:
+        nn.Module._apply = saved
+
+
+class _Moves(torch.overrides.TorchFunctionMode):
+    """`Tensor.to(device, dtype)` as the `_to_copy` operator it dispatches to: a CPU-only torch refuses `.to("cuda")`
+    in Python before fake tensors see it, while the operator itself makes a fake CUDA tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            t = args[0]
+            device, dtype = torch._C._nn._parse_to(*args[1:], **kwargs)[:2]
+            if (device is None or device == t.device or (device.type == t.device.type and device.index is None)) \
+                    and (dtype is None or dtype == t.dtype):
+                return t
+            return torch.ops.aten._to_copy(t, dtype=dtype or t.dtype, device=device or t.device)
+        return func(*args, **kwargs)
+
+
+def _apply_fake(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    done: dict[int, nn.Parameter] = {}
+    for module in self.modules():
+        for key, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in done:
+                with torch.no_grad():
+                    new = fn(p)
+                done[id(p)] = p if new is p else nn.Parameter(new, requires_grad=p.requires_grad)
+            module._parameters[key] = done[id(p)]
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = fn(b)
+    return self
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+@dataclasses.dataclass
+class Subject:
+    """What is planned: a named model (synthetic batch) or a registered workload (its own first training batch)."""
+
+    name: str
+    family: str
+    build: object  # () -> nn.Module, called under fake tensors
+    batch: object  # (device) -> dict of tensors
+    batch_size: int
+    seq_len: int
+
+
+def subject(name: str, method, batch_size: int | None, seq_len: int | None, scale: tuple = (None, None),
+            index: int = 0) -> Subject:
+    if name in PLANNED:
+        return _named(name, batch_size or 1, seq_len or LENGTH)
+    if name not in _workload_names():
+        raise UserError(f"plan: unknown model {name!r}; named models: {', '.join(MODELS)}; or a workload "
+                        "(`peft-bench list`)")
+    return _workload(name, method, batch_size, seq_len, (scale, index))
+
+
+def _workload_names() -> list[str]:
+    from ..workloads import ALIASES, list_workloads
+
+    return list_workloads() + list(ALIASES)
+
+
+def _named(name: str, batch_size: int, seq_len: int) -> Subject:
+    from ..models import planned
+
+    kind = PLANNED[name][0]
+    family = "encoder-decoder" if kind == "t5" else "decoder"
+    vocab = PLANNED[name][1]["vocab_size"]
+    limit = PLANNED[name][1].get("max_position_embeddings") or PLANNED[name][1].get("n_positions")
+    if limit and seq_len > limit:
+        raise UserError(f"plan: --seq-len {seq_len} exceeds {name}'s {limit} positions")
+
+    def batch(device: str) -> dict:
+        ids = torch.randint(4, vocab, (batch_size, seq_len)).to(device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    return Subject(name, family, lambda: planned(name), batch, batch_size, seq_len)
+
+
+def _workload(name: str, method, batch_size: int | None, seq_len: int | None, where: tuple) -> Subject:
+    """A registered workload's batch number `index` of its seed-0 training stream (a padded length can differ from
+    batch to batch: a measured cell tracks the step after its warm-up, timed and FLOP-counted ones)."""
+    from ..workloads import get_workload
+    from ..workloads.tasks import endless
+    from .setup import DATA_SEED, place
+
+    scale, index = where
+    w = get_workload(name).with_options(batch_size=batch_size, max_length=seq_len).scaled(*scale).sized(
+        method.extra_input_tokens + method.extra_key_tokens)
+    data, form = w.data(DATA_SEED), w.formulation()
+    real = next(itertools.islice(endless(data.train, form, w.batch_size, 0), index, None))
+
+    def batch(device: str) -> dict:
+        spec = CellSpec("x", name, device=device)
+        return {k: place(v, spec) if isinstance(v, torch.Tensor) else v for k, v in real.items()}
+
+    return Subject(name, w.family, w.build_model, batch, w.batch_size, w.max_length or 0)
+
+
+def plan_cell(method_name: str, name: str, cfg, options: dict | None = None, scale: tuple = (None, None),
+              index: int = 0) -> dict:
+    """One (method, model) row: counts, the tensor peak and its parts, FLOPs per step; or why it cannot be planned.
+    `options`: the method's own (default: from the flags); `scale`: a sweep's (width, depth)."""
+    from .plan import _options_for
+
+    method = get_method(method_name, **(options if options is not None else _options_for(method_name,
+                                                                                          cfg.method_options)))
+    method.schedule(STEPS)
+    head = {"method": method_name, "workload": name, "device": cfg.device, "dtype": _dtype(cfg),
+            "planned_with": PLANNED_WITH}
+    try:
+        s = subject(name, method, cfg.batch_size, cfg.max_length, scale, index)
+        head.update(family=s.family, batch_size=s.batch_size, seq_len=s.seq_len)
+        reason = method.unsupported_reason(s.family)
+        if reason:
+            raise UnsupportedError(reason)
+        return {**head, **_step(method, s, cfg), "status": "ok", "reason": ""}
+    except UnsupportedError as e:
+        return {**head, "status": "unsupported", "reason": str(e)}
+    except Exception as e:  # a data-dependent operator, or anything else the fake step met
+        if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException"):
+            return {**head, "status": "not planned", "reason": f"its step reads a tensor's value ({e}): fake tensors "
+                    "have none; run the cell to measure it"}
+        raise
+
+
+def _dtype(cfg) -> str:
+    return "float32" if cfg.dtype in ("auto", None) else cfg.dtype
+
+
+def _step(method, s: Subject, cfg) -> dict:
+    """Build, apply, then a first step (the optimizer's state), one under the tracker, one under the FLOP counter."""
+    from ..measure.flops import count_flops
+    from .setup import apply
+
+    spec = CellSpec(type(method).name, s.name, device=cfg.device, dtype=_dtype(cfg),
+                    gradient_checkpointing=cfg.gradient_checkpointing)
+    with fake_tensors() as mode, _seen_attention() as kernels:
+        with default_dtype(DTYPES[spec.dtype]):
+            model = s.build().eval()
+        model = apply(spec, method, model)
+        model.train()  # dropout on, as in a cell's training steps: its masks are saved for backward
+        trainer = Trainer(model, method, 1e-3, "cpu")  # the clock reads the host's: nothing to synchronise
+        # held fake tensors, as a cell's batch holds real ones (an input saved for backward is counted)
+        batch = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in s.batch(cfg.device).items()}
+        trainer.step(batch)
+        trainer.opt.zero_grad(set_to_none=True)
+        with memory.StepMemoryTracker(model, trainer.opt) as mem:
+            trainer.step(batch)
+        flops = count_flops(lambda: trainer.step(batch))
+        trainable = method.trainable_parameters(model)
+        total = {id(p): p.numel() for p in model.parameters()}
+    parts = mem.peak_parts
+    return {"trainable_params": sum(p.numel() for p in trainable.values()), "total_params": sum(total.values()),
+            "tensor_peak_bytes": mem.peak_bytes, "weights_bytes": parts["weights"],
+            "gradients_bytes": parts["gradients"], "optimizer_bytes": parts["optimizer"],
+            "activations_bytes": parts["activations"], "temporaries_bytes": parts["temporaries"],
+            "saved_activations_max_bytes": mem.max_parts["activations"], "flops_per_step": flops,
+            "attention_kernels": ",".join(sorted(kernels)) or "none (eager attention)"}
+
+
+ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_attention_math")
+
+
+@contextlib.contextmanager
+def _seen_attention() -> Iterator[set[str]]:
+    """The scaled-dot-product attention kernels the step dispatched to (their names), as the device chose them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ATTENTION_OPS:
+                seen.add(name.lstrip("_"))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        yield seen
+
+
+def run(cfg) -> list[dict]:
+    """Every (model, method) asked: a progress line each, the rows in order."""
+    if cfg.device == "cuda" and not torch.backends.cuda.is_built():
+        raise UserError("plan --device cuda needs a torch built with CUDA (no GPU needed): fake CUDA tensors still "
+                        "pass CUDA's device guards, which a CPU-only build refuses; plan --device cpu here")
+    names = ([cfg.model] if cfg.model else []) + list(cfg.workloads or ())
+    if not names:
+        raise UserError("plan needs --model NAME (one of " + ", ".join(MODELS) + ") or --workloads")
+    for name in names:  # bad names and lengths before the first progress line
+        if name in PLANNED:
+            _named(name, cfg.batch_size or 1, cfg.max_length or LENGTH)
+        else:
+            subject(name, get_method("full"), 1, 1) if name not in _workload_names() else None
+    methods = list(cfg.methods or ("full", "lora"))
+    rows = []
+    for i, (name, m) in enumerate(itertools.product(names, methods), 1):
+        print(f"[{i}/{len(names) * len(methods)}] planning {m} × {name}", file=sys.stderr, flush=True)
+        rows.append(plan_cell(m, name, cfg))
+    return rows
+
+
+def against(rows: list[dict]) -> list[dict]:
+    """Each measured single-process CPU row of a run planned as that cell (its method, options, batch, length, dtype,
+    width and depth): the planned row beside the measured numbers (`measured_*`)."""
+    import json
+
+    out = []
+    todo = [r for r in rows if r.get("status") == "ok" and not _num(r.get("replica")) and r.get("device") == "cpu"
+            and not r.get("parallel") and not _num(r.get("world_size"))]
+    for i, r in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] planning {r['method']} × {r['workload']} as measured", file=sys.stderr, flush=True)
+        cfg = _Asked(batch_size=int(r["batch_size"]), max_length=int(r["seq_len"]) or None, dtype=r["dtype"],
+                     gradient_checkpointing=str(r.get("gradient_checkpointing")) == "True")
+        scale = tuple(int(r[k]) if _num(r.get(k)) else None for k in ("width", "depth"))
+        got = plan_cell(r["method"], r["workload"], cfg, json.loads(r.get("options") or "{}"), scale, _tracked(r))
+        got.update({f"measured_{k}": r.get(k) for k in ("tensor_peak_bytes", *PART_KEYS, "trainable_params")})
+        got["vary"], got["vary_value"] = r.get("vary") or "", r.get("vary_value") if r.get("vary") else ""
+        out.append(got)
+    return out
+
+
+def _tracked(r: dict) -> int:
+    """The stream index of the batch a measured cell tracked: step 0, its warm-up, its timed steps, the FLOP step."""
+    from .suites import budget, get_suite
+
+    try:
+        warmup = budget(get_suite(r.get("suite") or "default"), r["workload"]).warmup_steps
+    except Exception:  # a workload outside its suite: the default budget's warm-up
+        warmup = 3
+    return warmup + int(_num(r.get("timed_steps"))) + 1
+
+
+PART_KEYS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes")
+
+
+def _num(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if v != v else v
+
+
+@dataclasses.dataclass(frozen=True)
+class _Asked:
+    """The few options `plan_cell` reads, for a cell planned as it was measured."""
+
+    batch_size: int | None = None
+    max_length: int | None = None
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    method_options: dict = dataclasses.field(default_factory=dict)

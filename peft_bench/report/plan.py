@@ -1,0 +1,97 @@
+"""`peft-bench plan`'s output: the planned rows as a markdown table, CSV or JSON, with the measured rows' column
+names (`tensor_peak_bytes`, `weights_bytes`, …) and, with `--memory-cap`, which fit."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from .format import sig, table
+
+PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes")
+COLUMNS = ("method", "workload", "status", "reason", "device", "dtype", "batch_size", "seq_len", "trainable_params",
+           "total_params", "tensor_peak_bytes", *PARTS, "saved_activations_max_bytes", "flops_per_step",
+           "attention_kernels", "planned_with", "memory_cap_bytes", "fits_memory_cap")
+
+
+def with_cap(rows: list[dict], cap: int | None) -> list[dict]:
+    """Each row with the cap and whether its tensor peak fits under it (None without a cap, or without a peak)."""
+    out = []
+    for r in rows:
+        fits = None if cap is None or r.get("status") != "ok" else r["tensor_peak_bytes"] <= cap
+        out.append({**r, "memory_cap_bytes": cap, "fits_memory_cap": fits})
+    return out
+
+
+def render(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([{k: r.get(k) for k in COLUMNS} for r in rows], indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    return "\n".join(_table(rows))
+
+
+def _gib(x) -> str:
+    return sig(x / 2**30)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    cap = next((r["memory_cap_bytes"] for r in rows if r.get("memory_cap_bytes")), None)
+    head = ["model", "method", "trainable params", "tensor peak GiB", "weights / grads / optim / activations / temps "
+            "GiB", "TFLOP per step", "attention"] + ([f"fits {_gib(cap)} GiB"] if cap else [])
+    body = []
+    for r in rows:
+        if r.get("status") != "ok":
+            body.append([r["workload"], r["method"], f"{r['status']}: {r.get('reason', '')}"] + [""] * (len(head) - 3))
+            continue
+        share = sig(100 * r["trainable_params"] / r["total_params"])
+        cells = [r["workload"], r["method"], f"{r['trainable_params']:,} ({share}%)",
+                 _gib(r["tensor_peak_bytes"]), " / ".join(_gib(r[p]) for p in PARTS),
+                 sig(r["flops_per_step"] / 1e12), r.get("attention_kernels", "")]
+        body.append(cells + (["yes" if r["fits_memory_cap"] else "**no**"] if cap else []))
+    first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
+    lines = [f"Planned on fake tensors (no memory, no weights): {first.get('device')}, {first.get('dtype')}, batch "
+             f"{first.get('batch_size')} × {first.get('seq_len')} tokens; AdamW; the tensor peak of one training step "
+             "in steady state (the optimizer's state held), as the cells' tracker counts it — not the process's "
+             "runtime overhead (allocator, libraries, a CUDA context).", ""]
+    return lines + table(head, body)
+
+
+def _int(x) -> int | None:
+    try:
+        return int(float(x))
+    except (TypeError, ValueError):
+        return None
+
+
+def equal(r: dict) -> bool:
+    """The planned tensor peak and each of its parts equal the measured ones, byte for byte."""
+    return all(_int(r.get(k)) == _int(r.get(f"measured_{k}")) for k in ("tensor_peak_bytes", *PARTS))
+
+
+def against_table(rows: list[dict], source: str, argv: list[str]) -> str:
+    """Planned beside measured for every single-process CPU cell of a run: equal, or the difference per part."""
+    body, same = [], 0
+    for r in rows:
+        where = r["workload"] + (f" ({r['vary']}={r['vary_value']})" if r.get("vary") else "")
+        if r.get("status") != "ok":
+            body.append([where, r["method"], f"{r['status']}: {r.get('reason', '')}", "", ""])
+            continue
+        same += equal(r)
+        diff = "; ".join(f"{k.removesuffix('_bytes')} {r[k] - _int(r['measured_' + k]):+,} B" for k in PARTS
+                         if r[k] != _int(r["measured_" + k]))
+        body.append([where, r["method"], f"{r['tensor_peak_bytes']:,}", f"{_int(r['measured_tensor_peak_bytes']):,}",
+                     "equal, every part" if equal(r) else diff or "peak differs"])
+    planned = sum(r.get("status") == "ok" for r in rows)
+    head = [f"# Planned against measured: `{source}`", "",
+            f"Made by `peft-bench {' '.join(argv)}`. Each single-process CPU cell of `{source}/metrics.csv` planned on "
+            "fake tensors as it was measured (its method and options, batch, length, dtype, width and depth, and the "
+            "batch its tracked step saw), beside the tensor peak the cell measured. "
+            f"**{same} of {planned} planned cells equal the measurement byte for byte, in every part**"
+            + (f"; {len(rows) - planned} could not be planned (below)." if planned < len(rows) else "."), ""]
+    return "\n".join(head + table(["workload", "method", "planned tensor peak B", "measured B", "verdict"], body)) + "\n"
