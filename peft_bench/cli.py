@@ -149,8 +149,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         measured = read_rows(Path(cfg.against) / "metrics.csv")
         if not measured:
             raise UserError(f"plan --against {cfg.against}: no metrics.csv rows there")
+        from .engine.environment import _git
+
         rows = predict.against(measured)
-        print(plan.against_table(rows, cfg.against, args.argv))
+        commit = _git("rev-parse", "HEAD")[:10] + (" (dirty)" if _git("status", "--porcelain", "--untracked-files=no",
+                                                                       "--", "peft_bench") else "")
+        print(plan.against_table(rows, cfg.against, args.argv, commit))
         return 0 if all(r.get("status") != "ok" or plan.equal(r) for r in rows) else 1
     cap = parse_bytes(cfg.memory_cap) if cfg.memory_cap else None
     rows = plan.with_cap(predict.run(cfg), cap)

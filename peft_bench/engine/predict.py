@@ -96,6 +96,13 @@ def _apply_fake(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
     return self
 
 
+def _faked(model: nn.Module, mode) -> nn.Module:
+    """Every real parameter and buffer replaced by a fake one of the same shape, dtype and device (ties kept)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return _apply_fake(model, lambda t: t if is_fake(t) else mode.from_tensor(t))
+
+
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     saved = torch.get_default_dtype()
@@ -211,7 +218,7 @@ def _step(method, s: Subject, cfg) -> dict:
                     gradient_checkpointing=cfg.gradient_checkpointing)
     with fake_tensors() as mode, _seen_attention() as kernels:
         with default_dtype(DTYPES[spec.dtype]):
-            model = s.build().eval()
+            model = _faked(s.build().eval(), mode)  # a pretrained workload's weights were read from disk: made fake
         model = apply(spec, method, model)
         model.train()  # dropout on, as in a cell's training steps: its masks are saved for backward
         trainer = Trainer(model, method, 1e-3, "cpu")  # the clock reads the host's: nothing to synchronise
@@ -290,7 +297,11 @@ def against(rows: list[dict]) -> list[dict]:
         cfg = _Asked(batch_size=int(r["batch_size"]), max_length=int(r["seq_len"]) or None, dtype=r["dtype"],
                      gradient_checkpointing=str(r.get("gradient_checkpointing")) == "True")
         scale = tuple(int(r[k]) if _num(r.get(k)) else None for k in ("width", "depth"))
-        got = plan_cell(r["method"], r["workload"], cfg, json.loads(r.get("options") or "{}"), scale, _tracked(r))
+        try:
+            got = plan_cell(r["method"], r["workload"], cfg, json.loads(r.get("options") or "{}"), scale, _tracked(r))
+        except Exception as e:  # one cell the fake step cannot take: a row saying why, the others still planned
+            got = {"method": r["method"], "workload": r["workload"], "status": "not planned",
+                   "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         got.update({f"measured_{k}": r.get(k) for k in ("tensor_peak_bytes", *PART_KEYS, "trainable_params")})
         got["vary"], got["vary_value"] = r.get("vary") or "", r.get("vary_value") if r.get("vary") else ""
         out.append(got)

@@ -74,7 +74,7 @@ def equal(r: dict) -> bool:
     return all(_int(r.get(k)) == _int(r.get(f"measured_{k}")) for k in ("tensor_peak_bytes", *PARTS))
 
 
-def against_table(rows: list[dict], source: str, argv: list[str]) -> str:
+def against_table(rows: list[dict], source: str, argv: list[str], commit: str = "") -> str:
     """Planned beside measured for every single-process CPU cell of a run: equal, or the difference per part."""
     body, same = [], 0
     for r in rows:
@@ -89,7 +89,8 @@ def against_table(rows: list[dict], source: str, argv: list[str]) -> str:
                      "equal, every part" if equal(r) else diff or "peak differs"])
     planned = sum(r.get("status") == "ok" for r in rows)
     head = [f"# Planned against measured: `{source}`", "",
-            f"Made by `peft-bench {' '.join(argv)}`. Each single-process CPU cell of `{source}/metrics.csv` planned on "
+            f"Made by `peft-bench {' '.join(argv)}` at commit {commit or '?'}. Each single-process CPU cell of "
+            f"`{source}/metrics.csv` planned on "
             "fake tensors as it was measured (its method and options, batch, length, dtype, width and depth, and the "
             "batch its tracked step saw), beside the tensor peak the cell measured. "
             f"**{same} of {planned} planned cells equal the measurement byte for byte, in every part**"
