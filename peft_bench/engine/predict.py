@@ -280,8 +280,46 @@ def run(cfg) -> list[dict]:
     rows = []
     for i, (name, m) in enumerate(itertools.product(names, methods), 1):
         print(f"[{i}/{len(names) * len(methods)}] planning {m} × {name}", file=sys.stderr, flush=True)
-        rows.append(plan_cell(m, name, cfg))
+        rows.append(isolated(m, name, cfg))
     return rows
+
+
+def isolated(method: str, name: str, cfg, *args) -> dict:
+    """`plan_cell` in a forked child: a fake step that crashes native code (seen: VeRA on the pretrained MiniLM, a
+    segmentation fault) or raises becomes a row saying so, and the other cells are still planned."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, method, name, cfg, args))
+    child.start()
+    send.close()
+    try:
+        got = recv.recv()
+    except EOFError:  # died before answering
+        got = None
+    child.join()
+    if isinstance(got, dict):
+        return got
+    why = got if isinstance(got, str) else f"the fake step's process died ({_signal(child.exitcode)})"
+    if why.startswith("UserError: "):
+        raise UserError(why.removeprefix("UserError: "))
+    return {"method": method, "workload": name, "device": cfg.device, "status": "not planned", "reason": why}
+
+
+def _child(send, method: str, name: str, cfg, args: tuple) -> None:
+    try:
+        send.send(plan_cell(method, name, cfg, *args))
+    except Exception as e:
+        send.send(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    finally:
+        send.close()
+
+
+def _signal(code: int | None) -> str:
+    import signal
+
+    return signal.Signals(-code).name if code is not None and code < 0 else f"exit status {code}"
 
 
 def against(rows: list[dict]) -> list[dict]:
@@ -297,11 +335,7 @@ def against(rows: list[dict]) -> list[dict]:
         cfg = _Asked(batch_size=int(r["batch_size"]), max_length=int(r["seq_len"]) or None, dtype=r["dtype"],
                      gradient_checkpointing=str(r.get("gradient_checkpointing")) == "True")
         scale = tuple(int(r[k]) if _num(r.get(k)) else None for k in ("width", "depth"))
-        try:
-            got = plan_cell(r["method"], r["workload"], cfg, json.loads(r.get("options") or "{}"), scale, _tracked(r))
-        except Exception as e:  # one cell the fake step cannot take: a row saying why, the others still planned
-            got = {"method": r["method"], "workload": r["workload"], "status": "not planned",
-                   "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        got = isolated(r["method"], r["workload"], cfg, json.loads(r.get("options") or "{}"), scale, _tracked(r))
         got.update({f"measured_{k}": r.get(k) for k in ("tensor_peak_bytes", *PART_KEYS, "trainable_params")})
         got["vary"], got["vary_value"] = r.get("vary") or "", r.get("vary_value") if r.get("vary") else ""
         out.append(got)
