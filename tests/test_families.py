@@ -92,11 +92,11 @@ def model_root(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
-# Through the CLI from a saved directory: the families whose layers differ in kind (GPT-2's Conv1D, GPT-NeoX's fused
-# query_key_value, Qwen2's GQA with biases, BART's and T5's encoder-decoders, DistilBERT's own names). OPT, Llama and
-# RoBERTa share those layers' kinds (q_proj/v_proj, BERT's query/value): their targets, shapes and closed forms are
-# checked in-process below and in tests/test_methods.py — kept out of this matrix to fit the test time.
-CLI_FAMILIES = ("gpt2", "gpt_neox", "qwen2", "bart", "t5", "distilbert")
+# Through the CLI from a saved directory: one family per kind of layer the CLI path must handle — GPT-2's Conv1D,
+# Qwen2's GQA with biases, BART's encoder-decoder. GPT-NeoX's fused query_key_value, T5 and DistilBERT (and OPT, Llama,
+# RoBERTa) have their targets, shapes and closed forms checked in-process (BY_HAND below, tests/test_methods.py) and T5
+# runs through the CLI in the smoke suite; kept out of this matrix to fit the test time.
+CLI_FAMILIES = ("gpt2", "qwen2", "bart")
 
 
 @pytest.mark.parametrize("family", CLI_FAMILIES)
