@@ -53,7 +53,10 @@ class Suite:
 # from the test split) — see results/tune/summary.md for every rate tried, the budget and the commit. Workloads
 # absent here use the conventional rates below.
 TUNED: dict[str, dict[str, float]] = {
-    "minilm-sentiment": {"full": 0.0001, "lora": 0.001, "p-tuning": 0.03, "prefix": 0.03},
+    "minilm-sentiment": {"adalora": 0.0003, "bitfit": 0.0003, "boft": 0.003, "fourierft": 0.0003, "full": 0.0001,
+                         "hf-dora": 0.003, "ia3": 0.01, "ln-tuning": 0.003, "loha": 0.003, "lokr": 0.003,
+                         "lora": 0.001, "oft": 0.001, "p-tuning": 0.03, "prefix": 0.03, "prompt-tuning": 0.01,
+                         "rslora": 0.001, "vera": 0.01},
     "smollm2-135m-sentiment": {"full": 0.0001, "lora": 0.001, "p-tuning": 0.003, "prefix": 0.01},
 }
 TUNED_SOURCE = "results/tune/summary.md"
