@@ -45,6 +45,7 @@ MODELS = tuple(PLANNED)
 STEPS = 13  # what a method's schedule is told (AdaLoRA's budget); the default suite's budget on the -arch models
 LENGTH = 512  # --seq-len when not given (named models)
 PLANNED_WITH = "FakeTensorMode"
+CHILD_TIMEOUT_S = 600
 
 
 @contextlib.contextmanager
@@ -285,19 +286,22 @@ def run(cfg) -> list[dict]:
 
 
 def isolated(method: str, name: str, cfg, *args) -> dict:
-    """`plan_cell` in a forked child: a fake step that crashes native code (seen: VeRA on the pretrained MiniLM, a
-    segmentation fault) or raises becomes a row saying so, and the other cells are still planned."""
-    import multiprocessing
+    """`plan_cell` in a child forked from the cells' fork server: a fake step that crashes native code (seen: VeRA on
+    the pretrained MiniLM, a segmentation fault) or raises becomes a row saying so; the other cells are still
+    planned."""
+    from .launch import _context
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = _context()  # the cells' fork server: a child forked from a process with threads can deadlock (seen once)
     recv, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(send, method, name, cfg, args))
     child.start()
     send.close()
     try:
-        got = recv.recv()
+        got = recv.recv() if recv.poll(CHILD_TIMEOUT_S) else "the fake step took longer than 10 minutes"
     except EOFError:  # died before answering
         got = None
+    if child.is_alive():
+        child.kill()
     child.join()
     if isinstance(got, dict):
         return got
