@@ -1,7 +1,7 @@
 """`peft-bench plan`: a training step's memory, predicted before anything is run, for models this machine cannot hold.
 
     peft-bench plan --model llama-3.1-8b --methods full,lora,prefix,ia3 --batch-size 1 --seq-len 4096 \\
-        --dtype bfloat16 --device cuda --memory-cap 24GiB
+        --dtype bfloat16 --memory-cap 24GiB
 
 The model is built under `torch._subclasses.FakeTensorMode`: every tensor has its shape, dtype, device and storage
 size but no data, so an 8B model costs no memory and an operator costs only its shape arithmetic. The method is
@@ -14,9 +14,8 @@ registered workload (its own data, batch and length) it equals the measured cell
 
 What a fake step cannot give: a method whose step reads a tensor's value (`.item()`, a data-dependent branch) cannot
 be planned (the row says so); the process's runtime overhead above the tensors (allocator, libraries, the CUDA
-context) is not in the tensor peak. On `--device cuda` the tensors are fake CUDA tensors and operators take their
-CUDA paths where torch decides by device (scaled-dot-product attention: the kernel chosen is recorded in
-`attention_kernels`).
+context) is not in the tensor peak. `--device cuda` needs a torch built with CUDA (refused on a CPU-only build); the
+scaled-dot-product attention kernel each step dispatched to is recorded in `attention_kernels`.
 
 A named model (`MODELS`: published configs in `peft_bench.models.PLANNED`) trains on a synthetic batch: every
 sequence `--seq-len` tokens (no padding), labels the inputs themselves (T5: targets of the same length).
@@ -131,9 +130,13 @@ def subject(name: str, method, batch_size: int | None, seq_len: int | None, scal
     if name in PLANNED:
         return _named(name, batch_size or 1, seq_len or LENGTH)
     if name not in _workload_names():
-        raise UserError(f"plan: unknown model {name!r}; named models: {', '.join(MODELS)}; or a workload "
-                        "(`peft-bench list`)")
+        raise _unknown(name)
     return _workload(name, method, batch_size, seq_len, (scale, index))
+
+
+def _unknown(name: str) -> UserError:
+    return UserError(f"plan: unknown model {name!r}; named models: {', '.join(MODELS)}; or a workload "
+                     "(`peft-bench list`)")
 
 
 def _workload_names() -> list[str]:
@@ -274,9 +277,9 @@ def run(cfg) -> list[dict]:
         raise UserError("plan needs --model NAME (one of " + ", ".join(MODELS) + ") or --workloads")
     for name in names:  # bad names and lengths before the first progress line
         if name in PLANNED:
-            _named(name, cfg.batch_size or 1, cfg.max_length or LENGTH)
-        else:
-            subject(name, get_method("full"), 1, 1) if name not in _workload_names() else None
+            _named(name, cfg.batch_size or 1, cfg.max_length or LENGTH)  # raises on a length beyond its positions
+        elif name not in _workload_names():
+            raise _unknown(name)
     methods = list(cfg.methods or ("full", "lora"))
     rows = []
     for i, (name, m) in enumerate(itertools.product(names, methods), 1):
