@@ -73,6 +73,37 @@ def write_samples(path: Path, samples: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+SERVING_KEYS = ["run_id", "cell_key", "method", "workload", "repeat", "used"]
+
+
+def serving_columns() -> list[str]:
+    import dataclasses
+
+    from .measure.records import ServingRecord
+
+    return SERVING_KEYS + [f.name for f in dataclasses.fields(ServingRecord)]
+
+
+def write_serving(path: Path, rows: list[dict]) -> None:
+    """serving.csv: one row per serving measurement (`peft_bench.engine.serve`), every repeat's."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=serving_columns(), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_serving(path: Path) -> list[dict]:
+    """Rows of an existing serving.csv ([] if none); a file that is not one is refused, untouched."""
+    if not path.exists():
+        return []
+    header, rows = _read_csv(path)
+    if not set(SERVING_KEYS) <= header:
+        raise _malformed(path, "not a serving file")
+    return rows
+
+
 def _read_csv(path: Path) -> tuple[set[str], list[dict]]:
     """(header, rows) of a CSV; one that does not parse is refused, untouched."""
     try:

@@ -27,7 +27,8 @@ def out(tmp_path):
 BAD = [
     (["--methods", "nope"], "unknown method 'nope'; choose one of: full, lora"),
     (["--workloads", "nope"], "unknown workload 'nope'; choose one of: mlp-mnist"),
-    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, accuracy, methods, distributed, custom, gpu"),
+    (["--suite", "huge"], "unknown suite 'huge'; choose one of: smoke, default, accuracy, methods, "
+                          "distributed, inference, custom, gpu"),
     (["--device", "tpu"], "unknown device 'tpu'; choose cpu or cuda"),
     (["--rank", "0"], "--rank must be a positive int"),
     (["--rank", "two"], "--rank must be a positive int, got 'two'"),

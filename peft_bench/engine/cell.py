@@ -67,7 +67,10 @@ PROBES: dict[str, tuple[str, ...]] = {
     "capacity": ("capacity",),
     "rank": ("counts", "wrap", "rank_training", "agreement"),
     "witness": ("witness",),
+    "serve": ("budget", "serving"),
+    "serve-timing": ("budget", "serving-timed"),
 }
+REPEAT_MODE = {"serve": "serve-timing"}  # what a further repeat of a mode runs (else `timing`)
 NO_REFERENCE = ("rank", "witness")  # modes without the after-training checks: no reference output kept
 PROBE: dict[str, Callable[[P.State], None]] = {}  # probe name → the function that runs it on a cell's state
 
@@ -279,6 +282,20 @@ def _forgetting(s: P.State) -> None:
 @probe("inference")
 def _inference(s: P.State) -> None:
     s.scores["latency"] = P.inference_probe(s.spec, s.method, s.model, s.check_batch)
+
+
+@probe("serving")
+def _serving(s: P.State) -> None:
+    from .serve import serving_rows
+
+    s.extra["serving_rows"] = serving_rows(s)
+
+
+@probe("serving-timed")
+def _serving_timed(s: P.State) -> None:
+    from .serve import serving_rows
+
+    s.extra["serving_rows"] = serving_rows(s, exact=False)
 
 
 @probe("checkpoint")

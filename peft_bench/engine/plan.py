@@ -44,7 +44,7 @@ def plan(opts: RunConfig) -> list[CellSpec]:
     for c in cells:  # options are validated here, before the first cell runs
         get_method(c.method, **c.method_options)
     cells = _base_once(cells)
-    if repeats_of(opts) > 1 and cells:
+    if repeats_of(opts) > 1 and cells and cells[0].probes != "serve":  # serving: pairs within each process
         cells.append(dataclasses.replace(_aa_cell(cells, suite), replica=1))
     return cells
 

@@ -67,6 +67,7 @@ class Run:
         out = check_out_dir(cfg.out or Path("runs") / cfg.suite)
         self.rows = results.read_rows(out / "metrics.csv")  # refuses a malformed file, untouched
         self.samples = results.read_samples(out / "repeats.csv")
+        self.serving = results.read_serving(out / "serving.csv")
         if cfg.device == "cuda":
             _require_cuda()
         self.cells = plan(cfg)
@@ -75,7 +76,7 @@ class Run:
         self.before = _old_environment(out)
         self.run_id = _run_id(cfg, out, bool(self.rows or self.samples), self.before)
         if cfg.overwrite:
-            self.rows, self.samples = [], []
+            self.rows, self.samples, self.serving = [], [], []
         if not cfg.allow_busy and not os.environ.get("PEFT_BENCH_ALLOW_BUSY"):
             refuse_if_busy(cfg.device)
         self.out = prepare_out_dir(out)
@@ -112,6 +113,8 @@ class Run:
 
     def save(self) -> None:
         results.write_samples(self.out / "repeats.csv", self.samples)
+        if self.serving:
+            results.write_serving(self.out / "serving.csv", self.serving)
         results.write_rows(self.out / "metrics.csv", rep.aggregate(self.rows, self.samples, self.run_id, self.reference))
 
     def measure(self, spec: CellSpec, r: int, label: str, remeasure: bool = False) -> dict:
@@ -119,7 +122,11 @@ class Run:
         key = spec.key()
         first = r == 0 and spec.replica == 0 and not remeasure
         t0 = time.perf_counter()
-        row = launch.run_isolated(spec if first else dataclasses.replace(spec, probes="timing"), self.cfg.cell_timeout)
+        from .cell import REPEAT_MODE
+
+        again = REPEAT_MODE.get(spec.probes, "timing")
+        row = launch.run_isolated(spec if first else dataclasses.replace(spec, probes=again), self.cfg.cell_timeout)
+        serving = row.pop("serving_rows", None)
         seconds = round(time.perf_counter() - t0, 2)
         if row["status"] == ELSEWHERE:  # another node writes this cell's row
             print(f"{label}: {row['reason']} ({seconds:.1f}s)", file=sys.stderr)
@@ -130,6 +137,10 @@ class Run:
             self.failed += row["status"] in FAILED
         if row["status"] == "ok":
             self.samples.append(rep.sample(row, key, r, remeasured=remeasure, run_id=self.run_id))
+        if serving:
+            self.serving += [{"run_id": self.run_id, "cell_key": key, "method": spec.method,
+                              "workload": spec.workload or spec.model, "repeat": r, "used": True, **x}
+                             for x in serving]
         self.save()
         flag = " [interference: other processes used {:.0f}% of the CPU during the timed steps]".format(
             float(row["other_cpu_pct"])) if row["status"] == "ok" and row.get("interference_repeats") else ""
@@ -188,7 +199,14 @@ class Run:
             row = self.measure(spec, r, label, remeasure=spec.key() in redo)
             if row["status"] == "ok" and spec.key() in redo:
                 redo[spec.key()]["used"] = False
+                self._set_aside_serving(spec.key(), int(redo[spec.key()]["repeat"]))
         self.save()
+
+    def _set_aside_serving(self, key: str, repeat: int) -> None:
+        """The serving rows of a disturbed repeat, measured again: no longer counted (as its sample)."""
+        for x in self.serving:
+            if x["cell_key"] == key and int(x["repeat"]) == repeat and str(x.get("run_id")) == self.run_id:
+                x["used"] = False
 
     def _next_round(self) -> int:
         mine = rep.of_run(self.samples, self.run_id)

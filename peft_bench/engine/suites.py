@@ -6,6 +6,7 @@
 * custom  — no workloads of its own: `run --workloads X` / `--model M` without --suite, each at its own budget.
 * accuracy — the pretrained workloads, every method, 3 seeds, accuracy probes only: mean accuracy with its CI.
 * distributed — gpt-neo-125m-arch, full / lora / prefix on 1 and 2 processes under torchrun, DDP and FSDP2.
+* inference — the causal LMs served: KV-cache generation base / unmerged / merged, many LoRA adapters, merge fidelity.
 * gpu     — the embedded workloads at real size with larger budgets, for CUDA; the tutorial's hub models
             run on top with `--model EleutherAI/gpt-neo-125m --dataset stanfordnlp/imdb` (hub or local copy).
 """
@@ -142,6 +143,14 @@ for _suite in (
           methods=("full", "lora", "prefix"), repeats=3, aa=("lora", "gpt-neo-125m-arch"), nproc=(1, 2),
           time_budget_s=50 * 60,
           parallel=("ddp", "fsdp")),
+    # Serving (engine/serve.py): each method briefly trained, then greedy generation with the KV cache — base,
+    # unmerged, merged — at three (prompt, batch) shapes, many LoRA adapters over one base, merge fidelity per dtype.
+    # Every repeat is a fresh process that times it all again (the exact checks in the first); intervals over the
+    # processes. The pretrained SmolLM2 only (about 15 min on 2 cores); `--workloads gpt-neo-125m-arch` adds the
+    # random-weight GPT-Neo (about as long again).
+    Suite("inference", ("smollm2-135m-sentiment",),
+          {"*": Budget(train_steps=6, warmup_steps=1, timed_steps=2, latency_seconds=0.1)},
+          methods=("lora", "hf-lora", "ia3", "prefix", "prompt-tuning"), repeats=3, probes="serve"),
     # No budgets of its own: each workload's own (see own_budget). What `run --workloads/--model` without --suite runs.
     Suite("custom", (), {}, methods=ALL),
     Suite("gpu", ("minilm-sentiment", "gpt-neo-125m-arch", "t5-small-arch"),

@@ -7,6 +7,7 @@ are generated from these records (`columns()`), and `peft-bench list --metrics` 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -300,6 +301,50 @@ class DistributedRecord:
     scaling_efficiency_ci_low: float = metric("95 % paired-t interval of scaling_efficiency over rounds, low end")
     scaling_efficiency_ci_high: float = metric("the same interval's high end")
 
+
+
+def _serving(doc: str, default: object = None, better: str | None = None) -> dataclasses.Field:
+    return dataclasses.field(default=default, metadata={"doc": doc, "better": better})
+
+
+@dataclass(frozen=True)
+class ServingRecord:
+    """One serving measurement (a row of serving.csv, not of metrics.csv): `peft_bench.engine.serve`."""
+
+    probe: str = _serving("generation | adapters | mixed | switch | fidelity", "")
+    variant: str = _serving("base (adapter disabled) | unmerged | merged; for adapters: the batch's layout or the "
+                            "switch", "")
+    prompt_tokens: int = _serving("prompt length in tokens, exactly (real test reviews cut to it)", 0)
+    batch: int = _serving("sequences decoded together", 0)
+    new_tokens: int = _serving("tokens generated greedily after the prompt (the first from the prefill)", 0)
+    virtual_tokens: int = _serving("prompt-learning tokens in front of the prompt (prefix: in the cache only)", 0)
+    adapters_loaded: int = _serving("adapters held by the model while measured", 0)
+    dtype: str = _serving("element type of the model while measured", "")
+    ttft_s: float = _serving("time to first token: the prefill forward over the whole prompt and its argmax",
+                             math.nan, "lower")
+    decode_token_s: float = _serving("median time of one decode step (one new token for every sequence, KV cache "
+                                     "in use)", math.nan, "lower")
+    tokens_per_s: float = _serving("batch × new tokens ÷ (prefill + every decode step)", math.nan, "higher")
+    kv_cache_bytes: int = _serving("bytes of the KV cache's key and value tensors after the last decode step", 0)
+    kv_cache_closed_form_bytes: int = _serving("2 × layers × key/value heads × head size × batch × (virtual + "
+                                               "prompt + new − 1) positions × element size, from the config", 0)
+    no_cache_agrees: bool | None = _serving("the cached loop's first 8 tokens equal the model's own forward "
+                                            "recomputed over the whole sequence for each token (no cache)")
+    generate_agrees: bool | None = _serving("transformers' greedy generate gives the cached loop's first 8 tokens")
+    witness_note: str = _serving("why a witness could not be read (generate raised)", "")
+    tokens_equal: bool | None = _serving("merged (or mixed-batch, or hot-swapped) generates exactly the reference's "
+                                         "tokens")
+    first_divergence: int = _serving("first new-token position where the tokens differ (-1: none)", -1)
+    logit_gap: float = _serving("at the first divergence: the reference's logit of its token minus of the other's",
+                                math.nan)
+    max_abs_diff: float = _serving("largest |Δ| between the two computations' prompt logits", math.nan)
+    agree_tokens: int = _serving("greedy tokens equal before the first divergence (new_tokens when all agree)", 0)
+    adapter_bytes: int = _serving("bytes of one adapter's tensors, read from the model", 0)
+    adapter_closed_form_bytes: int = _serving("one adapter's bytes from the closed-form trainable count", 0)
+    rss_per_adapter_bytes: float = _serving("process RSS growth while the adapters were added ÷ their number",
+                                            math.nan)
+    seconds: float = _serving("time of one operation (set_adapter, a hot-swap from disk, a whole batch's "
+                              "generation)", math.nan, "lower")
 
 RECORDS = (ParamsRecord, MemoryRecord, TimingRecord, RepeatsRecord, InterferenceRecord, FlopsRecord, InferenceRecord,
            ChecksRecord, CheckpointRecord, AccuracyRecord, ForgettingRecord, DistributedRecord)

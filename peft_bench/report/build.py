@@ -8,11 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..measure.repeats import of_run
-from ..results import atomic_write_text, read_environment, read_rows, read_samples
+from ..results import atomic_write_text, read_environment, read_rows, read_samples, read_serving
 from . import distributed as dist_report
 from . import fits as sweep
-from . import plots
-from .summary import accuracy_only, accuracy_summary, across_seeds, cells, first_seed, load_frame, summary
+from . import plots, serving
+from .summary import accuracy_only, accuracy_summary, across_seeds, cells, first_seed, load_frame, made_by, summary
 from .tune import choose
 from .tune import summary as tune_summary
 
@@ -41,6 +41,12 @@ def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
         dist_report.plot(df, out / "distributed.png")
         atomic_write_text(out / "summary.md", text)
         return
+    served = [r for r in of_run(read_serving(out / "serving.csv"), env.get("run_id"))
+              if str(r.get("used")).lower() != "false"]  # a disturbed repeat measured again: the new one counts
+    if served:  # suite inference: the serving tables and plot
+        has_plot = serving.plot(served, out / "serving.png")
+        atomic_write_text(out / "summary.md", serving_summary(env, served, has_plot))
+        return
     if accuracy_only(df):
         plots.accuracy_across_seeds(seeds, out / "accuracy_seeds.png")
         atomic_write_text(out / "summary.md", accuracy_summary(df, env, seeds))
@@ -54,3 +60,11 @@ def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
     text = summary(df, env, samples)  # computed before any file is replaced
     plots.make_all(first_seed(cells(df)), out)
     atomic_write_text(out / "summary.md", text)
+
+
+def serving_summary(env: dict, rows: list[dict], has_plot: bool) -> str:
+    lines = ["# Serving: generation with a KV cache, merged and unmerged, many adapters", "", *made_by(env),
+             *serving.sections(rows)]
+    if has_plot:
+        lines += ["![decode latency per token vs adapters loaded](serving.png)", ""]
+    return "\n".join(lines)

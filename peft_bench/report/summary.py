@@ -408,7 +408,7 @@ def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool =
     samples = samples or []
     rows = [r for _, r in df.iterrows()]
     floor, aa = floor_of_frame(df)
-    lines = ["# peft-bench results", ""] + (_made_by(env) if env else [])
+    lines = ["# peft-bench results", ""] + (made_by(env) if env else [])
     lines += ["Every cell runs in fresh processes and checks itself before its numbers count: the trainable count "
               "equals its closed form; after training the disabled adapter reproduces the base model, merged equals "
               "unmerged and unmerge restores (within the tolerance in `check_tolerance`); the checkpoint restored "
@@ -432,7 +432,7 @@ def summary(df, env: dict, samples: list[dict] | None = None, per_method: bool =
     return "\n".join(lines)
 
 
-def _made_by(env: dict) -> list[str]:
+def made_by(env: dict) -> list[str]:
     """Who made the results, on what, with what: the first paragraph of a summary."""
     return [f"Made by `{env.get('command', '?')}` on {env.get('date_utc', '?')}: {env.get('cpu', '?')}, "
             f"{env.get('cpu_count')} cores ({env.get('torch_threads')} torch threads), "
