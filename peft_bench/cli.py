@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -103,12 +104,13 @@ def run_and_report(cfg, argv: list[str] | None = None) -> int:
         print("peft-bench: this node took part in every cell; the rows are on the node of global rank 0",
               file=sys.stderr)
         return 0
+    written = ", ".join(f.name for f in (done.out / "metrics.csv", done.out / "summary.md") if f.exists())
     if done.code == 130:
         again = " ".join(a for a in (argv or ["run", "--suite", cfg.suite]) if a != "--resume")
-        print(f"peft-bench: interrupted; the finished cells are in {done.out}/metrics.csv and summary.md; resume with: "
-              f"peft-bench {again} --resume", file=sys.stderr)
+        what = f"the finished cells are in {done.out}/ ({written})" if written else "no cell had finished"
+        print(f"peft-bench: interrupted; {what}; resume with: peft-bench {again} --resume", file=sys.stderr)
         return 130
-    print(f"results: {done.out}/metrics.csv, summary.md, plots ({done.failed} failed cell"
+    print(f"results: {done.out}/ ({written or 'nothing written'}; {done.failed} failed cell"
           f"{'s' * (done.failed != 1)})", file=sys.stderr)
     return done.code
 
@@ -190,8 +192,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     if args.reaggregate:
         reaggregate(out)
+    if args.html:
+        from .report.build import write_html
+
+        print(f"wrote {write_html(out)}", file=sys.stderr)
+        return 0
     build(out, arch=architecture)
-    print(f"rebuilt {out}/summary.md and plots from {out}/metrics.csv", file=sys.stderr)
+    print(f"rebuilt {out}/summary.md, report.html and plots from {out}/metrics.csv", file=sys.stderr)
     return 0
 
 
@@ -264,12 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(cmd, name)
         cmd.set_defaults(func=func)
 
-    rep = sub.add_parser("report", help="rebuild plots and summary.md from DIR/metrics.csv")
+    rep = sub.add_parser("report", help="rebuild plots, summary.md and report.html from DIR/metrics.csv")
     rep.add_argument("dir")
     rep.add_argument("--readme", help="instead: regenerate this README's section from DIR (results: gpt-neo-125m-arch; "
                      "accuracy: an accuracy-only run)")
     rep.add_argument("--reaggregate", action="store_true", help="first recompute metrics.csv's repeat columns "
                      "(step time, intervals, ratios) from repeats.csv with this version's estimator")
+    rep.add_argument("--html", action="store_true", help="only DIR/report.html (a self-contained page: sortable "
+                     "tables, definitions on hover, the plots inline; every run and report writes it too)")
     rep.set_defaults(func=_cmd_report)
 
     c = sub.add_parser("compare", help="judge what changed between two result directories (exit 1 if worse)")
@@ -295,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' `kernels` hub logs a warning per kernel repo when offline ("Skipping publisher trust check"),
+    # three lines at the start of every run that say nothing about it.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     debug = "--debug" in argv
     parser = build_parser()
     if not argv:  # bare `peft-bench`: the usage with the commands

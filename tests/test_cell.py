@@ -235,3 +235,18 @@ def test_progress_on_a_terminal_draws_a_bar_even_when_the_terminal_reports_no_si
         drawn = os.read(master, 65536).decode("utf-8", "replace")
     os.close(master)
     assert "lora × w:" in drawn and "0/4" in drawn and "%|" in drawn  # later updates wait mininterval
+
+
+def test_heartbeat_prints_while_a_phase_runs_and_stops_after():
+    import io
+    import time
+
+    from peft_bench.engine.cell import heartbeat
+
+    out = io.StringIO()
+    with heartbeat("lora × w", "accuracy", every=0.05, stream=out):
+        time.sleep(0.3)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3 and all(line.startswith("  lora × w: accuracy (") for line in lines)
+    time.sleep(0.15)
+    assert out.getvalue().splitlines() == lines  # silent once the phase is over

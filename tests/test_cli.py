@@ -60,6 +60,11 @@ BAD = [
     (["--methods", "prefix", "--rank", "4"], "--rank applies to none of the chosen methods (prefix)"),
     (["--model", "x", "--workloads", "gpt-neo-tiny"], "give --model (a hub id or directory) or --workloads, not both"),
     (["--suite", "custom"], "suite 'custom' has no workloads of its own; pass --workloads or --model"),
+    (["--workloads", "gpt-neo-tiny", "--batch-size", "100000"],
+     "--batch-size 100000 exceeds the 400 training examples of gpt-neo-tiny"),
+    (["--workloads", "gpt-neo-tiny", "--nproc", "4096"], "--nproc 4096 on cpu: this machine has"),
+    (["--workloads", "gpt-neo-tiny", "--nproc", "1", "--rdzv-endpoint", "nohostport"],
+     "--rdzv-endpoint takes HOST:PORT with a port in 1–65535, got 'nohostport'"),
 ]
 
 
@@ -118,8 +123,11 @@ def test_malformed_metrics_csv_is_refused_and_kept(tmp_path, capsys):
     before = snapshot(d)
     assert main(["run", "--out", str(d), "--workloads", "mlp-mnist-tiny"]) == 2
     err = capsys.readouterr().err
-    assert "is not a peft-bench metrics file" in err and "move it away or pass --out" in err
+    assert "is not a peft-bench metrics file" in err and "left untouched" in err and "pass --out" in err
     assert snapshot(d) == before
+    assert main(["report", str(d)]) == 2  # reading it says the same, without "append"
+    err = capsys.readouterr().err
+    assert "is not a peft-bench metrics file" in err and "append" not in err
 
 
 def test_empty_out_is_refused_and_nothing_is_written_in_the_working_directory(tmp_path, capsys, monkeypatch):
@@ -234,3 +242,14 @@ def test_a_model_needing_remote_code_names_the_flag(tmp_path, capsys):
     (d / "config.json").write_text('{"model_type": "xcustom", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}')
     assert main(["run", "--model", str(d), "--out", str(tmp_path / "o")]) == 2
     assert "needs its repository's own code to load; pass --trust-remote-code" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_help_lists_every_registered_suite_and_says_what_methods_defaults_to(command, capsys):
+    from peft_bench.engine.suites import SUITES
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in SUITES.names())
+    assert "(default: all)" not in text and "examples per training step" in text

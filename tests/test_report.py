@@ -139,3 +139,15 @@ def test_plots_give_every_method_its_own_look_for_any_number_of_methods(tmp_path
     plots.make_all(df, tmp_path)
     for name in ("accuracy_vs_memory.png", "step_time.png", "peak_memory.png", "trainable_params.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_a_run_where_no_cell_finished_says_so_and_names_only_files_it_wrote(tmp_path, capsys):
+    from peft_bench.cli import main
+
+    out = tmp_path / "none"
+    main(["run", "--workloads", "mlp-mnist-tiny", "--methods", "prefix", "--out", str(out)])
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# peft-bench: no cell finished") and "unsupported" in text
+    assert not list(out.glob("*.png"))
+    err = capsys.readouterr().err
+    assert "results: " in err and "plots" not in err.splitlines()[-1]

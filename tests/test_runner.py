@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from peft_bench import results
 from peft_bench.cli import main
@@ -151,3 +152,58 @@ def test_sigterm_mid_run_keeps_finished_rows_and_leaves_no_process(tmp_path):
     assert "Traceback" not in err and "resume with: peft-bench run" in err and err.rstrip().endswith("--resume")
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 2 and (out / "summary.md").exists()
+
+
+def test_save_adapters_reloads_in_plain_peft_with_the_trained_cells_outputs(tmp_path):
+    """A hand-written and a peft method: PeftModel.from_pretrained on the same base gives the logits the trained cell
+    gave (kept beside the adapter); full keeps the whole model."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from peft_bench.cli import main
+    from peft_bench.config import CellSpec
+    from peft_bench.engine.setup import builder, logits, workload_of
+    from peft_bench.methods import get_method
+
+    out, kept = tmp_path / "run", tmp_path / "kept"
+    assert main(["run", "--workloads", "gpt-neo-tiny", "--methods", "lora,hf-lora,full", "--steps", "4",
+                 "--save-adapters", str(kept), "--out", str(out)]) == 0
+    assert sorted(p.name for p in (kept / "gpt-neo-tiny").iterdir()) == ["full", "hf-lora", "lora"]
+    assert any((kept / "gpt-neo-tiny" / "full").glob("*.safetensors"))
+    for method in ("lora", "hf-lora"):
+        folder = kept / "gpt-neo-tiny" / method
+        row = json.loads((folder / "row.json").read_text())
+        assert row["method"] == method and row["status"] == "ok"
+        spec = CellSpec(method=method, workload="gpt-neo-tiny", seed=0)
+        base = builder(workload_of(spec, get_method(method)), spec)()
+        model = PeftModel.from_pretrained(base, str(folder))
+        check = load_file(str(folder / "check.safetensors"))
+        want = check.pop("logits")
+        got = logits(model, check)
+        assert torch.allclose(got, want, atol=1e-5), (method, float((got - want).abs().max()))
+        with model.disable_adapter():  # the adapter is what reproduces them: the base alone does not
+            assert not torch.allclose(logits(model, check), want, atol=1e-5)
+
+
+def test_the_pytest_benchmark_route_leaves_git_status_unchanged():
+    """`pytest bench --benchmark-only` writes into the untracked runs/<suite>/ by default, never the committed
+    results/ (it once overwrote the CI baseline in results/smoke)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def status() -> str:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout
+
+    before = status()
+    got = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:xdist",
+                          "-p", "no:cacheprovider", "-k", "mlp-mnist-tiny-lora"], cwd=root, capture_output=True,
+                         text=True, timeout=600,  # not as an xdist worker (pytest-benchmark would disable itself)
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDIST"))})
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+    assert status() == before

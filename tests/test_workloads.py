@@ -125,6 +125,35 @@ def test_only_safetensors_are_loaded_unless_pickle_is_allowed(local_model):
         w.build_model()
 
 
+def test_a_model_folder_without_weights_is_refused_when_named(local_model):
+    for f in local_model.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(UserError, match="has a config but no weights"):
+        hub_workload(str(local_model))
+
+
+def test_a_dataset_with_one_label_is_refused_before_the_run(local_model, tmp_path):
+    from peft_bench.config import RunConfig
+    from peft_bench.engine.plan import plan, validate_data
+
+    data = tmp_path / "one.csv"
+    data.write_text("text,label\n" + "".join(f"review number {i},1\n" for i in range(40)))
+    cfg = RunConfig(model=str(local_model), dataset=str(data), methods=("lora",), suite="custom")
+    with pytest.raises(UserError, match="every training example has the label 1"):
+        validate_data(plan(cfg), cfg)
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 4])
+def test_an_empty_or_binary_local_file_is_named_as_unreadable_not_as_the_hub(tmp_path, content):
+    from peft_bench.workloads.data import hub_dataset
+
+    path = tmp_path / "data.csv"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        hub_dataset(str(path), 0)
+    assert "Hub" not in str(e.value) and str(path) in str(e.value)
+
+
 def test_unreachable_hub_id_fails_in_one_line_naming_the_embedded_workload(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as e:

@@ -21,6 +21,7 @@ repeat times its steps in the same state. The row is the union of the probes' re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -128,6 +129,31 @@ def _columns(stream) -> int:
         return 0
 
 
+OWN_PROGRESS = ("training", "timed", "budget", "capacity")  # probes that print their steps (Progress)
+
+
+@contextlib.contextmanager
+def heartbeat(desc: str, phase: str, every: float = 30.0, stream=None):
+    """A line every `every` seconds while `phase` runs (evaluation, checks, checkpoints, serving), so that no phase
+    of a cell is silent for longer."""
+    import threading
+    import time
+
+    stop, t0 = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            print(f"  {desc}: {phase} ({time.monotonic() - t0:.0f} s)", file=stream or sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _progress(total: int, desc: str) -> Progress:
     return Progress(total, desc)
 
@@ -149,7 +175,8 @@ def run_probes(spec: CellSpec, mode: str) -> P.State:
     try:
         s = start(spec, method, w, reference=mode not in NO_REFERENCE)
         for name in PROBES[mode]:
-            PROBE[name](s)
+            with contextlib.nullcontext() if name in OWN_PROGRESS else heartbeat(f"{spec.method} × {w.name}", name):
+                PROBE[name](s)
         return s
     except Exception as e:
         e.identity = failure_identity(spec, w, method)
@@ -384,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet() -> None:
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
+    logging.getLogger("kernels").setLevel(logging.ERROR)  # "Skipping publisher trust check" when offline
     try:
         from transformers.utils import logging as hf_logging
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from pathlib import Path
 
 from ..config import CellSpec, RunConfig, method_flag
@@ -93,9 +94,19 @@ def _cells(opts: RunConfig, suite, names: tuple, length: tuple, rates) -> list[C
         method_options=_options_for(m, opts.method_options), batch_size=opts.batch_size, max_length=length[0],
         dtype=length[1], lr=lr or learning_rate(m, w or "", family), warmup_steps=warmup,
         timed_steps=max(1, min(b.timed_steps, steps - warmup - INSTRUMENTED_STEPS)), train_steps=steps,
-        latency_seconds=b.latency_seconds, test_examples=b.test_examples, model=opts.model, dataset=opts.dataset,
+        latency_seconds=b.latency_seconds, test_examples=opts.test_examples or b.test_examples, model=opts.model,
+        dataset=opts.dataset,
         trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, mnist_root=opts.mnist_root,
         gradient_checkpointing=opts.gradient_checkpointing) for lr in rates or (None,)]
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """HOST:PORT with a port in 1–65535 (else torchrun waits minutes before it fails)."""
+    if not endpoint:
+        return
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--rdzv-endpoint takes HOST:PORT with a port in 1–65535, got {endpoint!r}")
 
 
 def distribute(cells: list[CellSpec], opts: RunConfig) -> list[CellSpec]:
@@ -117,6 +128,11 @@ def distribute(cells: list[CellSpec], opts: RunConfig) -> list[CellSpec]:
         raise UserError(f"--nnodes must be at least 1, got {opts.nnodes}")
     if opts.nnodes > 1 and not opts.rdzv_endpoint:
         raise UserError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (the rendezvous every node joins)")
+    _check_endpoint(opts.rdzv_endpoint)
+    cores = os.cpu_count() or 1
+    if opts.device == "cpu" and max(opts.nproc) > cores and not opts.oversubscribe:
+        raise UserError(f"--nproc {max(opts.nproc)} on cpu: this machine has {cores} CPU cores (one per rank; "
+                        "--oversubscribe to run more)")
     if opts.device == "cuda":
         import torch
 
@@ -129,7 +145,8 @@ def distribute(cells: list[CellSpec], opts: RunConfig) -> list[CellSpec]:
         for mode in modes:
             for n in sorted(set(opts.nproc)):
                 out.append(dataclasses.replace(c, parallel=mode, nproc=n, nnodes=opts.nnodes,
-                                               rdzv_endpoint=opts.rdzv_endpoint, threads_per_rank=threads,
+                                               rdzv_endpoint=opts.rdzv_endpoint, rdzv_timeout=opts.rdzv_timeout,
+                                               threads_per_rank=threads,
                                                broadcast_buffers=opts.broadcast_buffers == "on", base_probe=False))
     return out
 
@@ -241,3 +258,24 @@ def validate_targets(cells: list[CellSpec], opts: RunConfig) -> None:
             raise UserError(f"{w.name}: {e}") from None
 
 
+
+
+def validate_data(cells: list[CellSpec], opts: RunConfig) -> None:
+    """With --batch-size or --dataset, each workload's data is read once before the run: a batch larger than its
+    training split, or a dataset with a single label (accuracy would be trivially 1 or meaningless), is bad input."""
+    if not (opts.batch_size or opts.dataset):
+        return
+    from ..workloads import resolve
+    from .setup import DATA_SEED
+
+    for name in {c.workload for c in cells}:
+        w = resolve(name or None, opts.model, opts.dataset, trust_remote_code=opts.trust_remote_code,
+                    allow_pickle=opts.allow_pickle)
+        data = w.data(DATA_SEED)
+        if opts.batch_size and opts.batch_size > len(data.train):
+            raise UserError(f"--batch-size {opts.batch_size} exceeds the {len(data.train)} training examples of "
+                            f"{w.name}")
+        labels = {int(x) for x in data.train.labels.tolist()}
+        if len(labels) < 2:
+            raise UserError(f"{w.name}: every training example has the label {labels.pop() if labels else '?'}; a "
+                            "classification needs at least two")

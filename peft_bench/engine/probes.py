@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,6 +258,8 @@ def checkpoint_probe(s: State, tol: float) -> tuple[R.CheckpointRecord, float]:
         del restored
         if not roundtrip <= tol:
             raise CellError(f"checkpoint does not round-trip: restored output differs by {roundtrip:.3g} > {tol:.3g}")
+        if spec.keep_adapter:  # --save-adapters: the checkpoint that just round-tripped, and what it computes
+            keep(ckpt, Path(spec.keep_adapter), batch, s.trained_out)
         files.evict(whole)
         resident = max(resident, files.resident_fraction(whole))
         _, load_cold = timing.timed(lambda: load_parameters(model, whole), spec.device)
@@ -264,6 +267,16 @@ def checkpoint_probe(s: State, tol: float) -> tuple[R.CheckpointRecord, float]:
     record = R.CheckpointRecord(size, method.checkpoint_format, state_bytes, whole_size, load_cold, load_warm, cold,
                                 warm, resident)
     return record, roundtrip
+
+
+def keep(ckpt: Path, where: Path, batch: dict, trained_out: torch.Tensor) -> None:
+    """Copy the checkpoint to `where`, with the check batch and the trained model's logits on it
+    (check.safetensors: `logits` and the batch's tensors), so that a reload can be checked against the trained cell."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(ckpt, where, dirs_exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in batch.items() if torch.is_tensor(v)}
+    save_file({**tensors, "logits": trained_out.detach().float().cpu().contiguous()}, str(where / "check.safetensors"))
 
 
 def _restore_timed(s: State, ckpt: Path, tol: float):

@@ -38,7 +38,8 @@ from ..measure import repeats as rep
 from ..results import check_out_dir, prepare_out_dir
 from . import launch
 from .environment import environment
-from .plan import plan, repeats_of, seeds_of, validate_targets
+from .estimate import Cost, duration
+from .plan import plan, repeats_of, seeds_of, validate_data, validate_targets
 from .suites import get_suite
 from .torchrun import ELSEWHERE
 
@@ -58,6 +59,36 @@ class Outcome:
     reportable: bool
 
 
+def kept_where(cells: list[CellSpec], root: Path) -> list[CellSpec]:
+    """--save-adapters: each cell's folder, ROOT/<workload>/<method>/, and where several cells share that (seeds,
+    rates, sweep values, process counts) a subfolder naming what differs."""
+    def where(c: CellSpec) -> Path:
+        return root / (c.workload or f"hub-{c.model}").replace("/", "-") / c.method
+
+    shared = [where(c) for c in cells if not c.replica]
+    out = []
+    for c in cells:
+        if c.replica:
+            out.append(c)
+            continue
+        d = where(c)
+        if shared.count(d) > 1:
+            d = d / "--".join([f"seed{c.seed}", f"lr{c.lr:g}"] + ([f"{c.vary}{c.vary_value:g}"] if c.vary else [])
+                              + ([f"{c.parallel}{c.nproc}"] if c.parallel else []))
+        out.append(dataclasses.replace(c, keep_adapter=str(d)))
+    return out
+
+
+def _plural(n: int, word: str, suffix: str = "s") -> str:
+    return f"{n} {word}{'' if n == 1 else suffix}"
+
+
+def _name(spec: CellSpec) -> str:
+    """How a progress line names a cell: method × workload, and a sweep's value."""
+    value = f" ({spec.vary}={spec.vary_value:g})" if spec.vary and spec.vary_value is not None else ""
+    return f"{spec.method} × {spec.workload or spec.model}{value}"
+
+
 class Run:
     """One run of a suite: its cells, the rows and samples so far, and the files they are written to."""
 
@@ -73,6 +104,7 @@ class Run:
         self.cells = plan(cfg)
         self.n_rounds = repeats_of(cfg)
         validate_targets(self.cells, cfg)
+        validate_data(self.cells, cfg)
         self.before = _old_environment(out)
         self.run_id = _run_id(cfg, out, bool(self.rows or self.samples), self.before)
         if cfg.overwrite:
@@ -80,9 +112,12 @@ class Run:
         if not cfg.allow_busy and not os.environ.get("PEFT_BENCH_ALLOW_BUSY"):
             refuse_if_busy(cfg.device)
         self.out = prepare_out_dir(out)
+        if cfg.save_adapters:
+            self.cells = kept_where(self.cells, Path(cfg.save_adapters))
         self.failed, self.t0 = 0, time.monotonic()
         budget = cfg.time_budget if cfg.time_budget is not None else get_suite(cfg.suite).time_budget_s
         self.budget = budget if budget is not None else 0.0
+        self.cost = Cost(self.cells, self.n_rounds, cfg.suite)
         self._start()
 
     def _start(self) -> None:
@@ -137,24 +172,35 @@ class Run:
             self.failed += row["status"] in FAILED
         if row["status"] == "ok":
             self.samples.append(rep.sample(row, key, r, remeasured=remeasure, run_id=self.run_id))
-        if serving:
-            self.serving += [{"run_id": self.run_id, "cell_key": key, "method": spec.method,
-                              "workload": spec.workload or spec.model, "repeat": r, "used": True, **x}
-                             for x in serving]
+        self._beside(spec, row, r, first, serving)
         self.save()
+        self.cost.done(key, r, seconds)
         flag = " [interference: other processes used {:.0f}% of the CPU during the timed steps]".format(
             float(row["other_cpu_pct"])) if row["status"] == "ok" and row.get("interference_repeats") else ""
-        print(f"{label}: {row['status']}{' — ' + row['reason'] if row.get('reason') else ''} ({seconds:.1f}s){flag}",
-              file=sys.stderr)
+        print(f"{label}: {row['status']}{' — ' + row['reason'] if row.get('reason') else ''} ({seconds:.1f}s){flag}"
+              f"; about {duration(self.cost.left_s())} left", file=sys.stderr)
         return row
+
+    def _beside(self, spec: CellSpec, row: dict, r: int, first: bool, serving: list[dict] | None) -> None:
+        """What a process writes beside its row: a kept adapter's row.json, the serving measurements."""
+        if row["status"] == "ok" and first and spec.keep_adapter and Path(spec.keep_adapter).is_dir():
+            results.atomic_write_text(Path(spec.keep_adapter) / "row.json", json.dumps(row, indent=1, default=str))
+        if serving:
+            self.serving += [{"run_id": self.run_id, "cell_key": row["cell_key"], "method": spec.method,
+                              "workload": spec.workload or spec.model, "repeat": r, "used": True, **x}
+                             for x in serving]
 
     def rounds(self) -> None:
         """Every cell, round after round; a cell that did not finish its first round is not repeated."""
         total, n = len(self.cells) * self.n_rounds, self.n_rounds
+        budget = f"; then rounds until ±{self.cfg.target_ci:g} %, within {duration(self.budget)} in all" \
+            if self.budget and n > 1 else ""
+        print(f"{len(self.cells)} cells × {_plural(n, 'repeat')} = {_plural(total, 'process', 'es')}: about "
+              f"{duration(self.cost.total_s)} ({self.cost.source}){budget}", file=sys.stderr)
         for r in range(n):
             for i, spec in enumerate(self.cells, 1):
                 key = spec.key()
-                label = (f"[{r * len(self.cells) + i}/{total}] {spec.method} × {spec.workload or spec.model}"
+                label = (f"[{r * len(self.cells) + i}/{total}] {_name(spec)}"
                          + (" (A/A copy)" if spec.replica else "") + (f", repeat {r + 1}/{n}" if n > 1 else ""))
                 if self.cfg.resume and (key, r) in self.have and (r > 0 or spec.replica or key in self.done):
                     print(f"{label}: already done, skipped", file=sys.stderr)
@@ -194,7 +240,7 @@ class Run:
     def _round(self, r: int, todo: set[str], redo: dict[str, dict]) -> None:
         for spec in (c for c in self.cells if c.key() in todo):
             why = f" (re-measure: repeat {int(redo[spec.key()]['repeat']) + 1} disturbed)" if spec.key() in redo else ""
-            label = f"[round {r + 1}] {spec.method} × {spec.workload or spec.model}" + \
+            label = f"[round {r + 1}] {_name(spec)}" + \
                 (" (A/A copy)" if spec.replica else "") + why
             row = self.measure(spec, r, label, remeasure=spec.key() in redo)
             if row["status"] == "ok" and spec.key() in redo:

@@ -59,7 +59,7 @@ def torchrun_args(spec, entry: list[str]) -> list[str]:
             "--monitor-interval", "0.1"]
     if spec.nnodes > 1 or spec.rdzv_endpoint:
         args += ["--nnodes", str(spec.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint,
-                 "--rdzv-id", rendezvous_id(spec)]
+                 "--rdzv-id", rendezvous_id(spec), "--rdzv-conf", f"join_timeout={spec.rdzv_timeout:g}"]
     else:
         args += ["--standalone"]
     return args + entry
@@ -73,8 +73,21 @@ def rendezvous_id(spec) -> str:
     return "peft-bench-" + hashlib.sha256(spec.key().encode()).hexdigest()[:16]
 
 
+STORE_FAILED = "could not reach the rendezvous store"
+
+
 def launch(spec, timeout: float | None) -> dict:
-    """Run one distributed cell; its row (ok, or error/timeout with the reason)."""
+    """Run one distributed cell; its row (ok, or error/timeout with the reason). A rendezvous store connection that
+    failed (seen under heavy load) is tried once more before the row says so."""
+    row = _launch_once(spec, timeout)
+    if row.get("status") == "error" and STORE_FAILED in str(row.get("reason")):
+        row = _launch_once(spec, timeout)
+        if row.get("status") == "error" and STORE_FAILED in str(row.get("reason")):
+            row["reason"] += " (tried twice)"
+    return row
+
+
+def _launch_once(spec, timeout: float | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="peft-bench-dist-") as tmp:
         spec_path, log_path = Path(tmp, "spec.json"), Path(tmp, "torchrun.log")
         spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
@@ -84,7 +97,8 @@ def launch(spec, timeout: float | None) -> dict:
             proc = subprocess.Popen(torchrun_args(spec, ["-m", "peft_bench.engine.torchrun", str(spec_path), tmp]),
                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
-                proc.wait(timeout)
+                _wait(proc, timeout, f"{spec.method} × {spec.workload or spec.model} ({spec.nproc} ranks × "
+                                     f"{spec.nnodes} node{'s' * (spec.nnodes > 1)})")
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
                 return {"status": "timeout", "reason": f"distributed cell exceeded --cell-timeout {timeout:g}s (a "
@@ -102,7 +116,38 @@ def launch(spec, timeout: float | None) -> dict:
             return json.loads(errors[0].read_text())
         if proc.returncode == 0 and spec.nnodes > 1:  # every rank here finished; global rank 0 runs on another node
             return {"status": ELSEWHERE, "reason": "this node's ranks finished; the node of global rank 0 writes the row"}
-        return {"status": "error", "reason": dead_rank_reason(log_path.read_text(errors="replace"), proc.returncode)}
+        log = log_path.read_text(errors="replace")
+        return {"status": "error", "reason": rendezvous_reason(log, spec) or dead_rank_reason(log, proc.returncode)}
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None, desc: str, every: float = 30.0) -> None:
+    """Wait for torchrun (TimeoutExpired after `timeout`), with a line every `every` seconds: its ranks write to a
+    log, so without it a long rendezvous or cell would be silent."""
+    import time
+
+    t0 = time.monotonic()
+    while True:
+        left = None if timeout is None else timeout - (time.monotonic() - t0)
+        if left is not None and left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        try:
+            proc.wait(every if left is None else min(every, left))
+            return
+        except subprocess.TimeoutExpired:
+            if left is None or left > every:
+                print(f"  {desc}: running under torchrun ({time.monotonic() - t0:.0f} s)", file=sys.stderr,
+                      flush=True)
+
+
+def rendezvous_reason(log: str, spec) -> str:
+    """One line when the nodes never met: which rendezvous, how long this node waited, how many were expected."""
+    if "RendezvousTimeoutError" in log:
+        return (f"rendezvous {spec.rdzv_endpoint} did not complete within --rdzv-timeout {spec.rdzv_timeout:g}s: "
+                f"{spec.nnodes} nodes expected, and at least one other node (not this one) did not arrive")
+    if "RendezvousConnectionError" in log:
+        return (f"rendezvous {spec.rdzv_endpoint or 'on this machine'}: this node {STORE_FAILED} (the node that "
+                "hosts it is down or overloaded, or the address is wrong)")
+    return ""
 
 
 def dead_rank_reason(log: str, code: int | None) -> str:

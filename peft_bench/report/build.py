@@ -11,19 +11,39 @@ from ..measure.repeats import of_run
 from ..results import atomic_write_text, read_environment, read_rows, read_samples, read_serving
 from . import distributed as dist_report
 from . import fits as sweep
-from . import plots, serving
+from . import html, plots, serving
 from .summary import accuracy_only, accuracy_summary, across_seeds, cells, first_seed, load_frame, made_by, summary
 from .tune import choose
 from .tune import summary as tune_summary
 
 
 def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
-    """Rebuild plots and summary.md from metrics.csv and repeats.csv (and environment.json when present).
+    """Rebuild plots, summary.md and report.html from metrics.csv and repeats.csv (and environment.json).
 
     `arch(workload, width, depth)`: the engine's description of a model a sweep built (layers, width, heads), for the
     per-layer activation lines of a sweep; without it those lines are left out."""
     df = load_frame(out)  # refuses bad values before anything is written
     env = read_environment(out)
+    _summary(out, df, env, arch)
+    write_html(out, df, env)
+
+
+def write_html(out: Path, df=None, env: dict | None = None) -> Path:
+    """DIR/report.html from the folder's rows (and its serving rows), beside the plots already there."""
+    df = load_frame(out) if df is None else df
+    env = read_environment(out) if env is None else env
+    served = _served(out, env)
+    return html.write(out, df, env, serving.sections(served) if served else None)
+
+
+def _served(out: Path, env: dict) -> list[dict]:
+    """This run's serving rows (a disturbed repeat's, measured again, keep used=False: the report times without
+    them and keeps their exact checks)."""
+    return of_run(read_serving(out / "serving.csv"), env.get("run_id"))
+
+
+def _summary(out: Path, df, env: dict, arch) -> None:
+    """summary.md and the plots of whichever kind of run the folder holds."""
     samples = of_run(read_samples(out / "repeats.csv"), env.get("run_id"))  # this run's repeats, as metrics.csv's
     seeds = across_seeds(df)
     if len(seeds):
@@ -41,8 +61,10 @@ def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
         dist_report.plot(df, out / "distributed.png")
         atomic_write_text(out / "summary.md", text)
         return
-    served = [r for r in of_run(read_serving(out / "serving.csv"), env.get("run_id"))
-              if str(r.get("used")).lower() != "false"]  # a disturbed repeat measured again: the new one counts
+    if not (df.status == "ok").any():  # nothing measured: say why each cell failed, no plots of nothing
+        atomic_write_text(out / "summary.md", failures_summary(df, env))
+        return
+    served = _served(out, env)
     if served:  # suite inference: the serving tables and plot
         has_plot = serving.plot(served, out / "serving.png")
         atomic_write_text(out / "summary.md", serving_summary(env, served, has_plot))
@@ -68,3 +90,13 @@ def serving_summary(env: dict, rows: list[dict], has_plot: bool) -> str:
     if has_plot:
         lines += ["![decode latency per token vs adapters loaded](serving.png)", ""]
     return "\n".join(lines)
+
+
+def failures_summary(df, env: dict) -> str:
+    """summary.md of a run where no cell finished: what each cell was and why it ended."""
+    from .format import table
+
+    rows = [[str(r.get("method", "")), str(r.get("workload", "")), str(r.get("status", "")),
+             str(r.get("reason", "") or "")] for r in df.to_dict("records")]
+    return "\n".join(["# peft-bench: no cell finished", "", *made_by(env),
+                      *table(["method", "workload", "status", "reason"], rows), ""])

@@ -36,12 +36,18 @@ def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     return out
 
 
+def _timed(rows: list[dict]) -> list[dict]:
+    """The rows whose times count: a disturbed repeat measured again is set aside (used=False) for its times; its
+    exact checks (tokens, bytes, fidelity) still hold and are read from every row."""
+    return [r for r in rows if str(r.get("used", "")).lower() != "false"]
+
+
 def _per_repeat(rows: list[dict], col: str) -> dict[int, float]:
-    return {int(r["repeat"]): _num(r[col]) for r in rows}
+    return {int(r["repeat"]): _num(r[col]) for r in _timed(rows)}
 
 
 def _est(rows: list[dict], col: str) -> Estimate:
-    return log_t([_num(r[col]) for r in rows])
+    return log_t([_num(r[col]) for r in _timed(rows)])
 
 
 def _ms(e: Estimate) -> str:
@@ -152,7 +158,7 @@ def fidelity_table(rows: list[dict]) -> list[str]:
         agree = min(int(_num(x["agree_tokens"])) for x in g)
         gap = [_num(x["logit_gap"]) for x in g if _num(x["logit_gap"]) == _num(x["logit_gap"])]
         out.append([method, dtype, sig(_num(r["max_abs_diff"])), f"{agree}/{r['new_tokens']}",
-                    sig(max(gap)) if gap else "—"])
+                    ("0 (a tie)" if max(gap) == 0 else sig(max(gap))) if gap else "—"])
     return table(["method", "dtype", "prompt logits max abs diff merged vs unmerged", "greedy tokens agreeing (fewest)",
                   "logit gap at the divergence"], out) if out else []
 
@@ -161,7 +167,7 @@ def sections(rows: list[dict]) -> list[str]:
     """The serving sections of summary.md, per workload."""
     lines = []
     for (wl,), g in _by(rows, "workload").items():
-        n = len({r["repeat"] for r in g})
+        n = len({r["repeat"] for r in _timed(g)})
         lines += [f"## {wl}: serving", "",
                   f"Each value: geometric mean over {n} process(es) with its {RATIO_LEVEL} Student-t interval on logs "
                   "(paired within each process for ratios); **≈**: the interval includes 1. A prompt is real test "
@@ -187,10 +193,10 @@ def plot(rows: list[dict], path: Path) -> bool:
     workloads = sorted({r["workload"] for r in rows if r["probe"] == "adapters"})
     if not workloads:
         return False
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.6 * len(workloads), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(max(6.4, 4.8 * len(workloads)), 3.9), squeeze=False)
     for ax, wl in zip(axes.flat, workloads):
         _panel(ax, [r for r in rows if r["workload"] == wl], wl)
-    fig.suptitle("Decode latency per token vs adapters loaded (peft LoRA)")
+    fig.suptitle("Decode latency per token vs LoRA adapters loaded (peft)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -205,14 +211,16 @@ def _panel(ax, rows: list[dict], workload: str) -> None:
     ys = [e.value * 1e3 for e in ests]
     err = [[(e.value - e.low) * 1e3 if e.has_interval else 0 for e in ests],
            [(e.high - e.value) * 1e3 if e.has_interval else 0 for e in ests]]
-    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color="C0", label="unmerged, n adapters loaded")
+    level = "95 % CI" if any(e.has_interval for e in ests) else "one repeat, no interval"
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color="C0", label=f"unmerged, n loaded ({level})")
     first = next(iter(got.values()))[0]
     shape = [r for r in rows if r["probe"] == "generation" and r["method"] == first["method"]
              and str(r["prompt_tokens"]) == str(first["prompt_tokens"]) and str(r["batch"]) == str(first["batch"])]
-    for name, color, style in (("merged", "C2", "--"), ("base", "0.4", ":")):
+    for name, color, style, text in (("merged", "C2", "--", "merged, one adapter"),
+                                     ("base", "0.4", ":", "base (adapter disabled)")):
         e = _est([r for r in shape if r["variant"] == name], "decode_token_s")
         if e.value == e.value:
-            ax.axhline(e.value * 1e3, color=color, linestyle=style, label=f"{name}, one adapter")
+            ax.axhline(e.value * 1e3, color=color, linestyle=style, label=f"{text} (geometric mean)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_ylim(bottom=0)

@@ -336,7 +336,8 @@ def in_registry_order(g):
     rank = names.rank()
     key = g.method.map(lambda m: rank.get(str(m).split(" @ ")[0], len(rank)))
     cols = ["vary_value"] if "vary_value" in g.columns else []
-    return g.assign(_order=key).sort_values(["_order", *cols], kind="stable").drop(columns="_order")
+    # a copy first: a frame built column by column is fragmented, and assign() on it warns (PerformanceWarning)
+    return g.copy().assign(_order=key).sort_values(["_order", *cols], kind="stable").drop(columns="_order")
 
 
 def glance(g, floor: float) -> list[str]:
@@ -501,8 +502,9 @@ def _workload_section(wl: str, g, samples: list[dict], floor: float, per_method:
     if pairs:
         lines += ["Step time, row ÷ column (median over rounds, 95 % CI; ≈ no measurable difference):", ""]
         lines += pairs + [""]
-    if len(ok):
-        lines += table(CKPT, [_ckpt_row(r) for _, r in ok.iterrows()]) + [""]
+    saved = ok[ok.checkpoint_bytes.notna()] if "checkpoint_bytes" in ok.columns else ok.iloc[0:0]
+    if len(saved):  # a sweep's `cost` cells save no checkpoint: no empty table
+        lines += table(CKPT, [_ckpt_row(r) for _, r in saved.iterrows()]) + [""]
     return lines
 
 

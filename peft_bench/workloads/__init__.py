@@ -209,6 +209,18 @@ register(Workload(
 _EMBEDDED_FOR = {"causal-lm": "gpt-neo-125m-arch", "seq2seq": "t5-small-arch", "classification": "minilm-sentiment"}
 
 
+def _require_weights(folder: Path, allow_pickle: bool) -> None:
+    """A local model folder holds weights the loader will read: *.safetensors (or *.bin with --allow-pickle)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")):
+        if allow_pickle:
+            return
+        raise UserError(f"model directory {str(folder)!r} has only pickle weights (*.bin); pass --allow-pickle to "
+                        "accept them")
+    raise UserError(f"model directory {str(folder)!r} has a config but no weights (*.safetensors)")
+
+
 def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: bool = False,
                  allow_pickle: bool = False, max_length: int | None = None, batch_size: int = 8) -> Workload:
     """A workload for a hub id or local model directory, on IMDB / a local file / the embedded reviews.
@@ -232,6 +244,8 @@ def hub_workload(model: str, dataset: str | None = None, *, trust_remote_code: b
             config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         except Exception as e2:
             raise UserError(_config_error(model, e2, D.unreachable(model, "model", instead, e2))) from None
+    if local and Path(model).is_dir():
+        _require_weights(Path(model), allow_pickle)
     task = arch.task_of(config.model_type, getattr(config, "architectures", None) or ())
     family = arch.family_of(config.model_type, task)
 

@@ -155,6 +155,10 @@ def hub_dataset(name: str, seed: int) -> Data:
     except UserError:
         raise
     except Exception as e:
+        if path.suffix in (".csv", ".json", ".jsonl"):  # a local file that is not a text,label table
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot read dataset file {name!r} as a table with 'text' and 'label' columns: "
+                            f"{first}") from None
         raise UserError(unreachable(name, "dataset", "the embedded Rotten Tomatoes data (omit --dataset)", e)) from None
     return Data(train, test, name, SENTIMENT_LABELS)
 
