@@ -48,13 +48,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("workloads:")
     for name in list_workloads():
         w = get_workload(name)
-        print(f"  {name:24s} {w.family:16s} pretrained={str(w.pretrained).lower():5s} {w.description}")
+        print(_wrapped(f"  {name:24s} {w.family:16s} pretrained={str(w.pretrained).lower():5s} {w.description}", 68))
     print("unsupported combinations:")
     for name in list_workloads():
         for m in list_methods():
             reason = method_class(m).unsupported_reason(get_workload(name).family)
             if reason:
-                print(f"  {m} × {name}: {reason}")
+                print(_wrapped(f"  {m} × {name}: {reason}", 6))
     print("hub (with network or a local copy): --model EleutherAI/gpt-neo-125m | google-t5/t5-small | DIR "
           "[--dataset stanfordnlp/imdb | FILE.csv]")
     from .engine.suites import SUITES, budget, own_budget
@@ -80,6 +80,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wrapped(line: str, indent: int, width: int = 118) -> str:
+    """A long listing line folded to `width`, continuation lines indented under its text."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent=" " * indent, break_on_hyphens=False)) or line
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     return run_and_report(from_flags(vars(args), "run"), args.argv)
 
@@ -87,7 +94,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     cfg = from_flags(vars(args), "sweep")
     # how cost grows: no accuracy, latency or checkpoint probes at every point
-    cfg = dataclasses.replace(cfg, probes="cost", out=cfg.out or Path("results") / "sweep")
+    cfg = dataclasses.replace(cfg, probes="cost", out=cfg.out or Path("runs") / "sweep")  # untracked by default
     return run_and_report(cfg, args.argv)
 
 

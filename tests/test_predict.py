@@ -28,6 +28,8 @@ def test_planned_tensor_peak_equals_the_committed_measurement_byte_for_byte_in_e
         assert r["status"] == "ok" and plan.equal(r), {k: (r.get(k), r.get(f"measured_{k}"))
                                                        for k in ("tensor_peak_bytes", *plan.PARTS)}
         assert r["trainable_params"] == int(r["measured_trainable_params"])
+        # the checkpoint's tensors: what the cell's checkpoint probe counted
+        assert r["trainable_state_bytes"] == int(float(r["measured_trainable_state_bytes"]))
 
 
 def test_llama_3_2_3b_has_its_published_size_and_lora_r32_on_q_v_peft_s_published_count():

@@ -69,3 +69,17 @@ def test_pytest_benchmark_route_has_serialisable_params(tmp_path):
     (bench,) = json.loads(text)["benchmarks"]
     assert bench["params"] == {"cell_id": "mlp-mnist-tiny-lora"} and bench["group"] == "mlp-mnist-tiny"
     assert bench["extra_info"]["trainable_params"] == bench["extra_info"]["closed_form_trainable_params"]
+
+
+def test_readme_serving_figures_are_the_committed_summarys():
+    """Every ratio in the README's serving table, and the headline figures beside it, appear in
+    results/inference/summary.md (regenerated from serving.csv by `peft-bench report results/inference`)."""
+    readme = (ROOT / "README.md").read_text()
+    summary = (ROOT / "results" / "inference" / "summary.md").read_text()
+    part = readme[readme.index("### Serving adapters"):readme.index("## The tutorial's experiments")]
+    ratios = [c.strip() for line in part.splitlines() if line.startswith("| LoRA") or line.startswith("| IA3")
+              for c in line.strip("|").split("|")[1:]]
+    assert len(ratios) == 9 and all(r in summary for r in ratios)
+    for figure in ("0.389× (0.325–0.467)", "1.76 MiB (= closed form)", "6.28 MiB (= closed form)",
+                   "7.16 MiB (= closed form)", "30.3 (28.9–31.7)", "0 (a tie)"):
+        assert figure in summary

@@ -151,3 +151,23 @@ def test_a_run_where_no_cell_finished_says_so_and_names_only_files_it_wrote(tmp_
     assert not list(out.glob("*.png"))
     err = capsys.readouterr().err
     assert "results: " in err and "plots" not in err.splitlines()[-1]
+
+
+def test_a_method_keeps_its_colour_and_marker_in_every_plot():
+    from peft_bench.methods import list_methods
+    from peft_bench.report.plots import style
+
+    alone, among = style(["lora"]), style(["full", "dora", "ia3", "lora"])
+    assert alone["lora"] == among["lora"]
+    every = style(list_methods())
+    assert len(set(every.values())) == len(every)  # no two registered methods look alike
+    assert style(["lora @ r=4"])["lora @ r=4"] == alone["lora"]
+
+
+def test_step_time_is_relative_to_full_only_where_full_ran():
+    import pandas as pd
+
+    from peft_bench.report.plots import reference
+
+    assert reference(pd.DataFrame({"method": ["lora"], "step_time_s": [0.5]})) == ("", 1e-3)
+    assert reference(pd.DataFrame({"method": ["lora", "full"], "step_time_s": [0.5, 2.0]})) == ("full", 2.0)

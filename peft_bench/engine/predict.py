@@ -237,6 +237,7 @@ def _step(method, s: Subject, cfg) -> dict:
         total = {id(p): p.numel() for p in model.parameters()}
     parts = mem.peak_parts
     return {"trainable_params": sum(p.numel() for p in trainable.values()), "total_params": sum(total.values()),
+            "trainable_state_bytes": sum(p.numel() * p.element_size() for p in trainable.values()),
             "tensor_peak_bytes": mem.peak_bytes, "weights_bytes": parts["weights"],
             "gradients_bytes": parts["gradients"], "optimizer_bytes": parts["optimizer"],
             "activations_bytes": parts["activations"], "temporaries_bytes": parts["temporaries"],
@@ -343,7 +344,8 @@ def against(rows: list[dict]) -> list[dict]:
                      gradient_checkpointing=str(r.get("gradient_checkpointing")) == "True")
         scale = tuple(int(r[k]) if _num(r.get(k)) else None for k in ("width", "depth"))
         got = isolated(r["method"], r["workload"], cfg, json.loads(r.get("options") or "{}"), scale, _tracked(r))
-        got.update({f"measured_{k}": r.get(k) for k in ("tensor_peak_bytes", *PART_KEYS, "trainable_params")})
+        got.update({f"measured_{k}": r.get(k) for k in ("tensor_peak_bytes", *PART_KEYS, "trainable_params",
+                                                         "trainable_state_bytes")})
         got["vary"], got["vary_value"] = r.get("vary") or "", r.get("vary_value") if r.get("vary") else ""
         out.append(got)
     return out

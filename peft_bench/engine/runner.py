@@ -86,7 +86,9 @@ def _plural(n: int, word: str, suffix: str = "s") -> str:
 def _name(spec: CellSpec) -> str:
     """How a progress line names a cell: method × workload, and a sweep's value."""
     value = f" ({spec.vary}={spec.vary_value:g})" if spec.vary and spec.vary_value is not None else ""
-    return f"{spec.method} × {spec.workload or spec.model}{value}"
+    n = spec.nproc * spec.nnodes
+    ranks = f" ({spec.parallel}, {n} process{'es' * (n != 1)})" if spec.parallel else ""
+    return f"{spec.method} × {spec.workload or spec.model}{value}{ranks}"
 
 
 class Run:

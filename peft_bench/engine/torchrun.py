@@ -97,8 +97,8 @@ def _launch_once(spec, timeout: float | None) -> dict:
             proc = subprocess.Popen(torchrun_args(spec, ["-m", "peft_bench.engine.torchrun", str(spec_path), tmp]),
                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
-                _wait(proc, timeout, f"{spec.method} × {spec.workload or spec.model} ({spec.nproc} ranks × "
-                                     f"{spec.nnodes} node{'s' * (spec.nnodes > 1)})")
+                _wait(proc, timeout, f"{spec.method} × {spec.workload or spec.model} ({spec.nproc} rank"
+                                     f"{'s' * (spec.nproc != 1)} × {spec.nnodes} node{'s' * (spec.nnodes > 1)})")
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
                 return {"status": "timeout", "reason": f"distributed cell exceeded --cell-timeout {timeout:g}s (a "

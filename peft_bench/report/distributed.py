@@ -288,13 +288,20 @@ def plot(df, path: Path) -> None:
     hi = [max(0.0, _f(r, "step_time_ci_high_s") * 1e3 - v) if _f(r, "step_time_ci_high_s") == _f(r, "step_time_ci_high_s")
           else 0 for v, (_, r) in zip(t, ok.iterrows())]
     axes[2].bar(x, t, yerr=[lo, hi], color=colors, hatch=hatches, capsize=3)
-    axes[2].set_ylabel("step time, slowest rank (ms; 95% CI)")
+    intervals = any(v > 0 for v in lo + hi)
+    axes[2].set_ylabel("step time, slowest rank (ms" + ("; 95 % CI)" if intervals else "; one repeat, no interval)"))
     axes[2].set_title("speed")
     for ax in axes:
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, fontsize=7, rotation=90)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{', '.join(dict.fromkeys(ok.workload))}: data-parallel (ddp, plain) and sharded (fsdp, hatched) "
-                 "training")
+    modes = set(ok.parallel)
+    what = " and ".join(x for x, m in (("data-parallel (ddp, plain bars)", "ddp"),
+                                        ("sharded (fsdp, hatched)", "fsdp")) if m in modes)
+    disturbed = [i for i, (_, r) in enumerate(ok.iterrows()) if _f(r, "interference_repeats") > 0]
+    for i in disturbed:  # a repeat disturbed by other processes: marked where its time is drawn
+        axes[2].text(i, t[i] + hi[i], "!", ha="center", va="bottom", color="tab:red", fontsize=10, weight="bold")
+    fig.suptitle(f"{', '.join(dict.fromkeys(ok.workload))}: {what} training"
+                 + ("  (! : a repeat ran beside other processes)" if disturbed else ""))
     fig.savefig(path, dpi=150)
     plt.close(fig)

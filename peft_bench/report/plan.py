@@ -7,11 +7,11 @@ import csv
 import io
 import json
 
-from .format import sig, table
+from .format import sig, size, table
 
 PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes")
 COLUMNS = ("method", "workload", "status", "reason", "device", "dtype", "batch_size", "seq_len", "trainable_params",
-           "total_params", "tensor_peak_bytes", *PARTS, "saved_activations_max_bytes", "flops_per_step",
+           "total_params", "trainable_state_bytes", "tensor_peak_bytes", *PARTS, "saved_activations_max_bytes", "flops_per_step",
            "attention_kernels", "planned_with", "memory_cap_bytes", "fits_memory_cap")
 
 
@@ -42,8 +42,8 @@ def _gib(x) -> str:
 
 def _table(rows: list[dict]) -> list[str]:
     cap = next((r["memory_cap_bytes"] for r in rows if r.get("memory_cap_bytes")), None)
-    head = ["model", "method", "trainable params", "tensor peak GiB", "weights / grads / optim / activations / temps "
-            "GiB", "TFLOP per step", "attention"] + ([f"fits {_gib(cap)} GiB"] if cap else [])
+    head = ["model", "method", "trainable params", "checkpoint tensors", "tensor peak GiB", "weights / grads / optim / "
+            "activations / temps GiB", "TFLOP per step", "attention"] + ([f"fits {_gib(cap)} GiB"] if cap else [])
     body = []
     for r in rows:
         if r.get("status") != "ok":
@@ -51,7 +51,8 @@ def _table(rows: list[dict]) -> list[str]:
             continue
         share = sig(100 * r["trainable_params"] / r["total_params"])
         cells = [r["workload"], r["method"], f"{r['trainable_params']:,} ({share}%)",
-                 _gib(r["tensor_peak_bytes"]), " / ".join(_gib(r[p]) for p in PARTS),
+                 size(r.get("trainable_state_bytes", float("nan"))), _gib(r["tensor_peak_bytes"]),
+                 " / ".join(_gib(r[p]) for p in PARTS),
                  sig(r["flops_per_step"] / 1e12), r.get("attention_kernels", "")]
         body.append(cells + (["yes" if r["fits_memory_cap"] else "**no**"] if cap else []))
     first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})

@@ -93,12 +93,16 @@ def _most(groups) -> int:
 
 
 def style(methods: list[str]) -> dict[str, tuple[tuple, str]]:
-    """A distinct (colour, marker) per method, for any number of methods: 20 colours (tab20's strong shades first,
-    then its light ones, so the first ten differ in hue) × 12 markers, paired so that no two of the first 60 methods
-    share both."""
+    """A (colour, marker) per method from its place in the method registry, so that a method looks the same in every
+    plot of every run: 20 colours (tab20's strong shades first, then its light ones, so the first ten differ in hue)
+    × 12 markers; a name outside the registry (a sweep's "lora @ r=4") takes its method's look."""
+    from .. import names
+
     cmap = plt.get_cmap("tab20")
     order = list(range(0, 20, 2)) + list(range(1, 20, 2))
-    return {m: (cmap(order[i % 20]), "osD^vP*Xph<>"[i % 12]) for i, m in enumerate(methods)}
+    rank = names.rank()
+    place = {m: rank.get(str(m).split(" @ ")[0], len(rank) + i) for i, m in enumerate(methods)}
+    return {m: (cmap(order[place[m] % 20]), "osD^vP*Xph<>"[place[m] % 12]) for m in methods}
 
 
 def peak_memory(groups, path: Path) -> None:
@@ -118,16 +122,18 @@ def peak_memory(groups, path: Path) -> None:
 
 
 def reference(g) -> tuple[str, float]:
-    """The method step times are divided by: full fine-tuning when the workload has it, else the first method."""
+    """What step times are divided by: full fine-tuning's when the workload has it (a ratio), else 1 ms (milliseconds:
+    a method divided by itself would plot 1)."""
     full = g[g.method == "full"]
-    row = full.iloc[0] if len(full) else g.iloc[0]
-    return str(row.method), float(row.step_time_s)
+    return ("full", float(full.iloc[0].step_time_s)) if len(full) else ("", 1e-3)
 
 
 def step_time(groups, path: Path) -> None:
     """Bars: forward / backward / optimizer medians (the split; they add up to the bar). Dot and whiskers: the
-    whole step's geometric mean over repeats with its 95 % interval (asymmetric). Both relative to the named reference."""
+    whole step's geometric mean over repeats with its 95 % interval (asymmetric; none for one repeat). Relative to
+    full fine-tuning where the workload has it, else in milliseconds."""
     fig, axes = _grid(len(groups), width=4.6, lines=_most(groups))
+    intervals = False
     for ax, (wl, g) in zip(axes, groups):
         name, ref = reference(g)
         y = list(range(len(g)))
@@ -139,15 +145,17 @@ def step_time(groups, path: Path) -> None:
         med = (g.step_time_s / ref).to_numpy()
         lo = (g.get("step_time_ci_low_s", g.step_time_s).fillna(g.step_time_s) / ref).to_numpy()
         hi = (g.get("step_time_ci_high_s", g.step_time_s).fillna(g.step_time_s) / ref).to_numpy()
+        intervals |= bool((hi > lo).any())
         ax.errorbar(med, y, xerr=[med - lo, hi - med], fmt="o", color="k", ms=3, capsize=3, lw=1,
-                    label="whole step, geometric mean (95% CI)")
-        ax.axvline(1.0, color="grey", ls="--", lw=0.8)
+                    label="whole step, geometric mean" + (" (95 % CI)" if intervals else " (one repeat: no interval)"))
+        if name:
+            ax.axvline(1.0, color="grey", ls="--", lw=0.8)
         ax.set_yticks(y, g.method)
         ax.invert_yaxis()
         ax.set_title(wl, fontsize=10)
-        ax.set_xlabel(f"step time ÷ {name}'s ({_sig(ref * 1e3)} ms)")
-    _save_legend_below(fig, axes[0], path, "Training step time relative to a reference (full fine-tuning where "
-                       "present)", 4, _room((0.08, 0.05), len(groups)))
+        ax.set_xlabel(f"step time ÷ full fine-tuning's ({_sig(ref * 1e3)} ms)" if name else "ms per training step")
+    _save_legend_below(fig, axes[0], path, "Training step time" + (" relative to full fine-tuning" if any(
+        reference(g)[0] for _, g in groups) else ""), 4, _room((0.08, 0.05), len(groups)))
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
