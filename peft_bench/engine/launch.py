@@ -35,8 +35,15 @@ def _peak_child(device: str, dtype: str, out_path: str) -> None:
 
 
 def _speed(device: str, dtype: str) -> float:
-    """The matmul peak in `dtype`, or with dtype "canary" the idle machine's canary."""
-    return _idle_canary(device) if dtype == "canary" else timing.matmul_peak_flops(device, dtype)
+    """The matmul peak in `dtype`, or with dtype "canary" (or "canary:N", on N intra-op threads) the idle machine's
+    canary."""
+    if dtype.startswith("canary"):
+        if ":" in dtype:
+            import torch
+
+            torch.set_num_threads(int(dtype.split(":")[1]))
+        return _idle_canary(device)
+    return timing.matmul_peak_flops(device, dtype)
 
 
 def _idle_canary(device: str) -> float:
@@ -54,10 +61,12 @@ def _idle_canary(device: str) -> float:
     return statistics.median(timing.canary_flops(device) for _ in range(3))
 
 
-def canary_in_child(device: str) -> float:
+def canary_in_child(device: str, threads: int | None = None) -> float:
     """The matmul canary read on the idle machine at the start of a run, in a process forked like the cells': the
-    speed every repeat's canary is compared with (`peft_bench.measure.repeats.speeds`)."""
-    return matmul_peak_in_child(device, "canary")
+    speed every repeat's canary is compared with (`peft_bench.measure.repeats.speeds`). `threads`: read on as many
+    intra-op threads as the cells' canaries (a torchrun rank's share of the cores) — a 2-thread reference made every
+    1-thread rank look 0.47× slow."""
+    return matmul_peak_in_child(device, f"canary:{threads}" if threads else "canary")
 
 
 _PEAKS: dict[tuple[str, str], float] = {}  # measured once per fork server (the cells' conditions do not change)

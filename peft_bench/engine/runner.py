@@ -137,7 +137,8 @@ class Run:
         env = environment(cfg, max(peaks.values()), self.argv)
         self.reference = self.before.get("canary_idle_flops_per_s") if cfg.resume else None
         if self.n_rounds > 1 and not self.reference:  # the whole run's speed is judged where repeats are
-            self.reference = launch.canary_in_child(cfg.device)
+            ranks = [c.threads_per_rank for c in self.cells if c.parallel and c.threads_per_rank]
+            self.reference = launch.canary_in_child(cfg.device, min(ranks) if ranks else None)
         env.update(dtype="+".join(peaks), repeats=self.n_rounds, seeds=list(seeds_of(cfg)),  # --dtype auto resolved
                    run_id=self.run_id, canary_idle_flops_per_s=self.reference, target_ci_pct=cfg.target_ci,
                    time_budget_s=self.budget or None, lr_sources=_lr_sources(self.cells))

@@ -433,19 +433,21 @@ def _published_formula(act: list[dict], arch: Callable[..., dict]) -> list[str]:
     return lines
 
 
-def _axes(ax, xs: list[float], kind: str, label: str) -> None:
+def _axes(ax, xs: list[float], ys: list[float], kind: str, label: str) -> None:
     """Log axes where the data span a factor of 3 or more, linear ones otherwise (a log axis over 95–103 MiB only
     prints 9.5×10¹); every swept value is labelled, not only the powers of two."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    lo, hi = ax.get_ylim()
+    ys = [y for y in ys if y == y and y > 0]
+    lo, hi = (min(ys), max(ys)) if ys else (0.0, 0.0)
     if xs and max(xs) / max(min(xs), 1e-12) >= 3:
         ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.xaxis.set_minor_formatter(NullFormatter())
     if lo > 0 and hi / lo >= 3:
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels inside a decade too
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(kind)
     ax.set_ylabel(label)
@@ -484,7 +486,8 @@ def plot(df, rows: list[dict], path: Path) -> None:
                 r = refs[refs.method == m]
                 if len(r):
                     ax.axhline(float(r[col].iloc[0]) / scale, ls=":", lw=1, color=colour, label=f"{m} (no {kind})")
-        _axes(ax, sorted(set(pts.vary_value.astype(float))), kind, label)
+        _axes(ax, sorted(set(pts.vary_value.astype(float))), [*pts[col].astype(float), *refs[col].astype(float)],
+              kind, label)
     handles = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
