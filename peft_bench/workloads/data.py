@@ -128,6 +128,8 @@ def hub_dataset(name: str, seed: int) -> Data:
     """A hub dataset id (IMDB with the tutorial's slices) or a local CSV/JSON file with `text,label` columns."""
     import datasets
 
+    datasets.disable_progress_bars()  # "Generating train split" bars: a run's log is its own lines
+
     path = Path(name)
     try:
         if path.suffix in (".csv", ".json", ".jsonl"):
