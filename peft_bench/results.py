@@ -55,8 +55,13 @@ def _umask() -> int:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    _write_table(path, COLUMNS + extra, rows)
+
+
+def _write_table(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """A CSV with exactly `columns` (other keys left out, None written empty), written atomically."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
@@ -65,12 +70,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 def write_samples(path: Path, samples: list[dict]) -> None:
     """repeats.csv: one row per cell × repeat (the timing of each fresh process)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SAMPLE_COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for s in samples:
-        w.writerow({k: ("" if v is None else v) for k, v in s.items()})
-    atomic_write_text(path, buf.getvalue())
+    _write_table(path, SAMPLE_COLUMNS, samples)
 
 
 SERVING_KEYS = ["run_id", "cell_key", "method", "workload", "repeat", "used"]
@@ -86,12 +86,7 @@ def serving_columns() -> list[str]:
 
 def write_serving(path: Path, rows: list[dict]) -> None:
     """serving.csv: one row per serving measurement (`peft_bench.engine.serve`), every repeat's."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=serving_columns(), extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
+    _write_table(path, serving_columns(), rows)
 
 
 def read_serving(path: Path) -> list[dict]:

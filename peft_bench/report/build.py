@@ -24,15 +24,16 @@ def build(out: Path, arch: Callable[..., dict] | None = None) -> None:
     per-layer activation lines of a sweep; without it those lines are left out."""
     df = load_frame(out)  # refuses bad values before anything is written
     env = read_environment(out)
-    _summary(out, df, env, arch)
-    write_html(out, df, env)
+    served = _served(out, env)  # read once: the summary and the page both show them
+    _summary(out, df, env, arch, served)
+    write_html(out, df, env, served)
 
 
-def write_html(out: Path, df=None, env: dict | None = None) -> Path:
+def write_html(out: Path, df=None, env: dict | None = None, served: list[dict] | None = None) -> Path:
     """DIR/report.html from the folder's rows (and its serving rows), beside the plots already there."""
     df = load_frame(out) if df is None else df
     env = read_environment(out) if env is None else env
-    served = _served(out, env)
+    served = _served(out, env) if served is None else served
     return html.write(out, df, env, serving.sections(served) if served else None)
 
 
@@ -42,7 +43,7 @@ def _served(out: Path, env: dict) -> list[dict]:
     return of_run(read_serving(out / "serving.csv"), env.get("run_id"))
 
 
-def _summary(out: Path, df, env: dict, arch) -> None:
+def _summary(out: Path, df, env: dict, arch, served: list[dict]) -> None:
     """summary.md and the plots of whichever kind of run the folder holds."""
     samples = of_run(read_samples(out / "repeats.csv"), env.get("run_id"))  # this run's repeats, as metrics.csv's
     seeds = across_seeds(df)
@@ -64,7 +65,6 @@ def _summary(out: Path, df, env: dict, arch) -> None:
     if not (df.status == "ok").any():  # nothing measured: say why each cell failed, no plots of nothing
         atomic_write_text(out / "summary.md", failures_summary(df, env))
         return
-    served = _served(out, env)
     if served:  # suite inference: the serving tables and plot
         has_plot = serving.plot(served, out / "serving.png")
         atomic_write_text(out / "summary.md", serving_summary(env, served, has_plot))

@@ -8,21 +8,14 @@ reference — are shown as they are, with a count of the processes where they he
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
+from ..measure.repeats import number as _num
 from ..measure.stats import Estimate, log_t, paired_ratio, verdict
 from .format import ci, sig, size, table
 
 RATIO_LEVEL = "95 %"
-
-
-def _num(x) -> float:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _true(x) -> bool:
