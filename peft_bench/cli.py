@@ -158,17 +158,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         measured = read_rows(Path(cfg.against) / "metrics.csv")
         if not measured:
             raise UserError(f"plan --against {cfg.against}: no metrics.csv rows there")
-        from .engine.environment import _git
-
         rows = predict.against(measured)
-        commit = _git("rev-parse", "HEAD")[:10] + (" (dirty)" if _git("status", "--porcelain", "--untracked-files=no",
-                                                                       "--", "peft_bench") else "")
-        print(plan.against_table(rows, cfg.against, args.argv, commit))
+        print(plan.against_table(rows, cfg.against, args.argv, _commit()))
         return 0 if all(r.get("status") != "ok" or plan.equal(r) for r in rows) else 1
+    if cfg.published:
+        from .engine.published import plan_published
+
+        print(plan.published_table(plan_published(), args.argv, _commit()))
+        return 0
     cap = parse_bytes(cfg.memory_cap) if cfg.memory_cap else None
     rows = plan.with_cap(predict.run(cfg), cap)
     print(plan.render(rows, cfg.output_format))
     return 0
+
+
+def _commit() -> str:
+    """This checkout's commit, marked dirty where peft_bench/ has changes."""
+    from .engine.environment import _git
+
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "peft_bench")
+    return _git("rev-parse", "HEAD")[:10] + (" (dirty)" if dirty else "")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

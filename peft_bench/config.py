@@ -253,6 +253,9 @@ class RunConfig:
                                 choices=("table", "csv", "json"))
     against: str | None = option(None, "instead: plan every single-process CPU cell of this result directory as it "
                                  "was measured, and print planned beside measured", type=str, commands=(PL,))
+    published: bool = option(False, "instead: plan every experiment of peft's method comparison (Llama-3.2-3B, "
+                             "MetaMathQA) with its settings on --device cuda, beside its published memory",
+                             type=bool, commands=(PL,))
     split: str = "test"  # "validation": peft-bench tune (its cells score a validation split, never the test split)
     probes: str | None = None  # None: the suite's; "accuracy" (tune), "cost" (sweep): see `engine.cell.PROBES`
     extra_method_options: dict = field(default_factory=dict)  # the Python API's other method options

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from peft_bench.cli import main
 from peft_bench.engine import predict
+from peft_bench.engine.published import PEFT_METAMATHQA
 from peft_bench.report import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +73,57 @@ def test_a_method_that_reads_a_value_is_named_not_planned(capsys):
 @pytest.mark.parametrize("argv,text", [
     (["--model", "llama-9b"], "unknown model 'llama-9b'"),
     (["--model", "gpt-neo-125m", "--seq-len", "4096"], "exceeds gpt-neo-125m's 2048 positions"),
-    (["--model", "llama-3.1-8b", "--device", "cuda"], "needs a torch built with CUDA"),
     (["--against", "/nonexistent"], "no metrics.csv rows there"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, text, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and text in err[0], err
+
+
+@pytest.mark.parametrize("row", [p for p in PEFT_METAMATHQA if p.trainable], ids=lambda p: p.experiment)
+def test_published_experiment_settings_train_the_published_number_of_parameters(row):
+    """Each of peft's experiments, applied with the settings `plan --published` plans it with, trains exactly the
+    num_trainable_params its results file publishes: the settings are theirs (a wrong rank, target list or prompt
+    length would not match)."""
+    from peft_bench.engine.setup import apply
+    from peft_bench.methods import get_method
+    from peft_bench.models import planned
+
+    with predict.fake_tensors():
+        method = get_method(row.method, **row.options)
+        model = apply(predict._Asked(), method, planned("llama-3.2-3b"))
+        assert sum(p.numel() for p in method.trainable_parameters(model).values()) == row.trainable
+
+
+def test_cuda_attention_kernel_follows_cudas_rules():
+    """torch's sdp_utils on an Ampere-or-newer GPU: FlashAttention for half precision without a mask (grouped-query
+    attention native), the memory-efficient kernel with a mask or in float32, the math path for float32 with
+    grouped-query attention."""
+    from peft_bench.engine.cuda_choices import sdpa_kernel
+
+    q = torch.empty(1, 8, 16, 64, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 2, 16, 64, dtype=torch.bfloat16, device="meta")
+    mask = torch.empty(1, 1, 16, 16, dtype=torch.bool, device="meta")
+    assert sdpa_kernel(q, k, None, enable_gqa=True) == "flash"
+    assert sdpa_kernel(q, q, mask, enable_gqa=False) == "efficient"
+    assert sdpa_kernel(q.float(), q.float(), None, enable_gqa=False) == "efficient"
+    assert sdpa_kernel(q.float(), k.float(), None, enable_gqa=True) == "math"
+    wide = torch.empty(1, 8, 16, 512, dtype=torch.bfloat16, device="meta")
+    assert sdpa_kernel(wide, wide, None, enable_gqa=False) == "efficient"
+
+
+def test_a_cuda_plan_runs_on_a_cpu_only_machine_with_cudas_choices(capsys):
+    """No GPU here: fake CPU tensors with CUDA's choices — the flash kernel an unpadded batch gets, its log-sum-exp
+    (fp32, one per query row and head) saved instead of the CPU's, every block a multiple of 512 bytes."""
+    argv = ["plan", "--model", "smollm2-135m", "--methods", "lora", "--dtype", "bfloat16", "--batch-size", "2",
+            "--seq-len", "64", "--format", "json"]
+    assert main([*argv, "--device", "cuda"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["status"] == "ok" and row["attention_kernels"] == "scaled_dot_product_flash_attention"
+    assert "CUDA's choices" in row["planned_with"]
+    assert all(row[k] % 512 == 0 for k in ("tensor_peak_bytes", *plan.PARTS))
+    assert main([*argv, "--device", "cpu"]) == 0
+    (cpu,) = json.loads(capsys.readouterr().out)
+    assert cpu["attention_kernels"] != row["attention_kernels"]
+    assert cpu["trainable_params"] == row["trainable_params"]

@@ -54,12 +54,13 @@ class Trainer:
     lr: float
     device: str
     hooked: nn.Module | None = None
+    foreach: bool | None = None  # None: torch's default for the parameters' device (multi-tensor on CUDA)
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad] if self.hooked is not None else \
             list(self.method.trainable_parameters(self.model).values())
-        self.opt = torch.optim.AdamW(params, lr=self.lr)
+        self.opt = torch.optim.AdamW(params, lr=self.lr, foreach=self.foreach)
         self.clock = timing.StepClock(self.device)
 
     def step(self, batch: dict) -> tuple[float, list[float]]:

@@ -14,8 +14,9 @@ registered workload (its own data, batch and length) it equals the measured cell
 
 What a fake step cannot give: a method whose step reads a tensor's value (`.item()`, a data-dependent branch) cannot
 be planned (the row says so); the process's runtime overhead above the tensors (allocator, libraries, the CUDA
-context) is not in the tensor peak. `--device cuda` needs a torch built with CUDA (refused on a CPU-only build); the
-scaled-dot-product attention kernel each step dispatched to is recorded in `attention_kernels`.
+context) is not in the tensor peak. `--device cuda` runs on fake CUDA tensors where a GPU is present, else on fake CPU
+tensors with CUDA's choices made as CUDA makes them (`cuda_choices`: attention kernel, foreach AdamW, 512-byte
+allocator blocks); `planned_with` says which. The attention kernel each step dispatched to is in `attention_kernels`.
 
 A named model (`MODELS`: published configs in `peft_bench.models.PLANNED`) trains on a synthetic batch: every
 sequence `--seq-len` tokens (no padding), labels the inputs themselves (T5: targets of the same length).
@@ -125,13 +126,13 @@ class Subject:
     seq_len: int
 
 
-def subject(name: str, method, batch_size: int | None, seq_len: int | None, scale: tuple = (None, None),
-            index: int = 0) -> Subject:
+def subject(name: str, method, asked, scale: tuple = (None, None), index: int = 0) -> Subject:
+    """`asked`: the plan's options (batch_size, max_length; `padded` for a named model's batch)."""
     if name in PLANNED:
-        return _named(name, batch_size or 1, seq_len or LENGTH)
+        return _named(name, asked.batch_size or 1, asked.max_length or LENGTH, getattr(asked, "padded", False))
     if name not in _workload_names():
         raise _unknown(name)
-    return _workload(name, method, batch_size, seq_len, (scale, index))
+    return _workload(name, method, asked.batch_size, asked.max_length, (scale, index))
 
 
 def _unknown(name: str) -> UserError:
@@ -145,7 +146,11 @@ def _workload_names() -> list[str]:
     return list_workloads() + list(ALIASES)
 
 
-def _named(name: str, batch_size: int, seq_len: int) -> Subject:
+def _named(name: str, batch_size: int, seq_len: int, padded: bool = False) -> Subject:
+    """A synthetic batch of full-length sequences. Unpadded, it carries no attention mask: transformers drops an
+    all-ones mask itself (on a GPU, sdpa then runs causal FlashAttention with grouped-query attention native). Padded
+    (the last sequence one token short, as batches padded to their longest are), the mask is kept and sdpa takes the
+    memory-efficient kernel over keys and values repeated per query head."""
     from ..models import planned
 
     kind = PLANNED[name][0]
@@ -157,7 +162,11 @@ def _named(name: str, batch_size: int, seq_len: int) -> Subject:
 
     def batch(device: str) -> dict:
         ids = torch.randint(4, vocab, (batch_size, seq_len)).to(device)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if not padded:
+            return {"input_ids": ids, "labels": ids.clone()}
+        mask = torch.ones_like(ids)
+        mask[-1, -1] = 0
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     return Subject(name, family, lambda: planned(name), batch, batch_size, seq_len)
 
@@ -194,7 +203,7 @@ def plan_cell(method_name: str, name: str, cfg, options: dict | None = None, sca
     head = {"method": method_name, "workload": name, "device": cfg.device, "dtype": _dtype(cfg),
             "planned_with": PLANNED_WITH}
     try:
-        s = subject(name, method, cfg.batch_size, cfg.max_length, scale, index)
+        s = subject(name, method, cfg, scale, index)
         head.update(family=s.family, batch_size=s.batch_size, seq_len=s.seq_len)
         reason = method.unsupported_reason(s.family)
         if reason:
@@ -214,35 +223,52 @@ def _dtype(cfg) -> str:
 
 
 def _step(method, s: Subject, cfg) -> dict:
-    """Build, apply, then a first step (the optimizer's state), one under the tracker, one under the FLOP counter."""
+    """Build, apply, then a first step (the optimizer's state), one under the tracker, one under the FLOP counter.
+    On `--device cuda` without a GPU, fake CPU tensors with CUDA's choices (`cuda_choices`)."""
     from ..measure.flops import count_flops
+    from . import cuda_choices
     from .setup import apply
 
-    spec = CellSpec(type(method).name, s.name, device=cfg.device, dtype=_dtype(cfg),
+    cuda = cfg.device == "cuda"
+    real_cuda = cuda and cuda_choices.fake_cuda_backward_works()
+    if real_cuda:
+        torch.zeros(1, device="cuda")  # the CUDA context, which a backward over fake CUDA tensors needs
+    where = cfg.device if real_cuda or not cuda else "cpu"
+    spec = CellSpec(type(method).name, s.name, device=where, dtype=_dtype(cfg),
                     gradient_checkpointing=cfg.gradient_checkpointing)
-    with fake_tensors() as mode, _seen_attention() as kernels:
+    choices = cuda_choices.CudaChoices() if cuda and not real_cuda else contextlib.nullcontext()
+    with fake_tensors() as mode, _seen_attention() as kernels, choices:
         with default_dtype(DTYPES[spec.dtype]):
             model = _faked(s.build().eval(), mode)  # a pretrained workload's weights were read from disk: made fake
         model = apply(spec, method, model)
         model.train()  # dropout on, as in a cell's training steps: its masks are saved for backward
-        trainer = Trainer(model, method, 1e-3, "cpu")  # the clock reads the host's: nothing to synchronise
+        # the clock reads the host's: nothing to synchronise; AdamW as torch picks it for the planned device
+        trainer = Trainer(model, method, 1e-3, "cpu", foreach=True if cuda else None)
         # held fake tensors, as a cell's batch holds real ones (an input saved for backward is counted)
-        batch = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in s.batch(cfg.device).items()}
+        batch = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in s.batch(where).items()}
         trainer.step(batch)
         trainer.opt.zero_grad(set_to_none=True)
-        with memory.StepMemoryTracker(model, trainer.opt) as mem:
+        with memory.StepMemoryTracker(model, trainer.opt, cuda_choices.GRANULE if cuda else 1) as mem:
             trainer.step(batch)
         flops = count_flops(lambda: trainer.step(batch))
         trainable = method.trainable_parameters(model)
         total = {id(p): p.numel() for p in model.parameters()}
-    parts = mem.peak_parts
+    return {**_counts(trainable, total), **_memory(mem), "flops_per_step": flops,
+            "attention_kernels": ",".join(sorted(kernels)) or "none (eager attention)",
+            "planned_with": cuda_choices.described(real_cuda) if cuda else PLANNED_WITH}
+
+
+def _counts(trainable: dict, total: dict) -> dict:
     return {"trainable_params": sum(p.numel() for p in trainable.values()), "total_params": sum(total.values()),
-            "trainable_state_bytes": sum(p.numel() * p.element_size() for p in trainable.values()),
-            "tensor_peak_bytes": mem.peak_bytes, "weights_bytes": parts["weights"],
+            "trainable_state_bytes": sum(p.numel() * p.element_size() for p in trainable.values())}
+
+
+def _memory(mem) -> dict:
+    parts = mem.peak_parts
+    return {"tensor_peak_bytes": mem.peak_bytes, "weights_bytes": parts["weights"],
             "gradients_bytes": parts["gradients"], "optimizer_bytes": parts["optimizer"],
             "activations_bytes": parts["activations"], "temporaries_bytes": parts["temporaries"],
-            "saved_activations_max_bytes": mem.max_parts["activations"], "flops_per_step": flops,
-            "attention_kernels": ",".join(sorted(kernels)) or "none (eager attention)"}
+            "saved_activations_max_bytes": mem.max_parts["activations"]}
 
 
 ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -270,9 +296,6 @@ def _seen_attention() -> Iterator[set[str]]:
 
 def run(cfg) -> list[dict]:
     """Every (model, method) asked: a progress line each, the rows in order."""
-    if cfg.device == "cuda" and not torch.backends.cuda.is_built():
-        raise UserError("plan --device cuda needs a torch built with CUDA (no GPU needed): fake CUDA tensors still "
-                        "pass CUDA's device guards, which a CPU-only build refuses; plan --device cpu here")
     names = ([cfg.model] if cfg.model else []) + list(cfg.workloads or ())
     if not names:
         raise UserError("plan needs --model NAME (one of " + ", ".join(MODELS) + ") or --workloads")
@@ -383,3 +406,4 @@ class _Asked:
     gradient_checkpointing: bool = False
     device: str = "cpu"
     method_options: dict = dataclasses.field(default_factory=dict)
+    padded: bool = False

@@ -55,8 +55,10 @@ class StepMemoryTracker(TorchDispatchMode):
         mem.peak_bytes, mem.peak_parts, mem.max_parts
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, granule: int = 1) -> None:
+        """`granule`: each storage counted rounded up to a multiple of it (CUDA's caching allocator: 512 bytes)."""
         super().__init__()
+        self.granule = granule
         self.size: dict[int, int] = {}
         self.category: dict[int, str] = {}
         self.totals = dict.fromkeys(CATEGORIES, 0)
@@ -74,7 +76,7 @@ class StepMemoryTracker(TorchDispatchMode):
         k = st._cdata
         if k in self.size:
             return k
-        n = st.nbytes()
+        n = -(-st.nbytes() // self.granule) * self.granule
         self.size[k], self.category[k] = n, category
         self.totals[category] += n
         weakref.finalize(st, self._free, k)

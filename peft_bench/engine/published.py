@@ -1,0 +1,84 @@
+"""Published GPU memory figures, planned with the publishers' own settings (`peft-bench plan --published`).
+
+peft's method comparison (huggingface/peft, `method_comparison/MetaMathQA`): Llama-3.2-3B in bfloat16, batch 4,
+sequences up to 768 tokens (each batch padded to its longest), AdamW, no mixed precision, no gradient
+checkpointing, one NVIDIA L40S (`default_training_params.json`; each experiment's `adapter_config.json`). Each run
+publishes `accelerator_memory_max` (older files: `cuda_memory_max`): torch's largest *reserved* memory over 5,000
+training steps and the evaluations between them. The plan predicts one step on the longest batch (4 × 768, padded,
+so sdpa takes the memory-efficient kernel over keys and values repeated per head, as theirs did) with CUDA's choices.
+
+`quoted` is the figure issue 27 quotes; `file` the one read from the results file named (path @ commit), where read —
+the files have been re-run over time (torch 2.7 → 2.9), and the two differ by up to 4 %.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 2**30
+LLAMA_QV = ("q_proj", "v_proj")
+SOURCE = "huggingface/peft method_comparison/MetaMathQA/results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    experiment: str  # the results file's stem
+    method: str  # ours
+    options: dict
+    quoted_gib: float  # issue 27's figure
+    file_bytes: int | None = None  # accelerator_memory_max in the results file, where read
+    commit: str = ""  # of that file
+    trainable: int | None = None  # num_trainable_params in that file: the settings' witness (tests/test_predict.py)
+
+
+PEFT_METAMATHQA = (
+    Published("full-finetuning--llama-3.2-3B-lr_0.00001", "full", {}, 36.20, 37_241_225_216, "0a179c1e86",
+              3_212_749_824),
+    Published("lora--llama-3.2-3B-rank32", "hf-lora", {"r": 32, "alpha": 64, "targets": LLAMA_QV}, 20.76,
+              22_273_851_392, "0a179c1e86", 9_175_040),
+    Published("lora--llama-3.2-3B-rank32-dora", "hf-dora", {"r": 32, "alpha": 64, "targets": LLAMA_QV}, 22.85,
+              24_540_872_704, "52903c83d9", 9_289_728),
+    Published("ia3--llama-3.2-3B-default", "ia3", {}, 21.64, 23_137_878_016, "1948110ce6", 286_720),
+    Published("vera--llama-3.2-3B-default", "vera", {"r": 256, "targets": LLAMA_QV}, 20.14, 21_596_471_296,
+              "0a179c1e86", 129_024),
+    Published("prefixtuning--llama-3.2-3B-lr_0.001", "prefix", {"num_virtual_tokens": 200}, 19.17,
+              20_912_799_744, "1948110ce6", 11_468_800),
+    Published("prompt_tuning--llama-3.2-3B-default", "prompt-tuning", {"num_virtual_tokens": 200}, 22.73,
+              24_379_392_000, "1948110ce6", 614_400),
+    Published("ptuning--llama-3.2-3B-default", "p-tuning", {"num_virtual_tokens": 20, "encoder_hidden_size": 3072},
+              19.48, 20_937_965_568, "3a546ed24e", 28_382_208),
+    Published("boft--llama-3.2-3B-default", "boft", {}, 23.00),
+    Published("ln_tuning--llama-3.2-3B-default", "ln-tuning", {}, 19.7, 21_179_138_048, "52903c83d9", 175_104),
+    Published("oft--llama-3.2-3B-rank32", "oft", {"block_size": 96, "targets": LLAMA_QV}, 20.8, 22_328_377_344,
+              "1948110ce6", 8_171_520),
+    Published("adalora--llama-3.2-3B-rank32", "adalora", {"r": 32}, 21.2),
+    Published("loha--llama-3.2-3B-rank32", "loha", {"r": 32}, 22.3),
+    Published("lokr--llama-3.2-3B-rank32", "lokr", {"r": 32}, 22.0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Asked:
+    batch_size: int = 4
+    max_length: int = 768
+    dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False
+    device: str = "cuda"
+    method_options: dict = dataclasses.field(default_factory=dict)
+    padded: bool = True
+
+
+def plan_published(table: tuple[Published, ...] = PEFT_METAMATHQA, model: str = "llama-3.2-3b") -> list[dict]:
+    """Each published experiment planned with its settings: the planned row beside the published figures."""
+    import sys
+
+    from .predict import isolated
+
+    out = []
+    for i, p in enumerate(table, 1):
+        print(f"[{i}/{len(table)}] planning {p.experiment}", file=sys.stderr, flush=True)
+        row = isolated(p.method, model, _Asked(), p.options)
+        row.update(experiment=p.experiment, published_quoted_bytes=round(p.quoted_gib * GIB),
+                   published_file_bytes=p.file_bytes, published_commit=p.commit, options=p.options)
+        out.append(row)
+    return out
