@@ -167,8 +167,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(plan.published_table(plan_published(), args.argv, _commit()))
         return 0
     cap = parse_bytes(cfg.memory_cap) if cfg.memory_cap else None
+    if cfg.plot and not cfg.vary:
+        raise UserError("plan --plot draws over a varied value: add --vary seq_len=... or batch_size=...")
     rows = plan.with_cap(predict.run(cfg), cap)
+    if cfg.vary and cap:
+        rows = plan.with_largest(rows, cfg.vary[0], predict.largest(rows, cfg, cap))
     print(plan.render(rows, cfg.output_format))
+    if cfg.plot:
+        from .report.plots import planned_peak
+
+        planned_peak(rows, cfg.vary[0], cap, cfg.plot)
+        print(f"plot: {cfg.plot}", file=sys.stderr)
     return 0
 
 

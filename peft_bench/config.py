@@ -242,7 +242,11 @@ class RunConfig:
                                           commands=(*RUN, PL))
     vary: tuple[str, tuple[int, ...]] | None = option(
         None, "NAME=v1,v2,... with NAME one of rank, seq_len, batch_size, virtual_tokens, width, depth", type=vary,
-        commands=("sweep",), required=("sweep",))
+        commands=("sweep", PL), required=("sweep",),
+        helps={PL: "seq_len=v1,v2,... or batch_size=v1,v2,...: plan at each; with --memory-cap, the largest value "
+                   "that fits each method is searched on fake steps (to 64 tokens, or 1 example)"})
+    plot: Path | None = option(None, "with --vary: draw the predicted tensor peak per method over the varied value, "
+                               "the cap as a line, into this PNG", type=Path, commands=(PL,))
     search: str | None = option(None, "batch_size | seq_len: what grows until the cap is reached", flag="--vary",
                                 type=one_of(("batch_size", "seq_len"), "--vary for capacity"),
                                 commands=("capacity",), required=("capacity",))

@@ -295,21 +295,60 @@ def _seen_attention() -> Iterator[set[str]]:
 
 
 def run(cfg) -> list[dict]:
-    """Every (model, method) asked: a progress line each, the rows in order."""
+    """Every (model, method[, varied value]) asked: a progress line each, the rows in order."""
     names = ([cfg.model] if cfg.model else []) + list(cfg.workloads or ())
     if not names:
         raise UserError("plan needs --model NAME (one of " + ", ".join(MODELS) + ") or --workloads")
+    asked = over(cfg)
     for name in names:  # bad names and lengths before the first progress line
         if name in PLANNED:
-            _named(name, cfg.batch_size or 1, cfg.max_length or LENGTH)  # raises on a length beyond its positions
+            for a in asked:  # raises on a length beyond its positions
+                _named(name, a.batch_size or 1, a.max_length or LENGTH)
         elif name not in _workload_names():
             raise _unknown(name)
-    methods = list(cfg.methods or ("full", "lora"))
+    jobs = list(itertools.product(names, cfg.methods or ("full", "lora"), asked))
     rows = []
-    for i, (name, m) in enumerate(itertools.product(names, methods), 1):
-        print(f"[{i}/{len(names) * len(methods)}] planning {m} × {name}", file=sys.stderr, flush=True)
-        rows.append(isolated(m, name, cfg))
+    for i, (name, m, a) in enumerate(jobs, 1):
+        at = f" at {VARIED[cfg.vary[0]]} {getattr(a, VARIED[cfg.vary[0]])}" if cfg.vary else ""
+        print(f"[{i}/{len(jobs)}] planning {m} × {name}{at}", file=sys.stderr, flush=True)
+        rows.append(isolated(m, name, a))
     return rows
+
+
+VARIED = {"seq_len": "max_length", "batch_size": "batch_size"}  # what plan --vary takes → the option it sets
+STEP = {"seq_len": 64, "batch_size": 1}  # the search's resolution
+
+
+def over(cfg) -> list:
+    """The plan's options once, or once per value of --vary seq_len=... / batch_size=..."""
+    if not cfg.vary:
+        return [cfg]
+    name, values = cfg.vary
+    if name not in VARIED:
+        raise UserError(f"plan --vary takes seq_len=... or batch_size=..., got {name}")
+    return [dataclasses.replace(cfg, **{VARIED[name]: v}) for v in values]
+
+
+def largest(rows: list[dict], cfg, cap: int) -> dict[tuple[str, str], tuple[int | None, str]]:
+    """(model, method) → the largest varied value whose planned tensor peak fits under `cap`, bisected on fake steps
+    between the largest planned value that fits and the next that does not (to `STEP`), and how it was bounded."""
+    name, _ = cfg.vary
+    out = {}
+    for key in dict.fromkeys((r["workload"], r["method"]) for r in rows):
+        mine = [r for r in rows if (r["workload"], r["method"]) == key and r.get("status") == "ok"]
+        fits = [r[name] for r in mine if r["tensor_peak_bytes"] <= cap]
+        lo = max(fits, default=None)
+        hi = min((r[name] for r in mine if r["tensor_peak_bytes"] > cap and (lo is None or r[name] > lo)), default=None)
+        if lo is None or hi is None:
+            out[key] = (lo, "all planned values fit" if hi is None and lo is not None else "none planned fits")
+            continue
+        while hi - lo > STEP[name]:
+            mid = (lo + hi) // 2 // STEP[name] * STEP[name]
+            print(f"  searching {key[1]} × {key[0]}: {name} {mid}", file=sys.stderr, flush=True)
+            got = isolated(key[1], key[0], dataclasses.replace(cfg, **{VARIED[name]: mid}))
+            lo, hi = (mid, hi) if got.get("status") == "ok" and got["tensor_peak_bytes"] <= cap else (lo, mid)
+        out[key] = (lo, f"next {hi} does not fit")
+    return out
 
 
 def isolated(method: str, name: str, cfg, *args) -> dict:

@@ -12,7 +12,8 @@ from .format import sig, size, table
 PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes")
 COLUMNS = ("method", "workload", "status", "reason", "device", "dtype", "batch_size", "seq_len", "trainable_params",
            "total_params", "trainable_state_bytes", "tensor_peak_bytes", *PARTS, "saved_activations_max_bytes", "flops_per_step",
-           "attention_kernels", "planned_with", "memory_cap_bytes", "fits_memory_cap")
+           "attention_kernels", "planned_with", "memory_cap_bytes", "fits_memory_cap", "largest_fitting",
+           "largest_fitting_note")
 
 
 def with_cap(rows: list[dict], cap: int | None) -> list[dict]:
@@ -22,6 +23,13 @@ def with_cap(rows: list[dict], cap: int | None) -> list[dict]:
         fits = None if cap is None or r.get("status") != "ok" else r["tensor_peak_bytes"] <= cap
         out.append({**r, "memory_cap_bytes": cap, "fits_memory_cap": fits})
     return out
+
+
+def with_largest(rows: list[dict], varied: str, found: dict) -> list[dict]:
+    """Each row with the largest `varied` value its (model, method) fits under the cap, and how it was bounded."""
+    return [{**r, "largest_fitting": found.get((r["workload"], r["method"]), (None, ""))[0],
+             "largest_fitting_note": f"{varied}: " + found.get((r["workload"], r["method"]), (None, ""))[1]}
+            for r in rows]
 
 
 def render(rows: list[dict], fmt: str) -> str:
@@ -42,25 +50,40 @@ def _gib(x) -> str:
 
 def _table(rows: list[dict]) -> list[str]:
     cap = next((r["memory_cap_bytes"] for r in rows if r.get("memory_cap_bytes")), None)
-    head = ["model", "method", "trainable params", "checkpoint tensors", "tensor peak GiB", "weights / grads / optim / "
-            "activations / temps GiB", "TFLOP per step", "attention"] + ([f"fits {_gib(cap)} GiB"] if cap else [])
+    head = ["model", "method", "batch × tokens", "trainable params", "checkpoint tensors", "tensor peak GiB",
+            "weights / grads / optim / activations / temps GiB", "TFLOP per step", "attention"] + \
+        ([f"fits {_gib(cap)} GiB"] if cap else [])
     body = []
     for r in rows:
         if r.get("status") != "ok":
-            body.append([r["workload"], r["method"], f"{r['status']}: {r.get('reason', '')}"] + [""] * (len(head) - 3))
+            body.append([r["workload"], r["method"], "", f"{r['status']}: {r.get('reason', '')}"]
+                        + [""] * (len(head) - 4))
             continue
         share = sig(100 * r["trainable_params"] / r["total_params"])
-        cells = [r["workload"], r["method"], f"{r['trainable_params']:,} ({share}%)",
+        cells = [r["workload"], r["method"], f"{r['batch_size']} × {r['seq_len']:,}",
+                 f"{r['trainable_params']:,} ({share}%)",
                  size(r.get("trainable_state_bytes", float("nan"))), _gib(r["tensor_peak_bytes"]),
                  " / ".join(_gib(r[p]) for p in PARTS),
                  sig(r["flops_per_step"] / 1e12), r.get("attention_kernels", "")]
         body.append(cells + (["yes" if r["fits_memory_cap"] else "**no**"] if cap else []))
     first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
-    lines = [f"Planned on fake tensors (no memory, no weights): {first.get('device')}, {first.get('dtype')}, batch "
-             f"{first.get('batch_size')} × {first.get('seq_len')} tokens; AdamW; the tensor peak of one training step "
-             "in steady state (the optimizer's state held), as the cells' tracker counts it — not the process's "
-             "runtime overhead (allocator, libraries, a CUDA context).", ""]
-    return lines + table(head, body)
+    lines = [f"Planned on fake tensors (no memory, no weights): {first.get('device')}, {first.get('dtype')}; AdamW; "
+             "the tensor peak of one training step in steady state (the optimizer's state held), as the cells' "
+             "tracker counts it — not the process's runtime overhead (allocator, libraries, a CUDA context). "
+             f"{first.get('planned_with', '')}.", ""]
+    return lines + table(head, body) + _largest_lines(rows, cap)
+
+
+def _largest_lines(rows: list[dict], cap) -> list[str]:
+    found = {(r["workload"], r["method"]): (r["largest_fitting"], r["largest_fitting_note"]) for r in rows
+             if "largest_fitting" in r}
+    if not found:
+        return []
+    out = ["", f"Largest that fits {_gib(cap)} GiB (searched on fake steps):", ""]
+    for (model, method), (value, note) in found.items():
+        varied, _, how = note.partition(": ")
+        out.append(f"- {method} × {model}: {varied} " + (f"{value:,}" if value else "none") + f" ({how})")
+    return out
 
 
 def _int(x) -> int | None:

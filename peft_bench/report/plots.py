@@ -268,3 +268,36 @@ def accuracy_across_seeds(seeds, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def planned_peak(rows: list[dict], varied: str, cap: int | None, path: Path) -> None:
+    """`peft-bench plan --vary ... --plot`: the predicted tensor peak per method over the varied value (log₂ axis,
+    every value labelled), the memory cap as a dashed line, the largest value that fits marked where searched."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    looks = style(methods)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in methods:
+        mine = sorted((r for r in ok if r["method"] == m), key=lambda r: r[varied])
+        colour, marker = looks[m]
+        ax.plot([r[varied] for r in mine], [r["tensor_peak_bytes"] / 2**30 for r in mine], marker=marker,
+                color=colour, label=m)
+        best = mine[0].get("largest_fitting")
+        if best and cap:
+            ax.plot([best], [cap / 2**30], marker="v", color=colour, markersize=9, linestyle="none")
+    if cap:
+        ax.axhline(cap / 2**30, color="k", linestyle="--", linewidth=1, label=f"cap {cap / 2**30:g} GiB")
+    values = sorted({r[varied] for r in ok})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(values, [f"{v:,}" for v in values])
+    ax.set_xlabel({"seq_len": "sequence length (tokens)", "batch_size": "batch size"}.get(varied, varied))
+    ax.set_ylabel("predicted tensor peak (GiB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    first = ok[0]
+    title = (f"{first['workload']}: one training step, {first['device']}, {first['dtype']}, "
+             + (f"batch {first['batch_size']}" if varied == "seq_len" else f"{first['seq_len']:,} tokens")
+             + ("\n▼ on the cap: the largest value that fits" if cap else ""))
+    _save(fig, path, title)
