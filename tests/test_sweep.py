@@ -122,10 +122,32 @@ def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeyp
         return {"status": "ok", "capacity_peak_bytes": need, "memory_cap_mechanism": "fake"}
 
     monkeypatch.setattr(runner, "run_isolated", fake)
-    rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20), log=lambda s: None)
+    s = capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20)
+    rows = capacity._doubling(s, capacity._probe_spec(s.workload, s.method, s.device, s.vary, s.cap), lambda s: None)
     assert largest(rows)["value"] == 90
     assert probed[:8] == [1, 2, 4, 8, 16, 32, 64, 128]  # doubling until over the cap, then bisection
     assert len(probed) <= 8 + 7
+
+
+def test_capacity_from_the_plan_needs_three_real_probes(monkeypatch):
+    """The same synthetic process (100 MiB + 10 MiB per element, killed beyond the cap) and a planner that sees only
+    its tensors (10 MiB per element): the plan says 100 fits; a probe at 50 measures the 100 MiB overhead; the plan
+    less it says 90; 90 fits and 91 does not — the exact answer in three real probes (doubling took 15)."""
+    from peft_bench.engine import launch as runner
+
+    probed = []
+
+    def fake(spec, timeout):
+        probed.append(spec.batch_size)
+        need = (100 + 10 * spec.batch_size) * 2**20
+        if need > spec.memory_cap_bytes:
+            return {"status": "oom", "reason": "cell killed by SIGKILL (likely the kernel's out-of-memory killer)"}
+        return {"status": "ok", "capacity_peak_bytes": need, "memory_cap_mechanism": "fake"}
+
+    monkeypatch.setattr(runner, "run_isolated", fake)
+    monkeypatch.setattr(capacity.Planned, "peak", lambda self, v, log: 10.0 * v * 2**20)
+    rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20), log=lambda s: None)
+    assert probed == [50, 90, 91] and largest(rows)["value"] == 90 and rows[-1]["fits"] is False
 
 
 def test_a_capacity_probe_runs_under_a_cap_the_kernel_enforces():
@@ -156,6 +178,7 @@ def test_capacity_stops_at_a_failure_that_is_not_memory(monkeypatch):
         return {"status": "ok", "capacity_peak_bytes": 2**20}
 
     monkeypatch.setattr(runner, "run_isolated", fake)
+    monkeypatch.setattr(capacity.Planned, "peak", lambda self, v, log: float("nan"))  # not plannable: real probes
     rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 2**30), log=lambda s: None)
     assert largest(rows)["value"] == 8 and rows[-1]["fits"] is False and "fewer examples" in rows[-1]["reason"]
 

@@ -2,8 +2,12 @@
 
     peft-bench capacity --workloads gpt-neo-125m-arch --methods full,lora --memory-cap 4GiB --vary batch_size
 
-For each method, fresh-process probes (a warm-up step and two more training steps, nothing else) at growing values:
-doubling until a probe does not fit, then bisection between the last value that fits and the first that does not.
+For each method, the planner first (`peft-bench plan`'s fake steps, seconds each): the largest value whose planned
+tensor peak fits the cap. Then fresh-process probes (a warm-up step and two more training steps, nothing else), at
+most three: half that value (it fits with room; its measured peak less its planned tensor peak is the process's
+runtime overhead), the largest value whose planned peak plus that overhead fits, and one step above it. A step that
+cannot be planned (it reads a tensor's value) is searched with real probes alone: doubling until a probe does not
+fit, then bisection between the last value that fits and the first that does not.
 "Fits" means that the steps ran with the cap enforced on the probe process: on CUDA by
 `set_per_process_memory_fraction` (an allocation beyond it is a real CUDA out-of-memory; the CUDA context is outside
 the fraction); on CPU by a memory cgroup of its own (the kernel's OOM killer ends it beyond the cap; it is charged for
@@ -58,9 +62,17 @@ class Search:
 
 
 def search(s: Search, log=print) -> list[dict]:
-    """Every probe of one method's search, in order (doubling, then bisection); each row says whether it fitted."""
-    start, step, ceiling = SEARCH[s.vary]
+    """Every probe of one method's search, in order. From the planner's prediction when the step can be planned
+    (`_from_plan`: at most `REAL_PROBES` real probes), else doubling then bisection on real probes."""
     base = _probe_spec(s.workload, s.method, s.device, s.vary, s.cap)
+    planned = Planned(s, base.method_options)
+    if planned.largest(s.cap, log) is not None:
+        return _from_plan(s, base, planned, log)
+    return _doubling(s, base, log)
+
+
+def _doubling(s: Search, base, log) -> list[dict]:
+    start, step, ceiling = SEARCH[s.vary]
     rows: list[dict] = []
     lo, hi = None, None
     v = start
@@ -83,6 +95,69 @@ def search(s: Search, log=print) -> list[dict]:
                 break
             lo, hi = (mid, hi) if got else (lo, mid)
     return rows
+
+
+REAL_PROBES = 3
+
+
+def _from_plan(s: Search, base, planned: Planned, log) -> list[dict]:
+    """Three real probes: at half the planned largest value (it fits with room; its measured peak less its planned
+    tensor peak is this process's runtime overhead), then at the largest value whose planned peak plus that overhead
+    fits, then one step above it — the answer exact when the second fits and the third does not."""
+    start, step, _ = SEARCH[s.vary]
+    rows: list[dict] = []
+    first = max(start, planned.largest(s.cap, log) // 2 // step * step)
+    log(f"  {s.method} × {s.workload}: confirming with at most {REAL_PROBES} real probes")
+    got = _probe(s, base, first, rows, log)
+    if got is None:
+        return rows
+    if not got or not rows[-1].get("peak_bytes"):
+        log("  half the planned value did not fit (or measured no peak): searching with real probes instead")
+        return rows + _doubling(s, base, log)
+    overhead = float(rows[-1]["peak_bytes"]) - planned.peak(first, log)
+    v = planned.largest(s.cap - overhead, log)
+    if v is None or v <= first:
+        return rows
+    for value in (v, v + step)[: REAL_PROBES - 1]:
+        got = _probe(s, base, value, rows, log)
+        if not got:
+            break
+    return rows
+
+
+class Planned:
+    """The planner's tensor peak at each value, on fake steps (seconds each), and the largest value under a cap."""
+
+    def __init__(self, s: Search, options: dict) -> None:
+        self.s, self.options, self.peaks = s, options, {}
+
+    def peak(self, v: int, log) -> float:
+        if v not in self.peaks:
+            from .predict import _Asked, isolated
+
+            key = "batch_size" if self.s.vary == "batch_size" else "max_length"
+            try:
+                row = isolated(self.s.method, self.s.workload, _Asked(**{key: v}, device=self.s.device), self.options)
+            except UserError as e:  # beyond the model's positions
+                row = {"status": "limit", "reason": str(e)}
+            self.peaks[v] = float(row["tensor_peak_bytes"]) if row.get("status") == "ok" else float("nan")
+            log(f"  planned {self.s.method} × {self.s.workload}, {self.s.vary} {v}: "
+                + (f"{self.peaks[v] / 2**20:,.0f} MiB" if self.peaks[v] == self.peaks[v] else row.get("reason", "")))
+        return self.peaks[v]
+
+    def largest(self, cap: float, log) -> int | None:
+        """Doubling then bisection on planned peaks: the largest value whose tensor peak fits `cap` (None: not
+        plannable, or not even the smallest value fits)."""
+        start, step, ceiling = SEARCH[self.s.vary]
+        if not self.peak(start, log) <= cap:
+            return None
+        lo, hi = start, None
+        while hi is None and lo * 2 <= ceiling:
+            lo, hi = (lo * 2, None) if self.peak(lo * 2, log) <= cap else (lo, lo * 2)
+        while hi is not None and hi - lo > step:
+            mid = (lo + hi) // 2 // step * step
+            lo, hi = (mid, hi) if self.peak(mid, log) <= cap else (lo, mid)
+        return lo
 
 
 def _probe(s: Search, base, v: int, rows: list[dict], log) -> bool | None:

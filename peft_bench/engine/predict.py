@@ -309,7 +309,7 @@ def run(cfg) -> list[dict]:
     jobs = list(itertools.product(names, cfg.methods or ("full", "lora"), asked))
     rows = []
     for i, (name, m, a) in enumerate(jobs, 1):
-        at = f" at {VARIED[cfg.vary[0]]} {getattr(a, VARIED[cfg.vary[0]])}" if cfg.vary else ""
+        at = f" at {cfg.vary[0]} {getattr(a, VARIED[cfg.vary[0]])}" if cfg.vary else ""
         print(f"[{i}/{len(jobs)}] planning {m} × {name}{at}", file=sys.stderr, flush=True)
         rows.append(isolated(m, name, a))
     return rows

@@ -18,8 +18,10 @@ def summary(rows: list[dict], cap: int, vary: str, device: str, argv: list[str] 
                                                         device == "cuda" else "the kernel")
     lines = ["# Capacity under a memory cap", "",
              f"`peft-bench {' '.join(argv or ['capacity'])}`: the largest {vary} that trains within "
-             f"{cap / 2**30:.2f} GiB, by {how}; fresh-process probes, doubling then bisection. Every probe is in "
-             "`capacity.csv`.", ""]
+             f"{cap / 2**30:.2f} GiB, by {how}; fresh-process probes, started from the planner's prediction where the "
+             "step can be planned (three probes: half the planned value, which measures the runtime overhead; the "
+             "largest value whose planned peak plus that overhead fits; one step above), else doubling then "
+             "bisection. Every probe is in `capacity.csv`.", ""]
     body = []
     for (w, m) in dict.fromkeys((r["workload"], r["method"]) for r in rows):
         mine = [r for r in rows if (r["workload"], r["method"]) == (w, m)]
