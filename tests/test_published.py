@@ -83,3 +83,29 @@ def test_readme_serving_figures_are_the_committed_summarys():
     for figure in ("0.389× (0.325–0.467)", "1.76 MiB (= closed form)", "6.28 MiB (= closed form)",
                    "7.16 MiB (= closed form)", "30.3 (28.9–31.7)", "0 (a tie)"):
         assert figure in summary
+
+
+def _rows(text: str, first: str) -> dict[str, list[str]]:
+    """The table rows of `text` whose first cell starts with `first`, keyed by the method cell."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0].startswith(first):
+            out[cells[0]] = cells
+    return out
+
+
+def test_readme_planner_figures_are_the_committed_files():
+    """The README's planned-versus-published table is results/plan/published.md's (planned, published as quoted,
+    error), and its largest-length lines those the 8B plan printed into results/plan/llama-3.1-8b-seq-len.md."""
+    readme = (ROOT / "README.md").read_text()
+    published = _rows((ROOT / "results" / "plan" / "published.md").read_text(), "`")
+    block = readme[readme.index("| experiment | planned GiB |"):]
+    shown = _rows(block[:block.index("\n\n")], "`")
+    assert shown
+    for method, cells in shown.items():
+        (match,) = [p for p in published.values() if p[1] == method]
+        assert cells[1:4] == match[3:6], (method, cells, match)
+    lines = [x for x in (ROOT / "results" / "plan" / "llama-3.1-8b-seq-len.md").read_text().splitlines()
+             if x.startswith("- ")]
+    assert lines and all(x in readme for x in lines)

@@ -282,11 +282,13 @@ def planned_peak(rows: list[dict], varied: str, cap: int | None, path: Path) -> 
     for m in methods:
         mine = sorted((r for r in ok if r["method"] == m), key=lambda r: r[varied])
         colour, marker = looks[m]
-        ax.plot([r[varied] for r in mine], [r["tensor_peak_bytes"] / 2**30 for r in mine], marker=marker,
-                color=colour, label=m)
         best = mine[0].get("largest_fitting")
+        label = m + (f" (fits up to {best:,})" if best else " (none fits)" if "largest_fitting" in mine[0] else "")
+        ax.plot([r[varied] for r in mine], [r["tensor_peak_bytes"] / 2**30 for r in mine], marker=marker,
+                color=colour, label=label)
         if best and cap:
-            ax.plot([best], [cap / 2**30], marker="v", color=colour, markersize=9, linestyle="none")
+            ax.plot([best], [cap / 2**30], marker="|", color=colour, markersize=16, markeredgewidth=2.5,
+                    linestyle="none")
     if cap:
         ax.axhline(cap / 2**30, color="k", linestyle="--", linewidth=1, label=f"cap {cap / 2**30:g} GiB")
     values = sorted({r[varied] for r in ok})
@@ -299,5 +301,5 @@ def planned_peak(rows: list[dict], varied: str, cap: int | None, path: Path) -> 
     first = ok[0]
     title = (f"{first['workload']}: one training step, {first['device']}, {first['dtype']}, "
              + (f"batch {first['batch_size']}" if varied == "seq_len" else f"{first['seq_len']:,} tokens")
-             + ("\n▼ on the cap: the largest value that fits" if cap else ""))
+             + ("\n| on the cap: the largest value that fits (searched on fake steps)" if cap else ""))
     _save(fig, path, title)
