@@ -225,12 +225,15 @@ class RunConfig:
                                     type=str)
     nproc: tuple[int, ...] | None = option(None, "run each cell under torchrun with this many processes per node "
                                            "(comma-separated for several, e.g. 1,2: the one-process cell is the "
-                                           "scaling reference)", type=int_list)
+                                           "scaling reference)", type=int_list, commands=(*RUN, PL),
+                                           helps={PL: "ranks in all: plan the bytes each step's collectives move "
+                                                      "(one value)"})
     parallel: tuple[str, ...] | None = option(None, "ddp | fsdp (comma-separated for both; default ddp) with --nproc",
-                                              type=names)
+                                              type=names, commands=(*RUN, PL),
+                                              helps={PL: "ddp | fsdp (one; default ddp) with --nproc"})
     broadcast_buffers: str = option("on", "ddp: broadcast the model's buffers from rank 0 before every forward (on: "
                                     "DDP's default; off: constant buffers such as causal masks need not be)",
-                                    type=one_of(("on", "off"), "--broadcast-buffers"))
+                                    type=one_of(("on", "off"), "--broadcast-buffers"), commands=(*RUN, PL))
     nnodes: int = option(1, "machines, each running the same command (torchrun --nnodes)",
                          type=positive(int, "--nnodes"))
     rdzv_endpoint: str = option("", "HOST:PORT every node's torchrun meets at (several nodes)", type=str)

@@ -144,3 +144,25 @@ def test_the_largest_length_that_fits_is_searched_on_fake_steps_and_plotted(caps
     at = {n: predict.isolated("lora", "smollm2-135m", predict._Asked(batch_size=1, max_length=n))["tensor_peak_bytes"]
           for n in (best, best + 64)}
     assert at[best] <= cap < at[best + 64]
+
+
+def test_planned_collectives_equal_the_counted_ones_of_every_committed_distributed_cell():
+    """Planned from the configuration (which parameters, buffers and blocks the model has; the wraps torchrun
+    applies), never from a process group: each committed DDP and FSDP cell's all-reduce, all-gather,
+    reduce-scatter and broadcast bytes per step — counted from gloo's own records — equal byte for byte."""
+    from peft_bench.engine.plan_comm import planned_comm
+    from peft_bench.methods import get_method
+    from peft_bench.workloads import get_workload
+
+    rows = [r for r in csv.DictReader(open(ROOT / "results" / "distributed" / "metrics.csv"))
+            if r["status"] == "ok" and r.get("parallel")]
+    assert len(rows) >= 12
+    for r in rows:
+        method = get_method(r["method"], **json.loads(r.get("options") or "{}"))
+        with torch.device("meta"):
+            model = method.apply(get_workload(r["workload"]).build_model())
+        got = planned_comm(model, method.trainable_parameters(model), int(r["world_size"]), r["parallel"],
+                           r["device"], str(r.get("broadcast_buffers", "True")) != "False")
+        for kind in ("allreduce", "allgather", "reducescatter", "broadcast"):
+            key = f"{kind}_bytes_per_step"
+            assert got[key] == int(float(r[key])), (r["method"], r["parallel"], r["world_size"], key)

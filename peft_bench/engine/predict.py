@@ -253,9 +253,21 @@ def _step(method, s: Subject, cfg) -> dict:
         flops = count_flops(lambda: trainer.step(batch))
         trainable = method.trainable_parameters(model)
         total = {id(p): p.numel() for p in model.parameters()}
-    return {**_counts(trainable, total), **_memory(mem), "flops_per_step": flops,
+        comm = _comm(model, trainable, cfg)
+    return {**_counts(trainable, total), **_memory(mem), **comm, "flops_per_step": flops,
             "attention_kernels": ",".join(sorted(kernels)) or "none (eager attention)",
             "planned_with": cuda_choices.described(real_cuda) if cuda else PLANNED_WITH}
+
+
+def _comm(model, trainable: dict, cfg) -> dict:
+    """With --nproc N: the bytes per step of each collective under --parallel (`plan_comm`), and the world size."""
+    if not getattr(cfg, "nproc", None):
+        return {}
+    from .plan_comm import planned_comm
+
+    world, mode = cfg.nproc[0] * getattr(cfg, "nnodes", 1), (cfg.parallel or ("ddp",))[0]
+    return {"world_size": world, "parallel": mode, **planned_comm(model, trainable, world, mode, cfg.device,
+                                                                   cfg.broadcast_buffers == "on")}
 
 
 def _counts(trainable: dict, total: dict) -> dict:
@@ -300,6 +312,9 @@ def run(cfg) -> list[dict]:
     if not names:
         raise UserError("plan needs --model NAME (one of " + ", ".join(MODELS) + ") or --workloads")
     asked = over(cfg)
+    if len(cfg.nproc or ()) > 1 or len(getattr(cfg, "parallel", None) or ()) > 1 or \
+            set(getattr(cfg, "parallel", None) or ()) - {"ddp", "fsdp"}:
+        raise UserError("plan takes one --nproc N and one --parallel ddp|fsdp")
     for name in names:  # bad names and lengths before the first progress line
         if name in PLANNED:
             for a in asked:  # raises on a length beyond its positions

@@ -13,7 +13,9 @@ PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_byt
 COLUMNS = ("method", "workload", "status", "reason", "device", "dtype", "batch_size", "seq_len", "trainable_params",
            "total_params", "trainable_state_bytes", "tensor_peak_bytes", *PARTS, "saved_activations_max_bytes", "flops_per_step",
            "attention_kernels", "planned_with", "memory_cap_bytes", "fits_memory_cap", "largest_fitting",
-           "largest_fitting_note")
+           "largest_fitting_note", "world_size", "parallel", "allreduce_bytes_per_step", "allgather_bytes_per_step",
+           "reducescatter_bytes_per_step", "broadcast_bytes_per_step", "comm_bytes_per_step",
+           "ring_estimate_bytes_per_rank_per_step")
 
 
 def with_cap(rows: list[dict], cap: int | None) -> list[dict]:
@@ -71,7 +73,21 @@ def _table(rows: list[dict]) -> list[str]:
              "the tensor peak of one training step in steady state (the optimizer's state held), as the cells' "
              "tracker counts it — not the process's runtime overhead (allocator, libraries, a CUDA context). "
              f"{first.get('planned_with', '')}.", ""]
-    return lines + table(head, body) + _largest_lines(rows, cap)
+    return lines + table(head, body) + _largest_lines(rows, cap) + _comm_lines(rows)
+
+
+def _comm_lines(rows: list[dict]) -> list[str]:
+    mine = [r for r in rows if r.get("status") == "ok" and r.get("world_size")]
+    if not mine:
+        return []
+    out = ["", f"Collectives per training step, {mine[0]['parallel']} on {mine[0]['world_size']} ranks (payload: the "
+           "tensor each acts on; the ring estimate: what one rank sends). The memory above is one process's:", ""]
+    body = [[r["workload"], r["method"]] + [size(r[f"{k}_bytes_per_step"]) if r[f"{k}_bytes_per_step"] else "0" for k in
+                                            ("allreduce", "allgather", "reducescatter", "broadcast")]
+            + [size(r["ring_estimate_bytes_per_rank_per_step"]) if r["ring_estimate_bytes_per_rank_per_step"] else "0"]
+            for r in mine]
+    return out + table(["model", "method", "all-reduce", "all-gather", "reduce-scatter", "broadcast",
+                        "sent per rank (ring)"], body)
 
 
 def _largest_lines(rows: list[dict], cap) -> list[str]:
