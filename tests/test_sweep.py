@@ -268,3 +268,18 @@ def test_the_published_activation_formula_is_transcribed_term_by_term(hidden, he
                                                                                                           seq)
     residual = {r["term"]: r["residual_bytes"] for r in rows if r["residual_bytes"]}
     assert residual == {"GeLU input (4h)": 4 * 12 * hidden, "layer-norm inputs (2)": 4 * 4}
+
+
+def test_the_drawn_fit_goes_through_each_points_own_static_part():
+    """A width sweep's static part (the weights) grows with the width: the dashed curve is each point's static part
+    plus the fitted growth — on exact data, through the points — not one median static under all of them."""
+    from peft_bench.report.fits import _fitted_curve, power_fit
+
+    x = np.array([256.0, 512.0, 1024.0])
+    static = 16.0 * x**2  # weights + gradients + AdamW state grow as width²
+    y = static + 3.0 * x**1.5
+    xx, yy = _fitted_curve(power_fit(x, y, static), x, static)
+    assert np.allclose(yy, y, rtol=1e-9) and list(xx) == list(x)
+    flat = np.full(3, 1000.0)  # a sequence-length sweep: one static part, a smooth curve through the points
+    xx, yy = _fitted_curve(power_fit(x, flat + 3.0 * x**1.5, flat), x, flat)
+    assert len(xx) == 50 and np.isclose(yy[0], 1000.0 + 3.0 * 256**1.5) and np.isclose(yy[-1], 1000.0 + 3.0 * 1024**1.5)

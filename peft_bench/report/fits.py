@@ -453,6 +453,19 @@ def _axes(ax, xs: list[float], ys: list[float], kind: str, label: str) -> None:
     ax.set_ylabel(label)
 
 
+def _fitted_curve(f: dict, x: np.ndarray, static: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted curve: static + the fitted growth. Where the static part is the same at every point (a sequence
+    length or batch sweep) a smooth curve; where it changes with the swept value (width, depth: the weights grow) the
+    curve through each point's own static part — never one median static under points whose static part differs."""
+    def grow(v):
+        return f["a"] * v + f["b"] * v**2 if "b_ci_low" in f else f["a"] * v ** f["exponent"]
+
+    if np.ptp(static) == 0:
+        xx = np.geomspace(x.min(), x.max(), 50)
+        return xx, static[0] + grow(xx)
+    return x, static + grow(x)
+
+
 def plot(df, rows: list[dict], path: Path) -> None:
     """Log-log panels (peak memory, saved activations, step time, trainable parameters): measured points, fitted
     lines dashed, methods run once as horizontal dotted lines."""
@@ -479,8 +492,7 @@ def plot(df, rows: list[dict], path: Path) -> None:
                 ax.plot(x, g[col] / scale, marker=marker, ls="none", color=colour, label=m)
                 f = fitted.get((m, col))
                 if f:
-                    xx = np.geomspace(x.min(), x.max(), 50)
-                    yy = f["c"] + (f["a"] * xx + f["b"] * xx**2 if "b_ci_low" in f else f["a"] * xx ** f["exponent"])
+                    xx, yy = _fitted_curve(f, x, _static(g, col))
                     ax.plot(xx, yy / scale, ls="--", lw=0.8, color=colour)
             else:
                 r = refs[refs.method == m]
