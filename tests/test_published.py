@@ -109,3 +109,22 @@ def test_readme_planner_figures_are_the_committed_files():
     lines = [x for x in (ROOT / "results" / "plan" / "llama-3.1-8b-seq-len.md").read_text().splitlines()
              if x.startswith("- ")]
     assert lines and all(x in readme for x in lines)
+
+
+def _intervals(text: str) -> list[str]:
+    """Every "x (a–b" interval the text quotes (a figure with its 95 % interval)."""
+    import re
+
+    return [f"{m[0]} ({m[1]}–{m[2]}" for m in re.findall(r"(\d[\d.,]*\d|\d) \((\d[\d.,]*\d|\d)–(\d[\d.,]*\d|\d)", text)]
+
+
+@pytest.mark.parametrize("section,source", [("### Beyond one process", "results/distributed/summary.md"),
+                                            ("### All twenty methods", "results/methods/summary.md")])
+def test_readme_intervals_are_the_committed_summarys(section, source):
+    """Each figure the README quotes with its interval in this section is printed so in the committed summary."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(section)
+    text = readme[start:readme.index("\n### ", start + 4)]
+    summary = (ROOT / source).read_text()
+    missing = [x for x in _intervals(text) if x not in summary]
+    assert _intervals(text) and not missing, missing
