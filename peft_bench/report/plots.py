@@ -184,37 +184,20 @@ def on_front(r, base_accuracy: float) -> bool:
 def accuracy_vs_memory(groups, path: Path) -> None:
     """Pretrained workloads only. One marker per method (same colour in every panel, named in the legend) with its
     95 % Wilson interval; the Pareto front ringed in red, drawn over the cells that learned and whose interval
-    reaches the base model's accuracy."""
-    from ..measure.stats import wilson
-    from .summary import learned
-
+    reaches the base model's accuracy. With many methods, beside each scatter a dot chart of the same cells ranked by
+    accuracy, each row naming its method and memory — the scatter's clustered markers (most adapters within a few
+    MiB of each other) stay readable there."""
     methods = list(dict.fromkeys(m for _, g in groups for m in g.method))
     looks = style(methods)
-    colours = {m: c for m, (c, _) in looks.items()}
-    markers = {m: k for m, (_, k) in looks.items()}
     many = len(methods) > 9
-    fig, axes = _grid(len(groups), width=(8.0 if many else 6.0) if len(groups) == 1 else 4.6, height=4.0)
-    for ax, (wl, g) in zip(axes, groups):
+    fig, axes = _grid(len(groups) * (2 if many else 1), width=(7.0 if many else 6.0) if len(groups) == 1 else 4.6,
+                      height=max(4.0, 0.22 * len(methods) + 1.2) if many else 4.0)
+    for i, (wl, g) in enumerate(groups):
         rows = [r for _, r in g.iterrows()]
-        for r in rows:
-            mem, a, n = r.tensor_peak_bytes / 2**20, r.accuracy, r.test_examples
-            lo, hi = wilson(round(a * n), n)
-            ax.errorbar([mem], [a], yerr=[[a - lo], [hi - a]], color=colours[r.method], marker=markers[r.method],
-                        ms=6, capsize=2, lw=0.8, zorder=3, label=r.method,
-                        mfc="none" if not learned(r) else colours[r.method])
-        base = g.base_accuracy.dropna()
-        floor = float(base.iloc[0]) if len(base) else -1.0
-        ok = [r for r in rows if on_front(r, floor)]
-        pts = [(r.tensor_peak_bytes / 2**20, r.accuracy) for r in ok]
-        front = pareto(pts)
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", lw=1, zorder=2)
-        ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=160, facecolors="none",
-                   edgecolors="tab:red", zorder=4, label="Pareto front (learned, clear of majority, not below base)")
-        if len(base):
-            ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base, before training")
-        ax.set_title(f"{wl} (n={int(rows[0].test_examples):,})", fontsize=10)
-        ax.set_xlabel("tensor peak of a training step (MiB)")
-        ax.set_ylabel("held-out accuracy (95% Wilson CI)")
+        ax = axes[2 * i if many else i]
+        _scatter(ax, wl, g, rows, looks)
+        if many:
+            _ranked(axes[2 * i + 1], wl, g, rows, looks)
     handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
@@ -227,6 +210,53 @@ def accuracy_vs_memory(groups, path: Path) -> None:
     fig.tight_layout(rect=(0, min(0.5, (0.17 * legend_rows + 0.1) / height), 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def _scatter(ax, wl: str, g, rows: list, looks: dict) -> None:
+    from ..measure.stats import wilson
+    from .summary import learned
+
+    for r in rows:
+        mem, a, n = r.tensor_peak_bytes / 2**20, r.accuracy, r.test_examples
+        lo, hi = wilson(round(a * n), n)
+        colour, marker = looks[r.method]
+        ax.errorbar([mem], [a], yerr=[[a - lo], [hi - a]], color=colour, marker=marker, ms=6, capsize=2, lw=0.8,
+                    zorder=3, label=r.method, mfc="none" if not learned(r) else colour)
+    base = g.base_accuracy.dropna()
+    floor = float(base.iloc[0]) if len(base) else -1.0
+    ok = [r for r in rows if on_front(r, floor)]
+    pts = [(r.tensor_peak_bytes / 2**20, r.accuracy) for r in ok]
+    front = pareto(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", lw=1, zorder=2)
+    ax.scatter([pts[i][0] for i in front], [pts[i][1] for i in front], s=160, facecolors="none",
+               edgecolors="tab:red", zorder=4, label="Pareto front (learned, clear of majority, not below base)")
+    if len(base):
+        ax.axhline(float(base.iloc[0]), color="grey", ls=":", lw=0.8, label="base, before training")
+    ax.set_title(f"{wl} (n={int(rows[0].test_examples):,})", fontsize=10)
+    ax.set_xlabel("tensor peak of a training step (MiB)")
+    ax.set_ylabel("held-out accuracy (95% Wilson CI)")
+
+
+def _ranked(ax, wl: str, g, rows: list, looks: dict) -> None:
+    """The same cells as a dot chart ranked by accuracy: one row per method, named with its memory."""
+    from ..measure.stats import wilson
+    from .summary import learned
+
+    ranked = sorted(rows, key=lambda r: r.accuracy)
+    for y, r in enumerate(ranked):
+        a, n = r.accuracy, r.test_examples
+        lo, hi = wilson(round(a * n), n)
+        colour, marker = looks[r.method]
+        ax.errorbar([a], [y], xerr=[[a - lo], [hi - a]], color=colour, marker=marker, ms=5, capsize=2, lw=0.8,
+                    mfc="none" if not learned(r) else colour)
+    ax.set_yticks(range(len(ranked)), [f"{r.method} · {r.tensor_peak_bytes / 2**20:,.0f} MiB" for r in ranked],
+                  fontsize=7)
+    base = g.base_accuracy.dropna()
+    if len(base):
+        ax.axvline(float(base.iloc[0]), color="grey", ls=":", lw=0.8)
+    ax.set_title(f"{wl}: ranked by accuracy (· tensor peak)", fontsize=10)
+    ax.set_xlabel("held-out accuracy (95% Wilson CI)")
+    ax.grid(axis="x", alpha=0.3)
 
 
 def accuracy_across_seeds(seeds, path: Path) -> None:
