@@ -47,20 +47,27 @@ def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, attn_mask, enable_gqa: bool) -
     return "math"
 
 
-def cuda_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """`scaled_dot_product_attention` through the kernel CUDA would choose (its aten operator and meta function)."""
+SDPA_ARGS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def cuda_sdpa(q, k, v, *rest, **named):
+    """`scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)` through the kernel
+    CUDA would choose (its aten operator and meta function)."""
+    a = {**SDPA_ARGS, **dict(zip(SDPA_ARGS, rest)), **named}
     ops = torch.ops.aten
-    kernel = sdpa_kernel(q, k, attn_mask, enable_gqa)
+    kernel = sdpa_kernel(q, k, a["attn_mask"], a["enable_gqa"])
     if kernel == "flash":
-        return ops._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+        return ops._scaled_dot_product_flash_attention(q, k, v, a["dropout_p"], a["is_causal"], False,
+                                                       scale=a["scale"])[0]
     if kernel == "efficient":
-        bias = attn_mask
+        bias = a["attn_mask"]
         if bias is not None and bias.dtype == torch.bool:  # sdpa's convert_boolean_attn_mask
             bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
         lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        return ops._scaled_dot_product_efficient_attention(q, k, v, bias, lse, dropout_p, is_causal, scale=scale)[0]
-    return ops._scaled_dot_product_attention_math(q, k, v, attn_mask, dropout_p, is_causal, None, scale=scale,
-                                                  enable_gqa=enable_gqa)[0]
+        return ops._scaled_dot_product_efficient_attention(q, k, v, bias, lse, a["dropout_p"], a["is_causal"],
+                                                           scale=a["scale"])[0]
+    return ops._scaled_dot_product_attention_math(q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], None,
+                                                  scale=a["scale"], enable_gqa=a["enable_gqa"])[0]
 
 
 class CudaChoices(TorchFunctionMode):
