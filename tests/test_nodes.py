@@ -42,10 +42,10 @@ def test_a_node_that_never_arrives_ends_the_cell_within_the_rendezvous_timeout(t
     import time
 
     t0 = time.monotonic()
-    node = _node(tmp_path / "alone", _free_port(), "--rdzv-timeout", "10")
+    node = _node(tmp_path / "alone", _free_port(), "--rdzv-timeout", "5")
     _, err = node.communicate(timeout=300)
     took = time.monotonic() - t0
     assert node.returncode == 1 and took < 130, (took, err[-1500:])
     row = next(csv.DictReader((tmp_path / "alone" / "metrics.csv").open()))
-    assert row["status"] == "error" and "did not complete within --rdzv-timeout 10s" in row["reason"]
+    assert row["status"] == "error" and "did not complete within --rdzv-timeout 5s" in row["reason"]
     assert "2 nodes expected" in row["reason"]

@@ -3,10 +3,6 @@ section is exactly what `peft-bench report results/default --readme README.md` g
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,22 +49,6 @@ def test_readme_methods_section_is_the_capability_table_peft_bench_list_prints()
     j = text.index(capabilities.README_END) + len(capabilities.README_END)
     assert text[i:j] == capabilities.readme_block(), \
         "README methods section is stale: run `peft-bench list --readme README.md`"
-
-
-def test_pytest_benchmark_route_has_serialisable_params(tmp_path):
-    out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # a plain pytest, not a worker
-    env.update(PEFT_BENCH_ALLOW_BUSY="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "--suite", "smoke", "-q",
-                           "-p", "no:cacheprovider", "-k", "mlp-mnist-tiny-lora and not parametrize",
-                           "--results-dir", str(tmp_path / "res"), f"--benchmark-json={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    text = out.read_text()
-    assert "UNSERIALIZABLE" not in text
-    (bench,) = json.loads(text)["benchmarks"]
-    assert bench["params"] == {"cell_id": "mlp-mnist-tiny-lora"} and bench["group"] == "mlp-mnist-tiny"
-    assert bench["extra_info"]["trainable_params"] == bench["extra_info"]["closed_form_trainable_params"]
 
 
 def test_readme_serving_figures_are_the_committed_summarys():

@@ -187,9 +187,11 @@ def test_save_adapters_reloads_in_plain_peft_with_the_trained_cells_outputs(tmp_
             assert not torch.allclose(logits(model, check), want, atol=1e-5)
 
 
-def test_the_pytest_benchmark_route_leaves_git_status_unchanged():
+def test_the_pytest_benchmark_route_leaves_git_status_unchanged_and_its_params_serialise(tmp_path):
     """`pytest bench --benchmark-only` writes into the untracked runs/<suite>/ by default, never the committed
-    results/ (it once overwrote the CI baseline in results/smoke)."""
+    results/ (it once overwrote the CI baseline in results/smoke); pytest-benchmark's JSON holds its parameters as
+    plain strings (no UNSERIALIZABLE) and the cell's exact counts."""
+    import json
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -200,10 +202,16 @@ def test_the_pytest_benchmark_route_leaves_git_status_unchanged():
         return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
                               text=True, check=True).stdout
 
-    before = status()
-    got = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:xdist",
-                          "-p", "no:cacheprovider", "-k", "mlp-mnist-tiny-lora"], cwd=root, capture_output=True,
-                         text=True, timeout=600,  # not as an xdist worker (pytest-benchmark would disable itself)
-                         env={k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDIST"))})
+    before, out = status(), tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "XDIST"))}  # a plain pytest, not a
+    env.update(PEFT_BENCH_ALLOW_BUSY="1", HF_HUB_OFFLINE="1")  # worker (pytest-benchmark would disable itself)
+    got = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "--suite", "smoke", "-q",
+                          "-p", "no:xdist", "-p", "no:cacheprovider", "-k", "mlp-mnist-tiny-lora and not parametrize",
+                          f"--benchmark-json={out}"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
     assert status() == before
+    text = out.read_text()
+    assert "UNSERIALIZABLE" not in text
+    (bench,) = json.loads(text)["benchmarks"]
+    assert bench["params"] == {"cell_id": "mlp-mnist-tiny-lora"} and bench["group"] == "mlp-mnist-tiny"
+    assert bench["extra_info"]["trainable_params"] == bench["extra_info"]["closed_form_trainable_params"]

@@ -448,6 +448,12 @@ def made_by(env: dict) -> list[str]:
             + (f"; the GPU's datasheet dense peak, for comparison only: "
                f"{sig(env['gpu_datasheet_dense_peak_flops_per_s'] / 1e9)} GFLOP/s"
                if env.get("gpu_datasheet_dense_peak_flops_per_s") else "") + "."
+            + (f" The matmul peak and the idle canary were read again on the idle machine after the run by `peft-bench "
+               f"report --reread-peaks` at commit {str(env['peaks_reread'].get('git_commit', ''))[:10]} (the run's own "
+               f"readings, taken on a busy machine: matmul "
+               f"{sig((env['peaks_reread'].get('run_matmul_peak_flops_per_s') or float('nan')) / 1e9)} GFLOP/s, "
+               f"canary {sig((env['peaks_reread'].get('run_canary_idle_flops_per_s') or float('nan')) / 1e9)} "
+               "GFLOP/s)." if env.get("peaks_reread") else "")
             + (f" Step times, intervals and ratios re-aggregated from `repeats.csv` by `peft-bench report --reaggregate` "
                f"at commit {str(env['reaggregated'].get('git_commit', ''))[:10]} (this version's estimator)."
                if env.get("reaggregated") else ""), ""]
