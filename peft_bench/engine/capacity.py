@@ -4,8 +4,9 @@
 
 For each method, the planner first (`peft-bench plan`'s fake steps, seconds each): the largest value whose planned
 tensor peak fits the cap. Then fresh-process probes (a warm-up step and two more training steps, nothing else), at
-most three: half that value (it fits with room; its measured peak less its planned tensor peak is the process's
-runtime overhead), the largest value whose planned peak plus that overhead fits, and one step above it. A step that
+most three: half that value (it fits with room), then where the memory the cap is held against (the probe's cap
+cgroup charge where it has one, else its peak RSS), scaled in proportion to the planned tensor peak, reaches the cap,
+then where the line through the two measured points reaches it. A step that
 cannot be planned (it reads a tensor's value) is searched with real probes alone: doubling until a probe does not
 fit, then bisection between the last value that fits and the first that does not.
 "Fits" means that the steps ran with the cap enforced on the probe process: on CUDA by
@@ -101,9 +102,10 @@ REAL_PROBES = 3
 
 
 def _from_plan(s: Search, base, planned: Planned, log) -> list[dict]:
-    """Three real probes: at half the planned largest value (it fits with room; its measured peak less its planned
-    tensor peak is this process's runtime overhead), then at the largest value whose planned peak plus that overhead
-    fits, then one step above it — the answer exact when the second fits and the third does not."""
+    """Three real probes: at half the planned largest value (it fits with room), then where the memory the cap is
+    held against — scaled from that probe in proportion to the planned tensor peak — reaches the cap, then where the
+    straight line through the two measured points (held memory against planned tensor peak) reaches it. The answer
+    is the largest value that fitted; the rows say which probe went over."""
     start, step, _ = SEARCH[s.vary]
     rows: list[dict] = []
     first = max(start, planned.largest(s.cap, log) // 2 // step * step)
@@ -111,18 +113,34 @@ def _from_plan(s: Search, base, planned: Planned, log) -> list[dict]:
     got = _probe(s, base, first, rows, log)
     if got is None:
         return rows
-    if not got or not rows[-1].get("peak_bytes"):
+    if not got or not _held(rows[-1]):
         log("  half the planned value did not fit (or measured no peak): searching with real probes instead")
         return rows + _doubling(s, base, log)
-    overhead = float(rows[-1]["peak_bytes"]) - planned.peak(first, log)
-    v = planned.largest(s.cap - overhead, log)
-    if v is None or v <= first:
-        return rows
-    for value in (v, v + step)[: REAL_PROBES - 1]:
-        got = _probe(s, base, value, rows, log)
-        if not got:
+    points = [(planned.peak(first, log), _held(rows[-1]))]
+    for _ in range(REAL_PROBES - 1):
+        v = planned.largest(_tensor_budget(points, s.cap), log)
+        if v is None or any(r["value"] == v for r in rows):
             break
+        got = _probe(s, base, v, rows, log)
+        if not got or not _held(rows[-1]):
+            break
+        points.append((planned.peak(v, log), _held(rows[-1])))
     return rows
+
+
+def _held(row: dict) -> float:
+    """What the cap is held against in a probe: its cap cgroup's charge where it has one, else its peak RSS."""
+    return float(row.get("charged_bytes") or row.get("peak_bytes") or 0)
+
+
+def _tensor_budget(points: list[tuple[float, float]], cap: float) -> float:
+    """The planned tensor peak at which the held memory reaches `cap`: in proportion from one measured point, along
+    the line through the last two."""
+    (p1, h1), (p2, h2) = points[0], points[-1]
+    if len(points) == 1 or p2 == p1:
+        return cap * p1 / h1
+    slope = (h2 - h1) / (p2 - p1)
+    return p2 + (cap - h2) / slope if slope > 0 else cap * p2 / h2
 
 
 class Planned:
@@ -186,7 +204,7 @@ def _probe(s: Search, base, v: int, rows: list[dict], log) -> bool | None:
     fits = ok  # the steps ran with the cap enforced (a cgroup limit, RLIMIT_AS, or the CUDA memory fraction)
     reason = row.get("reason", "") if not ok else ""
     rows.append({**head, "status": row.get("status"), "reason": reason, "peak_bytes": peak, "fits": fits,
-                 "mechanism": row.get("memory_cap_mechanism", "")})
+                 "charged_bytes": row.get("capacity_charged_bytes"), "mechanism": row.get("memory_cap_mechanism", "")})
     word = "fits" if fits else "over the cap" if ok or row.get("status") == "oom" else row.get("status")
     log(f"  {s.method} × {s.workload}, {s.vary} {v}: {word}"
         + (f" (peak {float(peak) / 2**20:,.0f} MiB)" if peak else f" — {reason}" if reason else ""))

@@ -282,7 +282,9 @@ def _budget(s: P.State) -> None:
 def _capacity(s: P.State) -> None:
     _, tim, _, peak = P.train(s, instrument=False, progress=_progress)
     s.records.append(tim)
-    s.extra.update(capacity_peak_bytes=peak.bytes, memory_source=peak.source)
+    from ..measure.cap import charged_peak_bytes
+
+    s.extra.update(capacity_peak_bytes=peak.bytes, memory_source=peak.source, capacity_charged_bytes=charged_peak_bytes())
 
 
 @probe("checks")

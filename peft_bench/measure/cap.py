@@ -53,6 +53,20 @@ def enter_cap(cap_bytes: int) -> str:
     return f"RLIMIT_AS = the process's address space before the model ({footprint / 2**30:.2f} GiB) + cap"
 
 
+def charged_peak_bytes() -> int | None:
+    """The most this process's cap cgroup was charged (v2 `memory.peak`, v1 `memory.max_usage_in_bytes`): what the
+    cap is held against — unlike peak RSS, without the libraries the fork server had loaded. None outside one."""
+    found = own_memory_cgroup()
+    if found is None or not found[0].name.startswith(PREFIX):
+        return None
+    for name in ("memory.peak", "memory.max_usage_in_bytes"):
+        try:
+            return int((found[0] / name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 def remove_left_caps() -> None:
     """Remove the cap cgroups of probe processes that have ended (the parent calls this after each probe)."""
     found = own_memory_cgroup()
