@@ -114,7 +114,9 @@ def _launch_once(spec, timeout: float | None) -> dict:
         errors = sorted(Path(tmp).glob("rank*.json"))
         if errors:
             return json.loads(errors[0].read_text())
-        if proc.returncode == 0 and spec.nnodes > 1:  # every rank here finished; global rank 0 runs on another node
+        if spec.nnodes > 1 and (proc.returncode == 0 or len(list(Path(tmp).glob("done*"))) == spec.nproc):
+            # every rank here finished; global rank 0 runs on another node. An agent's non-zero exit after all its
+            # ranks passed the final barrier is the rendezvous store closing as the other node's agent left first
             return {"status": ELSEWHERE, "reason": "this node's ranks finished; the node of global rank 0 writes the row"}
         log = log_path.read_text(errors="replace")
         return {"status": "error", "reason": rendezvous_reason(log, spec) or dead_rank_reason(log, proc.returncode)}
@@ -229,6 +231,7 @@ def rank_main(spec_path: str, out_dir: str) -> int:
         tmp.write_text(json.dumps(out, default=float))
         tmp.replace(Path(out_dir, "result.json"))
     dist.barrier()
+    Path(out_dir, f"done{rank}").touch()  # this rank's work, the row included, is finished (see _launch_once)
     dist.destroy_process_group()
     return 0
 
