@@ -107,13 +107,9 @@ def test_parse_bytes_and_bad_caps():
             capacity.parse_bytes(bad)
 
 
-def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeypatch):
-    """A synthetic process under an enforced cap: it needs 100 MiB + 10 MiB per batch element and is killed beyond
-    the cap; a 1,000 MiB cap fits batch 90, not 91."""
-    from peft_bench.engine import launch as runner
-
-    probed = []
-
+def _synthetic_process(probed: list):
+    """A probe process that needs 100 MiB + 10 MiB per batch element and is killed beyond its cap (each batch asked
+    is appended to `probed`)."""
     def fake(spec, timeout):
         probed.append(spec.batch_size)
         need = (100 + 10 * spec.batch_size) * 2**20
@@ -121,7 +117,16 @@ def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeyp
             return {"status": "oom", "reason": "cell killed by SIGKILL (likely the kernel's out-of-memory killer)"}
         return {"status": "ok", "capacity_peak_bytes": need, "memory_cap_mechanism": "fake"}
 
-    monkeypatch.setattr(runner, "run_isolated", fake)
+    return fake
+
+
+def test_capacity_search_doubles_then_bisects_to_the_exact_largest_value(monkeypatch):
+    """A synthetic process under an enforced cap: it needs 100 MiB + 10 MiB per batch element and is killed beyond
+    the cap; a 1,000 MiB cap fits batch 90, not 91."""
+    from peft_bench.engine import launch as runner
+
+    probed = []
+    monkeypatch.setattr(runner, "run_isolated", _synthetic_process(probed))
     s = capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20)
     rows = capacity._doubling(s, capacity._probe_spec(s.workload, s.method, s.device, s.vary, s.cap), lambda s: None)
     assert largest(rows)["value"] == 90
@@ -137,15 +142,7 @@ def test_capacity_from_the_plan_needs_three_real_probes(monkeypatch):
     from peft_bench.engine import launch as runner
 
     probed = []
-
-    def fake(spec, timeout):
-        probed.append(spec.batch_size)
-        need = (100 + 10 * spec.batch_size) * 2**20
-        if need > spec.memory_cap_bytes:
-            return {"status": "oom", "reason": "cell killed by SIGKILL (likely the kernel's out-of-memory killer)"}
-        return {"status": "ok", "capacity_peak_bytes": need, "memory_cap_mechanism": "fake"}
-
-    monkeypatch.setattr(runner, "run_isolated", fake)
+    monkeypatch.setattr(runner, "run_isolated", _synthetic_process(probed))
     monkeypatch.setattr(capacity.Planned, "peak", lambda self, v, log: 10.0 * v * 2**20)
     rows = capacity.search(capacity.Search("gpt-neo-tiny", "lora", "cpu", "batch_size", 1000 * 2**20), log=lambda s: None)
     assert probed == [50, 83, 90] and largest(rows)["value"] == 90 and rows[-1]["fits"] is True

@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import VARY
 from ..errors import UserError
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -87,14 +88,9 @@ def _doubling(s: Search, base, log) -> list[dict]:
         lo = v
         v *= 2
     if lo is not None and hi is not None:
-        while hi - lo > step:
-            mid = (lo + hi) // 2 // step * step
-            if mid in (lo, hi):
-                break
-            got = _probe(s, base, mid, rows, log)
-            if got is None:
-                break
-            lo, hi = (mid, hi) if got else (lo, mid)
+        from .predict import bisect
+
+        bisect(lo, hi, step, lambda mid: _probe(s, base, mid, rows, log))
     return rows
 
 
@@ -153,9 +149,9 @@ class Planned:
         if v not in self.peaks:
             from .predict import _Asked, isolated
 
-            key = "batch_size" if self.s.vary == "batch_size" else "max_length"
             try:
-                row = isolated(self.s.method, self.s.workload, _Asked(**{key: v}, device=self.s.device), self.options)
+                row = isolated(self.s.method, self.s.workload, _Asked(**{VARY[self.s.vary][1]: v},
+                                                                      device=self.s.device), self.options)
             except UserError as e:  # beyond the model's positions
                 row = {"status": "limit", "reason": str(e)}
             self.peaks[v] = float(row["tensor_peak_bytes"]) if row.get("status") == "ok" else float("nan")
@@ -172,9 +168,10 @@ class Planned:
         lo, hi = start, None
         while hi is None and lo * 2 <= ceiling:
             lo, hi = (lo * 2, None) if self.peak(lo * 2, log) <= cap else (lo, lo * 2)
-        while hi is not None and hi - lo > step:
-            mid = (lo + hi) // 2 // step * step
-            lo, hi = (mid, hi) if self.peak(mid, log) <= cap else (lo, mid)
+        if hi is not None:
+            from .predict import bisect
+
+            lo, hi = bisect(lo, hi, step, lambda mid: self.peak(mid, log) <= cap)
         return lo
 
 
@@ -183,7 +180,7 @@ def _probe(s: Search, base, v: int, rows: list[dict], log) -> bool | None:
     (a length beyond the positions, another failure): the search stops there."""
     from . import launch
 
-    spec = dataclasses.replace(base, **{"batch_size" if s.vary == "batch_size" else "max_length": v}, vary_value=v)
+    spec = dataclasses.replace(base, **{VARY[s.vary][1]: v}, vary_value=v)
     head = {"method": s.method, "workload": s.workload, "vary": s.vary, "value": v}
     if s.vary == "seq_len":
         from ..workloads import get_workload

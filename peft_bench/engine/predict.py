@@ -33,7 +33,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..config import CellSpec
+from ..config import VARY, CellSpec
 from ..errors import UnsupportedError, UserError
 from ..measure import memory
 from ..measure.timing import DTYPES
@@ -312,8 +312,7 @@ def run(cfg) -> list[dict]:
     if not names:
         raise UserError("plan needs --model NAME (one of " + ", ".join(MODELS) + ") or --workloads")
     asked = over(cfg)
-    if len(cfg.nproc or ()) > 1 or len(getattr(cfg, "parallel", None) or ()) > 1 or \
-            set(getattr(cfg, "parallel", None) or ()) - {"ddp", "fsdp"}:
+    if len(cfg.nproc or ()) > 1 or len(cfg.parallel or ()) > 1 or set(cfg.parallel or ()) - {"ddp", "fsdp"}:
         raise UserError("plan takes one --nproc N and one --parallel ddp|fsdp")
     for name in names:  # bad names and lengths before the first progress line
         if name in PLANNED:
@@ -324,14 +323,13 @@ def run(cfg) -> list[dict]:
     jobs = list(itertools.product(names, cfg.methods or ("full", "lora"), asked))
     rows = []
     for i, (name, m, a) in enumerate(jobs, 1):
-        at = f" at {cfg.vary[0]} {getattr(a, VARIED[cfg.vary[0]])}" if cfg.vary else ""
+        at = f" at {cfg.vary[0]} {getattr(a, VARY[cfg.vary[0]][1])}" if cfg.vary else ""
         print(f"[{i}/{len(jobs)}] planning {m} × {name}{at}", file=sys.stderr, flush=True)
         rows.append(isolated(m, name, a))
     return rows
 
 
-VARIED = {"seq_len": "max_length", "batch_size": "batch_size"}  # what plan --vary takes → the option it sets
-STEP = {"seq_len": 64, "batch_size": 1}  # the search's resolution
+STEP = {"seq_len": 64, "batch_size": 1}  # what plan --vary takes (config.VARY: the option it sets), to this resolution
 
 
 def over(cfg) -> list:
@@ -339,9 +337,9 @@ def over(cfg) -> list:
     if not cfg.vary:
         return [cfg]
     name, values = cfg.vary
-    if name not in VARIED:
+    if name not in STEP:
         raise UserError(f"plan --vary takes seq_len=... or batch_size=..., got {name}")
-    return [dataclasses.replace(cfg, **{VARIED[name]: v}) for v in values]
+    return [dataclasses.replace(cfg, **{VARY[name][1]: v}) for v in values]
 
 
 def largest(rows: list[dict], cfg, cap: int) -> dict[tuple[str, str], tuple[int | None, str]]:
@@ -357,13 +355,32 @@ def largest(rows: list[dict], cfg, cap: int) -> dict[tuple[str, str], tuple[int 
         if lo is None or hi is None:
             out[key] = (lo, "all planned values fit" if hi is None and lo is not None else "none planned fits")
             continue
-        while hi - lo > STEP[name]:
-            mid = (lo + hi) // 2 // STEP[name] * STEP[name]
-            print(f"  searching {key[1]} × {key[0]}: {name} {mid}", file=sys.stderr, flush=True)
-            got = isolated(key[1], key[0], dataclasses.replace(cfg, **{VARIED[name]: mid}))
-            lo, hi = (mid, hi) if got.get("status") == "ok" and got["tensor_peak_bytes"] <= cap else (lo, mid)
+        lo, hi = bisect(lo, hi, STEP[name], lambda mid, key=key: _fits_at(key, cfg, mid, cap))
         out[key] = (lo, f"next {hi} does not fit")
     return out
+
+
+def bisect(lo: int, hi: int, step: int, fits) -> tuple[int, int]:
+    """Narrow a bracket — `lo` fits, `hi` does not — to within `step`, asking `fits(v)` at each middle value (a
+    multiple of `step`); a None answer (no memory answer) stops it where it is. Capacity's real probes, its planned
+    peaks and `plan --vary`'s search all bisect through here."""
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if not lo < mid < hi:
+            break
+        got = fits(mid)
+        if got is None:
+            break
+        lo, hi = (mid, hi) if got else (lo, mid)
+    return lo, hi
+
+
+def _fits_at(key: tuple[str, str], cfg, value: int, cap: int) -> bool:
+    """One search step of `largest`: (model, method) planned at `value` of the varied option, under `cap`?"""
+    name = cfg.vary[0]
+    print(f"  searching {key[1]} × {key[0]}: {name} {value}", file=sys.stderr, flush=True)
+    got = isolated(key[1], key[0], dataclasses.replace(cfg, **{VARY[name][1]: value}))
+    return got.get("status") == "ok" and got["tensor_peak_bytes"] <= cap
 
 
 def isolated(method: str, name: str, cfg, *args) -> dict:

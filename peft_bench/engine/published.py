@@ -57,27 +57,17 @@ PEFT_METAMATHQA = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Asked:
-    batch_size: int = 4
-    max_length: int = 768
-    dtype: str = "bfloat16"
-    gradient_checkpointing: bool = False
-    device: str = "cuda"
-    method_options: dict = dataclasses.field(default_factory=dict)
-    padded: bool = True
-
-
 def plan_published(table: tuple[Published, ...] = PEFT_METAMATHQA, model: str = "llama-3.2-3b") -> list[dict]:
     """Each published experiment planned with its settings: the planned row beside the published figures."""
     import sys
 
-    from .predict import isolated
+    from .predict import _Asked, isolated
 
+    asked = _Asked(batch_size=4, max_length=768, dtype="bfloat16", device="cuda", padded=True)  # their longest batch
     out = []
     for i, p in enumerate(table, 1):
         print(f"[{i}/{len(table)}] planning {p.experiment}", file=sys.stderr, flush=True)
-        row = isolated(p.method, model, _Asked(), p.options)
+        row = isolated(p.method, model, asked, p.options)
         row.update(experiment=p.experiment, published_quoted_bytes=round(p.quoted_gib * GIB),
                    published_file_bytes=p.file_bytes, published_commit=p.commit, options=p.options)
         out.append(row)
