@@ -131,12 +131,13 @@ PLANNED = {
 }
 
 
-def planned(name: str) -> nn.Module:
-    """A model of `PLANNED` built from its published config (call under fake tensors: the weights are not wanted)."""
+def planned(name: str, **overrides: object) -> nn.Module:
+    """A model of `PLANNED` built from its published config (call under fake tensors: the weights are not wanted);
+    `overrides`: config fields changed (e.g. num_hidden_layers)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     kind, fields = PLANNED[name]
-    cfg = AutoConfig.for_model(kind, **{k: v for k, v in fields.items() if k != "model_type"})
+    cfg = AutoConfig.for_model(kind, **{k: v for k, v in {**fields, **overrides}.items() if k != "model_type"})
     return (AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM).from_config(cfg)
 
 

@@ -64,10 +64,15 @@ def test_full_fine_tuning_s_parts_are_their_closed_forms_from_the_config(capsys)
     assert full["tensor_peak_bytes"] > full["weights_bytes"] + full["optimizer_bytes"]
 
 
-def test_a_method_that_reads_a_value_is_named_not_planned(capsys):
-    assert main(["plan", "--workloads", "gpt-neo-tiny", "--methods", "boft", "--format", "csv"]) == 0
-    row = next(csv.DictReader(capsys.readouterr().out.splitlines()))
-    assert row["status"] == "not planned" and "reads a tensor's value" in row["reason"]
+def test_methods_that_read_values_plan_their_committed_measurement_byte_for_byte():
+    """LoHa's module dropout branches on a random draw; AdaLoRA's rank budget reads a threshold and masks by it: fake
+    tensors have no values, the planner answers with stand-ins (`scalar_reads` counts them), and the plan still
+    equals what the cell measured in every part — a stand-in that changed what the step holds would not."""
+    rows = [r for r in csv.DictReader(open(ROOT / "results" / "methods" / "metrics.csv"))
+            if r["method"] in ("loha", "adalora") and r["workload"] == "minilm-sentiment" and r["status"] == "ok"]
+    assert len(rows) == 2
+    for r in predict.against(rows):
+        assert r["status"] == "ok" and r["scalar_reads"] > 0 and plan.equal(r), r
 
 
 @pytest.mark.parametrize("argv,text", [
@@ -90,9 +95,11 @@ def test_published_experiment_settings_train_the_published_number_of_parameters(
     from peft_bench.models import planned
 
     method = get_method(row.method, **row.options)
-    with torch.device("meta"):
-        model = method.apply(planned("llama-3.2-3b"))
-    assert sum(p.numel() for p in method.trainable_parameters(model).values()) == row.trainable
+    # BOFT builds a permutation matrix element by element (9 s for 28 layers): one layer, its 28th share
+    layers = 1 if row.method == "boft" else 28
+    with torch.device("meta"), predict._ScalarReads():  # BOFT's initialisation indexes with values: answered
+        model = method.apply(planned("llama-3.2-3b", num_hidden_layers=layers))
+    assert sum(p.numel() for p in method.trainable_parameters(model).values()) * 28 // layers == row.trainable
 
 
 def test_cuda_attention_kernel_follows_cudas_rules():

@@ -12,8 +12,10 @@ under the FLOP counter. The prediction is therefore the measured account itself,
 registered workload (its own data, batch and length) it equals the measured cell's tensor peak byte for byte
 (`tests/test_predict.py` over the committed results).
 
-What a fake step cannot give: a method whose step reads a tensor's value (`.item()`, a data-dependent branch) cannot
-be planned (the row says so); the process's runtime overhead above the tensors (allocator, libraries, the CUDA
+A value the step reads from a tensor (`.item()`, a branch on a random draw: LoHa, LoKr, BOFT, AdaLoRA) is answered
+by a stand-in (`_ScalarReads`; counted in `scalar_reads`): what a step holds depends on shapes, and on every committed
+cell of those methods the plan still equals the measurement byte for byte. What a fake step cannot give: an operator
+whose output *shape* depends on values (the row says so); the process's runtime overhead above the tensors (allocator, libraries, the CUDA
 context) is not in the tensor peak. `--device cuda` runs on fake CUDA tensors where a GPU is present, else on fake CPU
 tensors with CUDA's choices made as CUDA makes them (`cuda_choices`: attention kernel, foreach AdamW, 512-byte
 allocator blocks); `planned_with` says which. The attention kernel each step dispatched to is in `attention_kernels`.
@@ -58,7 +60,7 @@ def fake_tensors() -> Iterator:
     saved = nn.Module._apply
     nn.Module._apply = _apply_fake
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, _Moves():
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, _Moves(), _ScalarReads():
             yield mode
     finally:
         nn.Module._apply = saved
@@ -78,6 +80,32 @@ class _Moves(torch.overrides.TorchFunctionMode):
                 return t
             return torch.ops.aten._to_copy(t, dtype=dtype or t.dtype, device=device or t.device)
         return func(*args, **kwargs)
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """A value the step reads from a fake tensor (`bool(t)`, `.item()`, `.tolist()`), answered by a stand-in: True
+    for a truth value, 0 for a number. Fake tensors have no values; what a step holds depends on shapes, not on these
+    answers, wherever the step only branches on a random draw or indexes with the value read: LoHa's and LoKr's
+    module dropout (`torch.rand(1) > p`: True, the module applied, as it always is at p = 0), BOFT's multiplicative
+    dropout (`randint(0, N).item()`: which of N equal-shaped blocks), AdaLoRA's rank budget (`kthvalue(...).item()`:
+    the threshold; the masks it makes have the same shape whatever it is). A constant fake tensors track (AdamW's step
+    count) is read as itself. Also over meta tensors (`with torch.device("meta"), _ScalarReads()`: BOFT's
+    initialisation indexes with values). Counted in `reads`: a row that needed any says so in `scalar_reads`. An operator whose *shape* depends on values (`nonzero`, boolean-mask indexing) still cannot
+    be planned."""
+
+    reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+
+        try:
+            return func(*args, **(kwargs or {}))  # a constant fake tensors track (AdamW's step count) is known
+        except (DataDependentOutputException, RuntimeError):  # a fake tensor's value; a meta tensor's (`.item()`)
+            if func is not torch.ops.aten._local_scalar_dense.default:
+                raise
+        type(self).reads += 1
+        t = args[0]
+        return True if t.dtype == torch.bool else 0.0 if t.is_floating_point() else 0
 
 
 def _apply_fake(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
@@ -213,8 +241,8 @@ def plan_cell(method_name: str, name: str, cfg, options: dict | None = None, sca
         return {**head, "status": "unsupported", "reason": str(e)}
     except Exception as e:  # a data-dependent operator, or anything else the fake step met
         if type(e).__name__ in ("DataDependentOutputException", "DynamicOutputShapeException"):
-            return {**head, "status": "not planned", "reason": f"its step reads a tensor's value ({e}): fake tensors "
-                    "have none; run the cell to measure it"}
+            return {**head, "status": "not planned", "reason": f"an operator's output depends on tensor values ({e}):"
+                    " fake tensors have none; run the cell to measure it"}
         raise
 
 
@@ -237,6 +265,7 @@ def _step(method, s: Subject, cfg) -> dict:
     spec = CellSpec(type(method).name, s.name, device=where, dtype=_dtype(cfg),
                     gradient_checkpointing=cfg.gradient_checkpointing)
     choices = cuda_choices.CudaChoices() if cuda and not real_cuda else contextlib.nullcontext()
+    _ScalarReads.reads = 0
     with fake_tensors() as mode, _seen_attention() as kernels, choices:
         with default_dtype(DTYPES[spec.dtype]):
             model = _faked(s.build().eval(), mode)  # a pretrained workload's weights were read from disk: made fake
@@ -256,6 +285,7 @@ def _step(method, s: Subject, cfg) -> dict:
         comm = _comm(model, trainable, cfg)
     return {**_counts(trainable, total), **_memory(mem), **comm, "flops_per_step": flops,
             "attention_kernels": ",".join(sorted(kernels)) or "none (eager attention)",
+            "scalar_reads": _ScalarReads.reads,
             "planned_with": cuda_choices.described(real_cuda) if cuda else PLANNED_WITH}
 
 

@@ -47,13 +47,18 @@ PEFT_METAMATHQA = (
               24_379_392_000, "1948110ce6", 614_400),
     Published("ptuning--llama-3.2-3B-default", "p-tuning", {"num_virtual_tokens": 20, "encoder_hidden_size": 3072},
               19.48, 20_937_965_568, "3a546ed24e", 28_382_208),
-    Published("boft--llama-3.2-3B-default", "boft", {}, 23.00),
+    Published("boft--llama-3.2-3B-default", "boft", {"block_size": 4, "targets": LLAMA_QV}, 23.00, 24_427_626_496,
+              "06f76d8eba", 802_816),
     Published("ln_tuning--llama-3.2-3B-default", "ln-tuning", {}, 19.7, 21_179_138_048, "52903c83d9", 175_104),
     Published("oft--llama-3.2-3B-rank32", "oft", {"block_size": 96, "targets": LLAMA_QV}, 20.8, 22_328_377_344,
               "1948110ce6", 8_171_520),
-    Published("adalora--llama-3.2-3B-rank32", "adalora", {"r": 32}, 21.2),
-    Published("loha--llama-3.2-3B-rank32", "loha", {"r": 32}, 22.3),
-    Published("lokr--llama-3.2-3B-rank32", "lokr", {"r": 32}, 22.0),
+    # AdaLoRA's tinit 200 / tfinal 500 / total_step 5000 only decide *when* ranks are masked; the planned step masks
+    Published("adalora--llama-3.2-3B-rank32", "adalora", {"r": 32, "init_r": 64, "alpha": 8.0, "targets": LLAMA_QV},
+              21.2, 22_793_945_088, "1948110ce6", 18_353_664),
+    Published("loha--llama-3.2-3B-rank32", "loha", {"r": 32, "alpha": 64.0, "targets": LLAMA_QV}, 22.3,
+              23_886_561_280, "1948110ce6", 18_350_080),
+    Published("lokr--llama-3.2-3B-rank32", "lokr", {"r": 32, "alpha": 64.0, "targets": LLAMA_QV}, 22.0,
+              23_571_988_480, "095a3f9670", 279_552),
 )
 
 
