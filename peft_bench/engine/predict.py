@@ -12,13 +12,14 @@ under the FLOP counter. The prediction is therefore the measured account itself,
 registered workload (its own data, batch and length) it equals the measured cell's tensor peak byte for byte
 (`tests/test_predict.py` over the committed results).
 
-A value the step reads from a tensor (`.item()`, a branch on a random draw: LoHa, LoKr, BOFT, AdaLoRA) is answered
-by a stand-in (`_ScalarReads`; counted in `scalar_reads`): what a step holds depends on shapes, and on every committed
+A value the step reads from a tensor (`.item()`, a branch on a random draw: LoHa, LoKr, BOFT, AdaLoRA) is answered by
+a stand-in (`_ScalarReads`; counted in `scalar_reads`): what a step holds depends on shapes, and on every committed
 cell of those methods the plan still equals the measurement byte for byte. What a fake step cannot give: an operator
-whose output *shape* depends on values (the row says so); the process's runtime overhead above the tensors (allocator, libraries, the CUDA
-context) is not in the tensor peak. `--device cuda` runs on fake CUDA tensors where a GPU is present, else on fake CPU
-tensors with CUDA's choices made as CUDA makes them (`cuda_choices`: attention kernel, foreach AdamW, 512-byte
-allocator blocks); `planned_with` says which. The attention kernel each step dispatched to is in `attention_kernels`.
+whose output *shape* depends on values (the row says so); the process's runtime overhead above the tensors (allocator,
+libraries, the CUDA context) is not in the tensor peak. `--device cuda` runs on fake CUDA tensors where a GPU is
+present, else on fake CPU tensors with CUDA's choices made as CUDA makes them (`cuda_choices`: attention kernel,
+foreach AdamW, 512-byte allocator blocks); `planned_with` says which. The attention kernel each step dispatched to is
+in `attention_kernels`.
 
 A named model (`MODELS`: published configs in `peft_bench.models.PLANNED`) trains on a synthetic batch: every
 sequence `--seq-len` tokens (no padding), labels the inputs themselves (T5: targets of the same length).
@@ -90,8 +91,8 @@ class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
     dropout (`randint(0, N).item()`: which of N equal-shaped blocks), AdaLoRA's rank budget (`kthvalue(...).item()`:
     the threshold; the masks it makes have the same shape whatever it is). A constant fake tensors track (AdamW's step
     count) is read as itself. Also over meta tensors (`with torch.device("meta"), _ScalarReads()`: BOFT's
-    initialisation indexes with values). Counted in `reads`: a row that needed any says so in `scalar_reads`. An operator whose *shape* depends on values (`nonzero`, boolean-mask indexing) still cannot
-    be planned."""
+    initialisation indexes with values). Counted in `reads`: a row that needed any says so in `scalar_reads`. An
+    operator whose *shape* depends on values (`nonzero`, boolean-mask indexing) still cannot be planned."""
 
     reads = 0
 
