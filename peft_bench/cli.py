@@ -161,6 +161,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         rows = predict.against(measured)
         print(plan.against_table(rows, cfg.against, args.argv, _commit()))
         return 0 if all(r.get("status") != "ok" or plan.equal(r) for r in rows) else 1
+    if cfg.fit_overhead:
+        from .report import overhead
+
+        print(overhead.report(overhead.cells(), args.argv, _commit()))
+        return 0
     if cfg.published:
         from .engine.published import plan_published
 

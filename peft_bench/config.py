@@ -263,6 +263,9 @@ class RunConfig:
     published: bool = option(False, "instead: plan every experiment of peft's method comparison (Llama-3.2-3B, "
                              "MetaMathQA) with its settings on --device cuda, beside its published memory",
                              type=bool, commands=(PL,))
+    fit_overhead: bool = option(False, "instead: fit the CPU runtime-overhead model (tensor peak → process peak) on "
+                                "every committed single-process CPU cell of results/ and print how well it predicts",
+                                type=bool, commands=(PL,))
     split: str = "test"  # "validation": peft-bench tune (its cells score a validation split, never the test split)
     probes: str | None = None  # None: the suite's; "accuracy" (tune), "cost" (sweep): see `engine.cell.PROBES`
     extra_method_options: dict = field(default_factory=dict)  # the Python API's other method options

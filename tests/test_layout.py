@@ -21,7 +21,7 @@ PACKAGE = Path(peft_bench.__file__).parent
 # What the reporting side may import of the package: rows, their definitions, statistics and formatting.
 REPORT_MAY_IMPORT = {"peft_bench", "peft_bench.errors", "peft_bench.results", "peft_bench.config", "peft_bench.names",
                      "peft_bench.measure", "peft_bench.measure.records", "peft_bench.measure.stats",
-                     "peft_bench.measure.repeats"}
+                     "peft_bench.measure.repeats", "peft_bench.measure.overhead"}
 MAX_LINES, MAX_PARAMS = 60, 6
 
 

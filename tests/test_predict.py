@@ -174,3 +174,19 @@ def test_planned_collectives_equal_the_counted_ones_of_every_committed_distribut
         for kind in ("allreduce", "allgather", "reducescatter", "broadcast"):
             key = f"{kind}_bytes_per_step"
             assert got[key] == int(float(r[key])), (r["method"], r["parallel"], r["world_size"], key)
+
+
+def test_the_cpu_overhead_model_is_the_fit_of_the_committed_cells_and_its_report_is_current():
+    """`measure/overhead.py`'s constants are what a fit on every committed single-process CPU cell gives, and
+    `results/plan/process-peak.md` prints the coverage that fit has now: out of sample (each workload left out of its
+    own fit) ≥ 90 % of the cells with a tensor peak ≥ 256 MiB are within ±10 % of their measured process peak."""
+    from peft_bench.measure.overhead import CPU_FIT
+    from peft_bench.report import overhead
+
+    rows = overhead.cells(ROOT / "results")
+    assert len(rows) == CPU_FIT.cells and overhead._same(overhead.fit(rows), CPU_FIT)
+    fresh = overhead.report(rows, ["plan", "--fit-overhead"]).splitlines()
+    committed = (ROOT / "results" / "plan" / "process-peak.md").read_text().rstrip("\n").splitlines()
+    assert fresh[4:] == committed[4:]  # all but the line naming the commit
+    big = [e for r, e in zip(rows, overhead.cross_validated(rows)) if float(r["tensor_peak_bytes"]) >= overhead.SMALL]
+    assert sum(abs(e) <= 0.10 for e in big) >= 0.9 * len(big)

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..config import VARY, CellSpec
 from ..errors import UnsupportedError, UserError
-from ..measure import memory
+from ..measure import memory, overhead
 from ..measure.timing import DTYPES
 from ..methods import get_method
 from ..models import PLANNED
@@ -237,7 +237,8 @@ def plan_cell(method_name: str, name: str, cfg, options: dict | None = None, sca
         reason = method.unsupported_reason(s.family)
         if reason:
             raise UnsupportedError(reason)
-        return {**head, **_step(method, s, cfg), "status": "ok", "reason": ""}
+        row = {**head, **_step(method, s, cfg), "status": "ok", "reason": ""}
+        return {**row, "process_peak_predicted_bytes": overhead.predicted(row)}
     except UnsupportedError as e:
         return {**head, "status": "unsupported", "reason": str(e)}
     except Exception as e:  # a data-dependent operator, or anything else the fake step met

@@ -11,11 +11,11 @@ from .format import sig, size, table
 
 PARTS = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "temporaries_bytes")
 COLUMNS = ("method", "workload", "status", "reason", "device", "dtype", "batch_size", "seq_len", "trainable_params",
-           "total_params", "trainable_state_bytes", "tensor_peak_bytes", *PARTS, "saved_activations_max_bytes", "flops_per_step",
-           "attention_kernels", "planned_with", "memory_cap_bytes", "fits_memory_cap", "largest_fitting",
-           "largest_fitting_note", "world_size", "parallel", "allreduce_bytes_per_step", "allgather_bytes_per_step",
-           "reducescatter_bytes_per_step", "broadcast_bytes_per_step", "comm_bytes_per_step",
-           "ring_estimate_bytes_per_rank_per_step")
+           "total_params", "trainable_state_bytes", "tensor_peak_bytes", *PARTS, "process_peak_predicted_bytes",
+           "saved_activations_max_bytes", "flops_per_step", "attention_kernels", "scalar_reads", "planned_with",
+           "memory_cap_bytes", "fits_memory_cap", "largest_fitting", "largest_fitting_note", "world_size", "parallel",
+           "allreduce_bytes_per_step", "allgather_bytes_per_step", "reducescatter_bytes_per_step",
+           "broadcast_bytes_per_step", "comm_bytes_per_step", "ring_estimate_bytes_per_rank_per_step")
 
 
 def with_cap(rows: list[dict], cap: int | None) -> list[dict]:
@@ -52,9 +52,11 @@ def _gib(x) -> str:
 
 def _table(rows: list[dict]) -> list[str]:
     cap = next((r["memory_cap_bytes"] for r in rows if r.get("memory_cap_bytes")), None)
+    first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
+    cpu = first.get("device") == "cpu"
     head = ["model", "method", "batch × tokens", "trainable params", "checkpoint tensors", "tensor peak GiB",
             "weights / grads / optim / activations / temps GiB", "TFLOP per step", "attention"] + \
-        ([f"fits {_gib(cap)} GiB"] if cap else [])
+        (["process peak GiB (fitted)"] if cpu else []) + ([f"fits {_gib(cap)} GiB"] if cap else [])
     body = []
     for r in rows:
         if r.get("status") != "ok":
@@ -67,13 +69,19 @@ def _table(rows: list[dict]) -> list[str]:
                  size(r.get("trainable_state_bytes", float("nan"))), _gib(r["tensor_peak_bytes"]),
                  " / ".join(_gib(r[p]) for p in PARTS),
                  sig(r["flops_per_step"] / 1e12), r.get("attention_kernels", "")]
+        cells += [_gib(r["process_peak_predicted_bytes"])] if cpu else []
         body.append(cells + (["yes" if r["fits_memory_cap"] else "**no**"] if cap else []))
-    first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
     lines = [f"Planned on fake tensors (no memory, no weights): {first.get('device')}, {first.get('dtype')}; AdamW; "
              "the tensor peak of one training step in steady state (the optimizer's state held), as the cells' "
-             "tracker counts it — not the process's runtime overhead (allocator, libraries, a CUDA context). "
-             f"{first.get('planned_with', '')}.", ""]
+             "tracker counts it. " + (_FITTED if cpu else "Not in it: what the caching allocator reserves beyond the "
+                                       "blocks, and the CUDA context. ") + f"{first.get('planned_with', '')}.", ""]
     return lines + table(head, body) + _largest_lines(rows, cap) + _comm_lines(rows)
+
+
+_FITTED = ("Process peak: the tensor peak plus the runtime overhead fitted on this machine's cells "
+           "(`measure/overhead.py`; within ±10 % for 93 % of committed cells with a tensor peak ≥ 256 MiB, each "
+           "workload left out of its own fit: `results/plan/process-peak.md`), above the interpreter, torch and data "
+           "loaded before the model. ")
 
 
 def _comm_lines(rows: list[dict]) -> list[str]:
