@@ -167,9 +167,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(overhead.report(overhead.cells(), args.argv, _commit()))
         return 0
     if cfg.published:
-        from .engine.published import plan_published
+        from .engine.published import LITGPT_ALPACA2K, plan_published
 
-        print(plan.published_table(plan_published(), args.argv, _commit()))
+        print(plan.published_table(plan_published(), plan_published(LITGPT_ALPACA2K), args.argv, _commit()))
         return 0
     cap = parse_bytes(cfg.memory_cap) if cfg.memory_cap else None
     if cfg.plot and not cfg.vary:

@@ -29,6 +29,10 @@ class Published:
     file_bytes: int | None = None  # accelerator_memory_max in the results file, where read
     commit: str = ""  # of that file
     trainable: int | None = None  # num_trainable_params in that file: the settings' witness (tests/test_predict.py)
+    model: str = "llama-3.2-3b"  # ours (peft_bench.models.PLANNED)
+    batch_size: int = 4
+    seq_len: int = 768  # the longest batch's length
+    padded: bool = True  # the longest batch carries an attention mask (padding), as peft's runs do
 
 
 PEFT_METAMATHQA = (
@@ -62,18 +66,40 @@ PEFT_METAMATHQA = (
 )
 
 
-def plan_published(table: tuple[Published, ...] = PEFT_METAMATHQA, model: str = "llama-3.2-3b") -> list[dict]:
-    """Each published experiment planned with its settings: the planned row beside the published figures."""
+# litgpt's config hub (Lightning-AI/litgpt `config_hub/finetune/README.md`, each config's yaml): Alpaca2k, bf16-true
+# (weights, LoRA and AdamW state all bfloat16), AdamW, max_seq_length 512, micro batches of 1 or 2 with no attention
+# mask (padding attended, its loss ignored), on one 24 GB NVIDIA A10G. "Peak memory" is printed by `finetune/lora.py`
+# as torch.cuda.max_memory_allocated() / 1e9 over the whole run: *allocated*, not reserved, in GB (10⁹). Our model is
+# transformers' Llama/Mistral, not litgpt's own GPT (fused qkv, logits in 128-token chunks, bf16 cross-entropy).
+GB = 10**9
+LITGPT_LORA = {"r": 32, "alpha": 16.0, "dropout": 0.05, "targets": LLAMA_QV}
+LITGPT_ALPACA2K = (
+    Published("llama-3.1-8b/lora.yaml", "hf-lora", LITGPT_LORA, 19.73, model="llama-3.1-8b", batch_size=1,
+              seq_len=512, padded=False),
+    # Llama-3-8B has Llama-3.1-8B's shapes (only the rotary scaling differs): planned on the same config
+    Published("llama-3-8b/lora.yaml", "hf-lora", LITGPT_LORA, 19.73, model="llama-3.1-8b", batch_size=1,
+              seq_len=512, padded=False),
+    Published("mistral-7b/lora.yaml", "hf-lora", LITGPT_LORA, 20.66, model="mistral-7b", batch_size=2, seq_len=512,
+              padded=False),
+    Published("llama-3.1-8b/full.yaml", "full", {}, float("inf"), model="llama-3.1-8b", batch_size=4, seq_len=512,
+              padded=False),  # published: out of memory on the 24 GB A10G
+)
+A10G_BYTES = 24 * GB
+
+
+def plan_published(table: tuple[Published, ...] = PEFT_METAMATHQA) -> list[dict]:
+    """Each published experiment planned with its settings (bfloat16, CUDA's choices): the planned row beside the
+    published figures."""
     import sys
 
     from .predict import _Asked, isolated
 
-    asked = _Asked(batch_size=4, max_length=768, dtype="bfloat16", device="cuda", padded=True)  # their longest batch
     out = []
     for i, p in enumerate(table, 1):
         print(f"[{i}/{len(table)}] planning {p.experiment}", file=sys.stderr, flush=True)
-        row = isolated(p.method, model, asked, p.options)
-        row.update(experiment=p.experiment, published_quoted_bytes=round(p.quoted_gib * GIB),
-                   published_file_bytes=p.file_bytes, published_commit=p.commit, options=p.options)
+        asked = _Asked(batch_size=p.batch_size, max_length=p.seq_len, dtype="bfloat16", device="cuda", padded=p.padded)
+        row = isolated(p.method, p.model, asked, p.options)
+        row.update(experiment=p.experiment, published_quoted=p.quoted_gib, published_file_bytes=p.file_bytes,
+                   published_commit=p.commit, options=p.options)
         out.append(row)
     return out

@@ -150,13 +150,27 @@ def _err(planned: int, published: int | None) -> str:
     return f"{100 * (planned - published) / published:+.1f} %" if published else ""
 
 
-def published_table(rows: list[dict], argv: list[str], commit: str = "") -> str:
-    """Planned beside published (peft's method comparison), the error, and what the published figure includes."""
+def published_table(peft: list[dict], litgpt: list[dict], argv: list[str], commit: str = "") -> str:
+    """Planned beside published — peft's method comparison, then litgpt's config hub — with the error, and what each
+    published figure includes."""
+    intro = ["# Planned against published GPU memory", "",
+             f"Made by `peft-bench {' '.join(argv)}` at commit {commit or '?'}, on this CPU-only machine: each "
+             "experiment planned with its publisher's settings on fake tensors with CUDA's choices "
+             "(`peft_bench/engine/cuda_choices.py`: the attention kernel CUDA picks, foreach AdamW, 512-byte allocator "
+             "blocks); settings and figures in `peft_bench/engine/published.py`.", ""]
+    return "\n".join(intro + _peft_section(peft) + [""] + _why() + [""] + _litgpt_section(litgpt)) + "\n"
+
+
+def _opts(r: dict) -> str:
+    opts = ", ".join(f"{k}={','.join(v) if isinstance(v, (tuple, list)) else v}" for k, v in r["options"].items())
+    return f"`{r['method']}`" + (f" ({opts})" if opts else "")
+
+
+def _peft_section(rows: list[dict]) -> list[str]:
     body = []
     for r in rows:
-        quoted, filed = r["published_quoted_bytes"], r.get("published_file_bytes")
-        opts = ", ".join(f"{k}={','.join(v) if isinstance(v, (tuple, list)) else v}" for k, v in r["options"].items())
-        left = [f"`{r['experiment']}`", f"`{r['method']}`" + (f" ({opts})" if opts else "")]
+        quoted, filed = round(r["published_quoted"] * 2**30), r.get("published_file_bytes")
+        left = [f"`{r['experiment']}`", _opts(r)]
         if r.get("status") != "ok":
             body.append(left + [f"{r['status']}: {r.get('reason', '')}", "", _gib(quoted), "", "", ""])
             continue
@@ -166,17 +180,45 @@ def published_table(rows: list[dict], argv: list[str], commit: str = "") -> str:
                             _err(peak, filed)])
     head = ["experiment (peft)", "planned as", "trainable params", "planned tensor peak GiB", "published GiB (issue)",
             "error", "published GiB (results file)", "error (file)"]
-    intro = ["# Planned against published: peft's method comparison (Llama-3.2-3B, MetaMathQA)", "",
-             f"Made by `peft-bench {' '.join(argv)}` at commit {commit or '?'}, on this CPU-only machine: each "
-             "experiment's settings (bfloat16 weights, batch 4 × 768 tokens padded, AdamW, adapter settings from its "
-             "`adapter_config.json`) planned on fake tensors with CUDA's choices (`peft_bench/engine/cuda_choices.py`: "
-             "the memory-efficient attention kernel a padded batch gets, foreach AdamW, 512-byte allocator blocks). "
-             "Published: `accelerator_memory_max`, torch's largest *reserved* memory over 5,000 steps and the "
-             "evaluations between them, on an NVIDIA L40S; as quoted in issue 27, and as read from the results "
-             "file at the commit named (the files were re-run over time).", ""]
-    return "\n".join(intro + table(head, body) + [""] + _why()) + "\n"
+    return ["## peft's method comparison (Llama-3.2-3B, MetaMathQA)", "",
+            "Each experiment's settings (bfloat16 weights, batch 4 × 768 tokens padded, AdamW, adapter settings from "
+            "its `adapter_config.json`; the memory-efficient attention kernel a padded batch gets). Published: "
+            "`accelerator_memory_max`, torch's largest *reserved* memory over 5,000 steps and the evaluations between "
+            "them, on an NVIDIA L40S; as quoted in issue 27, and as read from the results file at the commit named "
+            "(the files were re-run over time).", "", *table(head, body)]
 
 
+def _litgpt_section(rows: list[dict]) -> list[str]:
+    body = []
+    for r in rows:
+        left = [f"`{r['experiment']}`", r["workload"], _opts(r), f"{r.get('batch_size')} × {r.get('seq_len')}"]
+        if r.get("status") != "ok":
+            body.append(left + [f"{r['status']}: {r.get('reason', '')}", "", "", ""])
+            continue
+        peak, quoted = r["tensor_peak_bytes"], r["published_quoted"]
+        if quoted == float("inf"):  # published: out of memory on the 24 GB A10G
+            verdict = "agrees: over 24 GB" if peak > 24e9 else "**disagrees**: fits 24 GB"
+            body.append(left + [f"{r['trainable_params']:,}", sig(peak / 1e9), "out of memory (24 GB A10G)", verdict])
+            continue
+        body.append(left + [f"{r['trainable_params']:,}", sig(peak / 1e9), sig(quoted),
+                            _err(peak, round(quoted * 1e9))])
+    head = ["config (litgpt)", "planned on", "planned as", "batch × tokens", "trainable params",
+            "planned tensor peak GB", "published peak GB", "error"]
+    return ["## litgpt's config hub (Alpaca2k, one 24 GB A10G)", "",
+            "Each config's settings: bf16-true, AdamW, LoRA r 32, α 16, dropout 0.05 on query and value, "
+            "`max_seq_length` 512, its micro batch, no attention mask (so CUDA's flash kernel). Published: the README's "
+            "\"Peak memory\", which `litgpt/finetune/lora.py` prints as `torch.cuda.max_memory_allocated() / 1e9` "
+            "over the whole run — *allocated*, as the plan is, in GB of 10⁹ bytes.", "", *table(head, body), "",
+            "- **What differs besides the memory.** litgpt trains its own GPT, not transformers' model: one fused qkv "
+            "projection (LoRA on its q and v slices: the same 13,631,488 trainable parameters on Llama-3.1-8B), the "
+            "logits computed and the cross-entropy taken in 128-token chunks in bfloat16 (transformers upcasts the "
+            "whole logits to float32 for the loss), and bf16-true keeps LoRA's weights, gradients and AdamW state in "
+            "bfloat16 (peft keeps adapters in float32 on a bfloat16 base), and LoRA's dropout runs once on the fused "
+            "input where peft runs it for q and for v (two copies of the input and two masks a layer: about 0.8 GB "
+            "for Mistral's 2 × 512). Each of these makes the plan larger than litgpt's run, as all three LoRA rows "
+            "are (+3 to +5 %).",
+            "- **The longest batch.** The peak is over the whole run, so over its longest batch: Alpaca2k's longest "
+            "example exceeds 512 tokens with these tokenizers and is cut to 512 — the length planned."]
 def _why() -> list[str]:
     return ["## Where they differ, and why", "",
             "- **What is compared.** The plan is the *allocated* peak of one training step on the longest batch. The "
@@ -189,9 +231,15 @@ def _why() -> list[str]:
             "- **Evaluation is not the peak.** Every 250 steps the runs generate for 50 prompts up to 800 tokens; its "
             "KV cache is 2 × 28 layers × 8 KV heads × 128 × 2 bytes × 50 × 800 = 4.27 GiB beside 5.98 GiB of "
             "weights — about 10 GiB, well under every training peak planned here.",
-            "- **Methods not planned** (BOFT, LoHa, LoKr, AdaLoRA): their training step reads a tensor's value "
-            "(a Python-side dropout draw, a permutation built by indexing, AdaLoRA's rank budget), which fake tensors "
-            "do not have; measure them on a GPU.",
+            "- **Values a step reads** (LoHa's and LoKr's module-dropout draw, BOFT's dropout index, AdaLoRA's rank "
+            "threshold): fake tensors have none; the planner answers with stand-ins (`scalar_reads`), which change no "
+            "shape — on every committed CPU cell of these methods the plan equals the measurement byte for byte "
+            "(`results/plan/against-methods.md`). AdaLoRA is planned in its masking phase (its tinit 200 / tfinal 500 "
+            "only decide when that phase runs).",
+            "- **BOFT, the one plan above its figure (+6.3 %).** This plan takes peft's pure-PyTorch path "
+            "(`torch.block_diag` over the blocks): peft's `fbd_cuda` extension compiles only with CUDA_HOME and a "
+            "compiler, which a CPU-only machine lacks; whether the published run used the extension is not recorded "
+            "in its file — not settled here.",
             "- **Versions.** The published runs used torch 2.7–2.9 and transformers 4.52–4.57; this plan uses this "
             "checkout's versions (transformers' attention-mask and GQA handling decides whether keys and values are "
             "repeated per head before attention)."]
