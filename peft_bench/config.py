@@ -261,7 +261,8 @@ class RunConfig:
     against: str | None = option(None, "instead: plan every single-process CPU cell of this result directory as it "
                                  "was measured, and print planned beside measured", type=str, commands=(PL,))
     published: bool = option(False, "instead: plan every experiment of peft's method comparison (Llama-3.2-3B, "
-                             "MetaMathQA) with its settings on --device cuda, beside its published memory",
+                             "MetaMathQA) and litgpt's LoRA configs (Llama-3.1-8B, Mistral-7B) with their settings on "
+                             "--device cuda, beside their published memory",
                              type=bool, commands=(PL,))
     fit_overhead: bool = option(False, "instead: fit the CPU runtime-overhead model (tensor peak → process peak) on "
                                 "every committed single-process CPU cell of results/ and print how well it predicts",

@@ -21,6 +21,20 @@ EXPERIMENTS = 2_000
 SLOW_SHARE, SLOW_RANGE = 0.05, (1.1, 1.5)  # one process in twenty runs 10–50 % slow (a neighbour, a cold cache)
 
 
+def readme(pattern: str) -> tuple[float, ...]:
+    """The figures the README's "Timing, noise and regressions" section states where `pattern` matches."""
+    import re
+
+    match = re.search(pattern, (ROOT / "README.md").read_text())
+    assert match, pattern
+    return tuple(float(x) for x in match.groups())
+
+
+def within_readme_range(pattern: str, share: float) -> bool:
+    low, high = readme(pattern)
+    return low <= round(100 * share) <= high
+
+
 def machine_spreads() -> tuple[float, float]:
     """(between-process σ, within-process σ) of log step time, pooled over the committed suites' repeats: the spread
     of each cell's repeat medians around their mean, and each repeat's interquartile range of its steps (σ ≈
@@ -36,6 +50,12 @@ def machine_spreads() -> tuple[float, float]:
         within += [q / 1.349 / m for q, m in zip(df.step_time_iqr_s, df.step_time_s) if q == q and m > 0]
     assert dof > 30 and len(within) > 30
     return math.sqrt(squares / dof), statistics.median(within)  # pooled variance: Σ squares / Σ (n − 1)
+
+
+def test_the_readme_states_this_machines_spreads():
+    sigma_b, sigma_w = machine_spreads()
+    assert readme(r"between processes σ ≈ ([\d.]+) %") == (round(100 * sigma_b, 1),)
+    assert readme(r"within a process ≈ ([\d.]+) %") == (round(100 * sigma_w, 1),)
 
 
 def process_medians(rng: random.Random, n: int, sigma_b: float, sigma_w: float, steps: int = 8) -> list[float]:
@@ -54,7 +74,7 @@ def test_step_time_interval_covers_at_its_stated_level(n):
     rng = random.Random(n)
     hits = sum(stats.log_t(process_medians(rng, n, sigma_b, sigma_w)).includes(1.0) for _ in range(EXPERIMENTS))
     print(f"n = {n}: σ between {sigma_b:.3f}, within {sigma_w:.3f}; 95 % interval covered {hits / EXPERIMENTS:.1%}")
-    assert hits / EXPERIMENTS >= 0.93
+    assert hits / EXPERIMENTS >= 0.93 and within_readme_range(r"contain the truth in (\d+)–(\d+) %", hits / EXPERIMENTS)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])
@@ -69,7 +89,7 @@ def test_paired_ratio_interval_covers_at_its_stated_level(n):
         b = {r: drift[r] * x for r, x in enumerate(process_medians(rng, n, sigma_b, sigma_w))}
         hits += stats.paired_ratio(a, b).includes(0.6)
     print(f"n = {n}: paired ratio's 95 % interval covered {hits / EXPERIMENTS:.1%}")
-    assert hits / EXPERIMENTS >= 0.93
+    assert hits / EXPERIMENTS >= 0.93 and within_readme_range(r"contain the truth in (\d+)–(\d+) %", hits / EXPERIMENTS)
 
 
 def test_the_old_interval_of_three_covered_less_than_it_claimed():
@@ -79,7 +99,8 @@ def test_the_old_interval_of_three_covered_less_than_it_claimed():
     rng = random.Random(7)
     hits = sum(min(x) <= 1.0 <= max(x) for x in (process_medians(rng, 3, sigma_b, sigma_w) for _ in range(EXPERIMENTS)))
     print(f"[min, max] of 3 covered {hits / EXPERIMENTS:.1%}")
-    assert 0.70 < hits / EXPERIMENTS < 0.80
+    assert 0.70 < hits / EXPERIMENTS < 0.80 and within_readme_range(r"\[min, max\] at n = 3 and covered (\d+)–(\d+) %",
+                                                                     hits / EXPERIMENTS)
 
 
 def test_aa_ratio_interval_includes_one_at_its_stated_level():

@@ -12,7 +12,7 @@ import torch
 
 from peft_bench.cli import main
 from peft_bench.engine import predict
-from peft_bench.engine.published import PEFT_METAMATHQA
+from peft_bench.engine.published import LITGPT_ALPACA2K, PEFT_METAMATHQA
 from peft_bench.report import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,24 @@ def test_published_experiment_settings_train_the_published_number_of_parameters(
     with torch.device("meta"), predict._ScalarReads():  # BOFT's initialisation indexes with values: answered
         model = method.apply(planned("llama-3.2-3b", num_hidden_layers=layers))
     assert sum(p.numel() for p in method.trainable_parameters(model).values()) * 28 // layers == row.trainable
+
+
+@pytest.mark.parametrize("row", [p for p in LITGPT_ALPACA2K if p.method == "hf-lora"], ids=lambda p: p.experiment)
+def test_litgpt_settings_train_what_litgpt_s_lora_trains(row):
+    """litgpt's LoRA on query and value (one fused qkv projection, its q and v slices): A is (2r × d), B is
+    ((d + kv) × r) per layer — written from the model's published config, against what peft's LoRA with the planned
+    settings trains on our model."""
+    from peft_bench.methods import get_method
+    from peft_bench.models import PLANNED, planned
+
+    _, c = PLANNED[row.model]
+    d, kv = c["hidden_size"], c["num_key_value_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+    r = row.options["r"]
+    method = get_method(row.method, **row.options)
+    with torch.device("meta"):
+        model = method.apply(planned(row.model))
+    assert sum(p.numel() for p in method.trainable_parameters(model).values()) == \
+        c["num_hidden_layers"] * (2 * r * d + (d + kv) * r)
 
 
 def test_cuda_attention_kernel_follows_cudas_rules():

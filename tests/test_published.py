@@ -86,6 +86,16 @@ def test_readme_planner_figures_are_the_committed_files():
     for method, cells in shown.items():
         (match,) = [p for p in published.values() if p[1] == method]
         assert cells[1:4] == match[3:6], (method, cells, match)
+    litgpt = _rows((ROOT / "results" / "plan" / "published.md").read_text().split("## litgpt")[1], "`")
+    block = readme[readme.index("| config (litgpt) |"):]
+    shown = _rows(block[:block.index("\n\n")], "`")
+    assert len(shown) == len(litgpt) == 4
+    for config, cells in shown.items():
+        assert cells[1:3] + cells[3:] == litgpt[config][1:2] + litgpt[config][3:4] + litgpt[config][5:], cells
+    fitted = (ROOT / "results" / "plan" / "process-peak.md").read_text()
+    para = readme[readme.index("How far to trust it on the CPU."):readme.index("The attention column says")]
+    for figure in ("153 ", "93 %", "13.1%", "15.5%", "23.3 MiB", "0.622", "0.128", "78 %"):
+        assert figure.replace("%", " %").replace("  ", " ") in para.replace("−", "-") and figure in fitted, figure
     lines = [x for x in (ROOT / "results" / "plan" / "llama-3.1-8b-seq-len.md").read_text().splitlines()
              if x.startswith("- ")]
     assert lines and all(x in readme for x in lines)

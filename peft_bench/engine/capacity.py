@@ -29,9 +29,9 @@ from pathlib import Path
 
 from ..config import VARY
 from ..errors import UserError
+from .predict import SEARCH
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-SEARCH = {"batch_size": (1, 1, 4096), "seq_len": (16, 8, 1 << 16)}  # start, granularity, ceiling
 
 
 def parse_bytes(text: str) -> int:
@@ -74,7 +74,8 @@ def search(s: Search, log=print) -> list[dict]:
 
 
 def _doubling(s: Search, base, log) -> list[dict]:
-    start, step, ceiling = SEARCH[s.vary]
+    r = SEARCH[s.vary]
+    start, step, ceiling = r.start, r.real, r.ceiling
     rows: list[dict] = []
     lo, hi = None, None
     v = start
@@ -102,7 +103,7 @@ def _from_plan(s: Search, base, planned: Planned, log) -> list[dict]:
     held against — scaled from that probe in proportion to the planned tensor peak — reaches the cap, then where the
     straight line through the two measured points (held memory against planned tensor peak) reaches it. The answer
     is the largest value that fitted; the rows say which probe went over."""
-    start, step, _ = SEARCH[s.vary]
+    start, step = SEARCH[s.vary].start, SEARCH[s.vary].real
     rows: list[dict] = []
     first = max(start, planned.largest(s.cap, log) // 2 // step * step)
     log(f"  {s.method} × {s.workload}: confirming with at most {REAL_PROBES} real probes")
@@ -162,7 +163,8 @@ class Planned:
     def largest(self, cap: float, log) -> int | None:
         """Doubling then bisection on planned peaks: the largest value whose tensor peak fits `cap` (None: not
         plannable, or not even the smallest value fits)."""
-        start, step, ceiling = SEARCH[self.s.vary]
+        r = SEARCH[self.s.vary]
+        start, step, ceiling = r.start, r.real, r.ceiling
         if not self.peak(start, log) <= cap:
             return None
         lo, hi = start, None

@@ -361,7 +361,18 @@ def run(cfg) -> list[dict]:
     return rows
 
 
-STEP = {"seq_len": 64, "batch_size": 1}  # what plan --vary takes (config.VARY: the option it sets), to this resolution
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """How a search over one varied value proceeds: where it starts, the step a real probe (`capacity`) and a planned
+    one (`plan --vary`: a fake step of an 8B model takes seconds) bisect to, and the ceiling."""
+
+    start: int
+    real: int
+    planned: int
+    ceiling: int
+
+
+SEARCH = {"batch_size": Resolution(1, 1, 1, 4096), "seq_len": Resolution(16, 8, 64, 1 << 16)}  # config.VARY: options
 
 
 def over(cfg) -> list:
@@ -369,14 +380,15 @@ def over(cfg) -> list:
     if not cfg.vary:
         return [cfg]
     name, values = cfg.vary
-    if name not in STEP:
+    if name not in SEARCH:
         raise UserError(f"plan --vary takes seq_len=... or batch_size=..., got {name}")
     return [dataclasses.replace(cfg, **{VARY[name][1]: v}) for v in values]
 
 
 def largest(rows: list[dict], cfg, cap: int) -> dict[tuple[str, str], tuple[int | None, str]]:
     """(model, method) → the largest varied value whose planned tensor peak fits under `cap`, bisected on fake steps
-    between the largest planned value that fits and the next that does not (to `STEP`), and how it was bounded."""
+    between the largest planned value that fits and the next that does not (to `SEARCH`'s planned step), and how it
+    was bounded."""
     name, _ = cfg.vary
     out = {}
     for key in dict.fromkeys((r["workload"], r["method"]) for r in rows):
@@ -387,7 +399,7 @@ def largest(rows: list[dict], cfg, cap: int) -> dict[tuple[str, str], tuple[int 
         if lo is None or hi is None:
             out[key] = (lo, "all planned values fit" if hi is None and lo is not None else "none planned fits")
             continue
-        lo, hi = bisect(lo, hi, STEP[name], lambda mid, key=key: _fits_at(key, cfg, mid, cap))
+        lo, hi = bisect(lo, hi, SEARCH[name].planned, lambda mid, key=key: _fits_at(key, cfg, mid, cap))
         out[key] = (lo, f"next {hi} does not fit")
     return out
 
