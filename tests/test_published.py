@@ -118,3 +118,14 @@ def test_readme_intervals_are_the_committed_summarys(section, source):
     summary = (ROOT / source).read_text()
     missing = [x for x in _intervals(text) if x not in summary]
     assert _intervals(text) and not missing, missing
+
+
+def test_readme_capacity_figures_are_the_committed_run():
+    """The capacity example's batches are those `results/capacity/summary.md` reports."""
+    readme = (ROOT / "README.md").read_text()
+    found = {}
+    for line in (ROOT / "results" / "capacity" / "summary.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| gpt-neo-tiny"):
+            found[cells[1]] = cells[2]
+    assert len(found) == 2 and f"batch {found['full']} (full) and {found['lora']} (LoRA) confirmed" in readme
