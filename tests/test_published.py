@@ -89,7 +89,7 @@ def test_readme_planner_figures_are_the_committed_files():
     litgpt = _rows((ROOT / "results" / "plan" / "published.md").read_text().split("## litgpt")[1], "`")
     block = readme[readme.index("| config (litgpt) |"):]
     shown = _rows(block[:block.index("\n\n")], "`")
-    assert len(shown) == len(litgpt) == 4
+    assert len(shown) == len(litgpt) == 6
     for config, cells in shown.items():
         assert cells[1:3] + cells[3:] == litgpt[config][1:2] + litgpt[config][3:4] + litgpt[config][5:], cells
     fitted = (ROOT / "results" / "plan" / "process-peak.md").read_text()
@@ -129,3 +129,14 @@ def test_readme_capacity_figures_are_the_committed_run():
         if line.startswith("| gpt-neo-tiny"):
             found[cells[1]] = cells[2]
     assert len(found) == 2 and f"batch {found['full']} (full) and {found['lora']} (LoRA) confirmed" in readme
+
+
+def test_readme_scaling_figures_are_the_committed_depth_summary():
+    """"How cost grows" quotes the published-formula witness as results/scaling/depth/summary.md prints it."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    part = readme[readme.index("### How cost grows"):readme.index("### Beyond one process")]
+    summary = (ROOT / "results" / "scaling" / "depth" / "summary.md").read_text()
+    published, tracked = re.search(r"on gpt-neo-125m-arch ([\d,]+) against the tracker's ([\d,]+) bytes", part).groups()
+    assert f"{published} bytes per token per layer" in summary and f"the tracker's fitted {tracked}" in summary
