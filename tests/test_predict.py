@@ -155,16 +155,16 @@ def test_the_largest_length_that_fits_is_searched_on_fake_steps_and_plotted(caps
     from peft_bench.config import RunConfig
     from peft_bench.report.plots import planned_peak
 
-    assert main(["plan", "--model", "smollm2-135m", "--methods", "lora", "--batch-size", "1", "--format", "json",
+    assert main(["plan", "--workloads", "gpt-neo-tiny", "--methods", "lora", "--batch-size", "1", "--format", "json",
                  "--vary", "seq_len=64,128,256"]) == 0
     rows = json.loads(capsys.readouterr().out)
     peaks = {r["seq_len"]: r["tensor_peak_bytes"] for r in rows}
     cap = (peaks[128] + peaks[256]) // 2
-    cfg = RunConfig(methods=("lora",), model="smollm2-135m", batch_size=1, vary=("seq_len", (64, 128, 256)))
+    cfg = RunConfig(methods=("lora",), workloads=("gpt-neo-tiny",), batch_size=1, vary=("seq_len", (64, 128, 256)))
     found = predict.largest(rows, cfg, cap)
-    best = found["smollm2-135m", "lora"][0]
+    best = found["gpt-neo-tiny", "lora"][0]
     assert 128 <= best < 256 and best % 64 == 0
-    at = {n: predict.isolated("lora", "smollm2-135m", predict._Asked(batch_size=1, max_length=n))["tensor_peak_bytes"]
+    at = {n: predict.isolated("lora", "gpt-neo-tiny", predict._Asked(batch_size=1, max_length=n))["tensor_peak_bytes"]
           for n in (best, best + 64)}
     assert at[best] <= cap < at[best + 64]
     png = tmp_path / "peak.png"
