@@ -6,9 +6,9 @@ For each method, the planner first (`peft-bench plan`'s fake steps, seconds each
 tensor peak fits the cap. Then fresh-process probes (a warm-up step and two more training steps, nothing else), at
 most three: half that value (it fits with room), then where the memory the cap is held against (the probe's cap
 cgroup charge where it has one, else its peak RSS), scaled in proportion to the planned tensor peak, reaches the cap,
-then where the line through the two measured points reaches it. A step that
-cannot be planned (it reads a tensor's value) is searched with real probes alone: doubling until a probe does not
-fit, then bisection between the last value that fits and the first that does not.
+then where the line through the two measured points reaches it. A step that cannot be planned (an operator whose
+output shape depends on values) is searched with real probes alone: doubling until a probe does not fit, then
+bisection between the last value that fits and the first that does not.
 "Fits" means that the steps ran with the cap enforced on the probe process: on CUDA by
 `set_per_process_memory_fraction` (an allocation beyond it is a real CUDA out-of-memory; the CUDA context is outside
 the fraction); on CPU by a memory cgroup of its own (the kernel's OOM killer ends it beyond the cap; it is charged for
