@@ -227,7 +227,8 @@ class RunConfig:
                                            "(comma-separated for several, e.g. 1,2: the one-process cell is the "
                                            "scaling reference)", type=int_list, commands=(*RUN, PL),
                                            helps={PL: "ranks in all: plan the bytes each step's collectives move "
-                                                      "(one value)"})
+                                                      "and, with --parallel fsdp, one rank's sharded memory (one "
+                                                      "value)"})
     parallel: tuple[str, ...] | None = option(None, "ddp | fsdp (comma-separated for both; default ddp) with --nproc",
                                               type=names, commands=(*RUN, PL),
                                               helps={PL: "ddp | fsdp (one; default ddp) with --nproc"})

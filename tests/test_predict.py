@@ -194,6 +194,24 @@ def test_planned_collectives_equal_the_counted_ones_of_every_committed_distribut
             assert got[key] == int(float(r[key])), (r["method"], r["parallel"], r["world_size"], key)
 
 
+def test_an_fsdp_plan_holds_what_each_committed_fsdp_rank_held_and_torch_s_own_tracker_agrees():
+    """--parallel fsdp plans rank 0 of torch's fake process group, sharded as the cells shard: the parameter,
+    gradient and AdamW bytes it holds equal what the committed 2-rank FSDP cells' ranks held, byte for byte; and its
+    per-rank tensor peak is what torch's own FSDP memory tracker reads on the same step, but for the batch's input ids
+    (4 × 128 int64), which the cells' tracker counts when the embedding trains and saves them, and torch's does not."""
+    rows = [r for r in csv.DictReader(open(ROOT / "results" / "distributed" / "metrics.csv"))
+            if r["status"] == "ok" and r.get("parallel") == "fsdp" and r["world_size"] == "2"
+            and r["method"] in ("full", "lora")]  # the embedding trained, and not (prefix: as lora, 5 s more)
+    assert len(rows) == 2
+    for r in rows:
+        asked = predict._Asked(nproc=(2,), parallel=("fsdp",))
+        got = predict.isolated(r["method"], r["workload"], asked, json.loads(r.get("options") or "{}"))
+        for part in ("weights", "gradients", "optimizer"):
+            assert got[f"rank_{part}_max_bytes"] == int(float(r[f"rank_{part}_max_bytes"])), (r["method"], part)
+        inputs = 4 * 128 * 8 if r["method"] == "full" else 0
+        assert got["tensor_peak_bytes"] - got["tensor_peak_torch_fsdp_tracker_bytes"] == inputs, r["method"]
+
+
 def test_the_cpu_overhead_model_is_the_fit_of_the_committed_cells_and_its_report_is_current():
     """`measure/overhead.py`'s constants are what a fit on every committed single-process CPU cell gives, and
     `results/plan/process-peak.md` prints the coverage that fit has now: out of sample (each workload left out of its

@@ -140,3 +140,15 @@ def test_readme_scaling_figures_are_the_committed_depth_summary():
     summary = (ROOT / "results" / "scaling" / "depth" / "summary.md").read_text()
     published, tracked = re.search(r"on gpt-neo-125m-arch ([\d,]+) against the tracker's ([\d,]+) bytes", part).groups()
     assert f"{published} bytes per token per layer" in summary and f"the tracker's fitted {tracked}" in summary
+
+
+def test_readme_fsdp_plan_figures_are_the_committed_plan():
+    """The README's per-rank FSDP figures are the committed plan's, whose peaks torch's FSDP tracker read alike."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    full, lora = re.search(r"([\d.]+) GiB a rank for full fine-tuning,\n([\d.]+) GiB for LoRA", readme).groups()
+    text = (ROOT / "results" / "plan" / "llama-3.1-8b-fsdp-4.md").read_text().split("| rank's weights")[1]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| llama")]
+    peaks = {c[1]: (c[5], c[6]) for c in cells}
+    assert peaks == {"full": (full, full), "lora": (lora, lora)}

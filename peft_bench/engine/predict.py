@@ -43,6 +43,7 @@ from ..measure.timing import DTYPES
 from ..methods import get_method
 from ..models import PLANNED
 from .loop import Trainer
+from .torchrun import held, shard
 
 MODELS = tuple(PLANNED)
 STEPS = 13  # what a method's schedule is told (AdaLoRA's budget); the default suite's budget on the -arch models
@@ -267,12 +268,16 @@ def _step(method, s: Subject, cfg) -> dict:
     spec = CellSpec(type(method).name, s.name, device=where, dtype=_dtype(cfg),
                     gradient_checkpointing=cfg.gradient_checkpointing)
     choices = cuda_choices.CudaChoices() if cuda and not real_cuda else contextlib.nullcontext()
+    mesh = _fake_mesh(cfg, where)
     _ScalarReads.reads = 0
     with fake_tensors() as mode, _seen_attention() as kernels, choices:
         with default_dtype(DTYPES[spec.dtype]):
             model = _faked(s.build().eval(), mode)  # a pretrained workload's weights were read from disk: made fake
         model = apply(spec, method, model)
         model.train()  # dropout on, as in a cell's training steps: its masks are saved for backward
+        comm = _comm(model, method.trainable_parameters(model), cfg)  # from the whole model, before any sharding
+        if mesh is not None:
+            shard(model, mesh)
         # the clock reads the host's: nothing to synchronise; AdamW as torch picks it for the planned device
         trainer = Trainer(model, method, 1e-3, "cpu", foreach=True if cuda else None)
         # held fake tensors, as a cell's batch holds real ones (an input saved for backward is counted)
@@ -281,14 +286,53 @@ def _step(method, s: Subject, cfg) -> dict:
         trainer.opt.zero_grad(set_to_none=True)
         with memory.StepMemoryTracker(model, trainer.opt, cuda_choices.GRANULE if cuda else 1) as mem:
             trainer.step(batch)
+        kept = {f"rank_{k}_max_bytes": v for k, v in held(model, trainer.opt).items()} if comm else {}
+        if mesh is not None:
+            kept["tensor_peak_torch_fsdp_tracker_bytes"] = _torch_fsdp_peak(model, trainer, batch, where)
         flops = count_flops(lambda: trainer.step(batch))
         trainable = method.trainable_parameters(model)
         total = {id(p): p.numel() for p in model.parameters()}
-        comm = _comm(model, trainable, cfg)
-    return {**_counts(trainable, total), **_memory(mem), **comm, "flops_per_step": flops,
+    how = cuda_choices.described(real_cuda) if cuda else PLANNED_WITH
+    return {**_counts(trainable, total), **_memory(mem), **comm, **kept, "flops_per_step": flops,
             "attention_kernels": ",".join(sorted(kernels)) or "none (eager attention)",
             "scalar_reads": _ScalarReads.reads,
-            "planned_with": cuda_choices.described(real_cuda) if cuda else PLANNED_WITH}
+            "planned_with": how + (f"; FSDP2 on a fake process group of {comm['world_size']} ranks: the memory is "
+                                   "rank 0's" if mesh is not None else "")}
+
+
+def _torch_fsdp_peak(model, trainer, batch: dict, device: str) -> int | None:
+    """A second instrument for an FSDP plan's per-rank peak: torch's own FSDP memory tracker
+    (`torch.distributed._tools.fsdp2_mem_tracker`, which follows the same `resize_` calls) over one more step. It
+    counts a tensor made before it started only when registered; the cells' tracker counts the batch's input ids
+    because the embedding saves them — so the two differ by exactly those bytes (tests/test_predict.py)."""
+    try:
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    except ImportError:  # a private module of torch's: absent from some version, the column is empty
+        return None
+    tracker = FSDPMemTracker(model, trainer.opt)
+    tracker.track_external(model, trainer.opt)
+    with tracker:
+        trainer.step(batch)
+    return int(tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"])
+
+
+def _fake_mesh(cfg, device: str):
+    """--parallel fsdp with --nproc N: torch's fake process group of N ranks (its collectives return at once, on
+    fake tensors; this process is rank 0) and its device mesh, made before fake tensors (the mesh reads values).
+    The model is then sharded as the cells shard it, and the step's tracker counts one rank's tensors: its shards,
+    the blocks gathered for compute and freed again (`resize_`, which the tracker follows)."""
+    if not getattr(cfg, "nproc", None) or (cfg.parallel or ("ddp",))[0] != "fsdp":
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world = cfg.nproc[0] * getattr(cfg, "nnodes", 1)
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    if dist.get_world_size() != world:
+        raise UnsupportedError(f"this process already planned {dist.get_world_size()} ranks, not {world}")
+    return init_device_mesh(device, (world,))
 
 
 def _comm(model, trainable: dict, cfg) -> dict:
@@ -522,3 +566,6 @@ class _Asked:
     device: str = "cpu"
     method_options: dict = dataclasses.field(default_factory=dict)
     padded: bool = False
+    nproc: tuple | None = None  # (ranks per node,) and (mode,): a distributed cell's layout
+    parallel: tuple | None = None
+    broadcast_buffers: str = "on"

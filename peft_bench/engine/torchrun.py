@@ -275,6 +275,15 @@ def _bytes(tensors) -> int:
     return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
 
 
+def held(model, opt) -> dict:
+    """The bytes this rank holds between steps: parameters and buffers, gradients, AdamW state (shards under FSDP)."""
+    import torch
+
+    return {"weights": _bytes(list(model.parameters()) + list(model.buffers())),
+            "gradients": _bytes(p.grad for p in model.parameters() if p.grad is not None),
+            "optimizer": _bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}
+
+
 def padded_numel(shape, world: int) -> int:
     """Elements of a tensor sharded on dim 0 by FSDP2 across `world` ranks, padding included."""
     if not shape:
@@ -326,16 +335,21 @@ def _wrap(s) -> None:
                                   broadcast_buffers=spec.broadcast_buffers)
         s.scores["closed_comm"] = element * s.params.trainable_params
         return
-    from torch.distributed.fsdp import fully_shard
-
     # one rank has nothing to reduce: FSDP2 then issues no collective at all
     s.scores["closed_comm"] = element * sum(padded_numel(tuple(p.shape), world) for p in trainable.values()) \
         if world > 1 else 0
     s.scores["total_elements"] = sum(p.numel() for p in module.parameters())
-    for b in blocks(module):
-        fully_shard(b)
-    fully_shard(module)
+    shard(module)
     s.scores["wrapped"] = module
+
+
+def shard(module, mesh=None) -> None:
+    """FSDP2 as the cells apply it: each repeated block, then the root (`mesh`: the default one, or a planner's)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for b in blocks(module):
+        fully_shard(b, mesh=mesh)
+    fully_shard(module, mesh=mesh)
 
 
 def _rank_stream(s, rank: int):
@@ -377,10 +391,7 @@ def _agreement(s) -> None:
     import torch.distributed as dist
 
     got, model = s.scores, s.scores["wrapped"]
-    opt = got["opt"]
-    got["held"] = {"weights": _bytes(list(model.parameters()) + list(model.buffers())),
-                   "gradients": _bytes(p.grad for p in model.parameters() if p.grad is not None),
-                   "optimizer": _bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))}
+    got["held"] = held(model, got["opt"])
     if s.spec.parallel == "ddp":  # the replicas stayed identical
         trainable = s.method.trainable_parameters(got["module"])
         flat = torch.cat([p.detach().reshape(-1).float() for p in trainable.values()])

@@ -72,7 +72,7 @@ class StepMemoryTracker(TorchDispatchMode):
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _add(self, t: torch.Tensor, category: str) -> int:
-        st = t.untyped_storage()
+        st = _local(t).untyped_storage()
         k = st._cdata
         if k in self.size:
             return k
@@ -90,6 +90,20 @@ class StepMemoryTracker(TorchDispatchMode):
     def _update(self, category: str) -> None:
         if self.totals[category] > self.max_parts[category]:
             self.max_parts[category] = self.totals[category]
+
+    def _resized(self, st) -> None:
+        """A storage resized in place (FSDP2 frees a block's unsharded parameters with `resize_(0)` after its
+        forward and regrows them for its backward): its new size counts, in its category."""
+        k = st._cdata
+        if k in self.size:
+            n = -(-st.nbytes() // self.granule) * self.granule
+            cat = self.category[k]
+            self.totals[cat] += n - self.size[k]
+            self.size[k] = n
+            self._update(cat)
+            total = sum(self.totals.values())
+            if total > self.peak_bytes:
+                self.peak_bytes, self.peak_parts = total, dict(self.totals)
 
     def _free(self, k: int) -> None:
         n, cat = self.size.pop(k, None), self.category.pop(k, None)
@@ -136,6 +150,7 @@ class StepMemoryTracker(TorchDispatchMode):
                 self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
         self.initial_parts = dict(self.totals)
         self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
+        self._stack.enter_context(_resizes_seen(self._resized))
         return super().__enter__()
 
     def __exit__(self, *exc) -> None:
@@ -144,6 +159,30 @@ class StepMemoryTracker(TorchDispatchMode):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+@contextlib.contextmanager
+def _resizes_seen(seen) -> Iterator[None]:
+    """`UntypedStorage.resize_` reported to `seen` after it runs: a storage-level call no dispatch mode sees."""
+    original = torch.UntypedStorage.resize_
+
+    def resize_(storage, size):
+        out = original(storage, size)
+        seen(storage)
+        return out
+
+    torch.UntypedStorage.resize_ = resize_
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = original
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2's parameters, gradients and optimizer state): its own storage; the
+    DTensor is a wrapper with none of its own, and the operators on the shard run below this mode, unseen."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
 
 
 # -- process level --------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ def features(row: dict) -> tuple[float, float, float]:
 
 
 def predicted(row: dict, fit: Fit = CPU_FIT) -> int | None:
-    """The process peak above the pre-model footprint a CPU cell of this plan would read, or None (not CPU, or no
-    tensor peak)."""
-    if row.get("status") != "ok" or row.get("device") != "cpu" or row.get("tensor_peak_bytes") is None:
+    """The process peak above the pre-model footprint a CPU cell of this plan would read, or None (not CPU, a rank of
+    a distributed plan, or no tensor peak)."""
+    if row.get("status") != "ok" or row.get("device") != "cpu" or row.get("tensor_peak_bytes") is None \
+            or row.get("world_size"):  # fitted on single processes: a rank's runtime (gloo, threads) is not in it
         return None
     one, saved, static = features(row)
     return round(float(row["tensor_peak_bytes"]) + fit.constant * one + fit.per_saved * saved

@@ -15,7 +15,9 @@ COLUMNS = ("method", "workload", "status", "reason", "device", "dtype", "batch_s
            "saved_activations_max_bytes", "flops_per_step", "attention_kernels", "scalar_reads", "planned_with",
            "memory_cap_bytes", "fits_memory_cap", "largest_fitting", "largest_fitting_note", "world_size", "parallel",
            "allreduce_bytes_per_step", "allgather_bytes_per_step", "reducescatter_bytes_per_step",
-           "broadcast_bytes_per_step", "comm_bytes_per_step", "ring_estimate_bytes_per_rank_per_step")
+           "broadcast_bytes_per_step", "comm_bytes_per_step", "ring_estimate_bytes_per_rank_per_step",
+           "rank_weights_max_bytes", "rank_gradients_max_bytes", "rank_optimizer_max_bytes",
+           "tensor_peak_torch_fsdp_tracker_bytes")
 
 
 def with_cap(rows: list[dict], cap: int | None) -> list[dict]:
@@ -47,13 +49,13 @@ def render(rows: list[dict], fmt: str) -> str:
 
 
 def _gib(x) -> str:
-    return sig(x / 2**30)
+    return "" if x is None else sig(x / 2**30)
 
 
 def _table(rows: list[dict]) -> list[str]:
     cap = next((r["memory_cap_bytes"] for r in rows if r.get("memory_cap_bytes")), None)
     first = next((r for r in rows if r.get("status") == "ok"), rows[0] if rows else {})
-    cpu = first.get("device") == "cpu"
+    cpu = first.get("device") == "cpu" and not first.get("world_size")  # the fitted process peak: one process
     head = ["model", "method", "batch × tokens", "trainable params", "checkpoint tensors", "tensor peak GiB",
             "weights / grads / optim / activations / temps GiB", "TFLOP per step", "attention"] + \
         (["process peak GiB (fitted)"] if cpu else []) + ([f"fits {_gib(cap)} GiB"] if cap else [])
@@ -73,8 +75,9 @@ def _table(rows: list[dict]) -> list[str]:
         body.append(cells + (["yes" if r["fits_memory_cap"] else "**no**"] if cap else []))
     lines = [f"Planned on fake tensors (no memory, no weights): {first.get('device')}, {first.get('dtype')}; AdamW; "
              "the tensor peak of one training step in steady state (the optimizer's state held), as the cells' "
-             "tracker counts it. " + (_FITTED if cpu else "Not in it: what the caching allocator reserves beyond the "
-                                       "blocks, and the CUDA context. ") + f"{first.get('planned_with', '')}.", ""]
+             "tracker counts it. " + (_FITTED if cpu else "" if first.get("device") == "cpu" else
+                                       "Not in it: what the caching allocator reserves beyond the blocks, and the "
+                                       "CUDA context. ") + f"{first.get('planned_with', '')}.", ""]
     return lines + table(head, body) + _largest_lines(rows, cap) + _comm_lines(rows)
 
 
@@ -88,14 +91,26 @@ def _comm_lines(rows: list[dict]) -> list[str]:
     mine = [r for r in rows if r.get("status") == "ok" and r.get("world_size")]
     if not mine:
         return []
+    fsdp = mine[0]["parallel"] == "fsdp"
     out = ["", f"Collectives per training step, {mine[0]['parallel']} on {mine[0]['world_size']} ranks (payload: the "
-           "tensor each acts on; the ring estimate: what one rank sends). The memory above is one process's:", ""]
+           "tensor each acts on; the ring estimate: what one rank sends). The memory above is "
+           + ("rank 0's, its model sharded as the cells shard it (held between steps, and torch's own FSDP memory "
+              "tracker's peak on the same step, below):" if fsdp else "one process's (each rank holds a replica):"),
+           ""]
     body = [[r["workload"], r["method"]] + [size(r[f"{k}_bytes_per_step"]) if r[f"{k}_bytes_per_step"] else "0" for k in
                                             ("allreduce", "allgather", "reducescatter", "broadcast")]
             + [size(r["ring_estimate_bytes_per_rank_per_step"]) if r["ring_estimate_bytes_per_rank_per_step"] else "0"]
             for r in mine]
-    return out + table(["model", "method", "all-reduce", "all-gather", "reduce-scatter", "broadcast",
-                        "sent per rank (ring)"], body)
+    out += table(["model", "method", "all-reduce", "all-gather", "reduce-scatter", "broadcast",
+                  "sent per rank (ring)"], body)
+    if not fsdp:
+        return out
+    held = [[r["workload"], r["method"], size(r["rank_weights_max_bytes"]), size(r["rank_gradients_max_bytes"]),
+             size(r["rank_optimizer_max_bytes"]), _gib(r["tensor_peak_bytes"]),
+             _gib(r["tensor_peak_torch_fsdp_tracker_bytes"]) if r.get("tensor_peak_torch_fsdp_tracker_bytes") else ""]
+            for r in mine]
+    return out + [""] + table(["model", "method", "rank's weights", "gradients", "AdamW state", "tensor peak GiB",
+                               "torch's FSDP tracker GiB"], held)
 
 
 def _largest_lines(rows: list[dict], cap) -> list[str]:
