@@ -95,7 +95,8 @@ def _comm_lines(rows: list[dict]) -> list[str]:
     out = ["", f"Collectives per training step, {mine[0]['parallel']} on {mine[0]['world_size']} ranks (payload: the "
            "tensor each acts on; the ring estimate: what one rank sends). The memory above is "
            + ("rank 0's, its model sharded as the cells shard it (held between steps, and torch's own FSDP memory "
-              "tracker's peak on the same step, below):" if fsdp else "one process's (each rank holds a replica):"),
+              "tracker's peak on the same step, below):" if fsdp else "one process's (each rank holds a replica, and "
+              "the reducer's gradient buckets, kept between steps, are not in it):"),
            ""]
     body = [[r["workload"], r["method"]] + [size(r[f"{k}_bytes_per_step"]) if r[f"{k}_bytes_per_step"] else "0" for k in
                                             ("allreduce", "allgather", "reducescatter", "broadcast")]
