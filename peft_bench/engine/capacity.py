@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..config import VARY
 from ..errors import UserError
-from .predict import SEARCH
+from .predict import SEARCH, bisect
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -75,11 +75,10 @@ def search(s: Search, log=print) -> list[dict]:
 
 def _doubling(s: Search, base, log) -> list[dict]:
     r = SEARCH[s.vary]
-    start, step, ceiling = r.start, r.real, r.ceiling
     rows: list[dict] = []
     lo, hi = None, None
-    v = start
-    while v <= ceiling:
+    v = r.start
+    while v <= r.ceiling:
         got = _probe(s, base, v, rows, log)
         if got is None:
             break
@@ -89,9 +88,7 @@ def _doubling(s: Search, base, log) -> list[dict]:
         lo = v
         v *= 2
     if lo is not None and hi is not None:
-        from .predict import bisect
-
-        bisect(lo, hi, step, lambda mid: _probe(s, base, mid, rows, log))
+        bisect(lo, hi, r.real, lambda mid: _probe(s, base, mid, rows, log))
     return rows
 
 
@@ -103,9 +100,9 @@ def _from_plan(s: Search, base, planned: Planned, log) -> list[dict]:
     held against — scaled from that probe in proportion to the planned tensor peak — reaches the cap, then where the
     straight line through the two measured points (held memory against planned tensor peak) reaches it. The answer
     is the largest value that fitted; the rows say which probe went over."""
-    start, step = SEARCH[s.vary].start, SEARCH[s.vary].real
+    r = SEARCH[s.vary]
     rows: list[dict] = []
-    first = max(start, planned.largest(s.cap, log) // 2 // step * step)
+    first = max(r.start, planned.largest(s.cap, log) // 2 // r.real * r.real)
     log(f"  {s.method} × {s.workload}: confirming with at most {REAL_PROBES} real probes")
     got = _probe(s, base, first, rows, log)
     if got is None:
@@ -164,16 +161,13 @@ class Planned:
         """Doubling then bisection on planned peaks: the largest value whose tensor peak fits `cap` (None: not
         plannable, or not even the smallest value fits)."""
         r = SEARCH[self.s.vary]
-        start, step, ceiling = r.start, r.real, r.ceiling
-        if not self.peak(start, log) <= cap:
+        if not self.peak(r.start, log) <= cap:
             return None
-        lo, hi = start, None
-        while hi is None and lo * 2 <= ceiling:
+        lo, hi = r.start, None
+        while hi is None and lo * 2 <= r.ceiling:
             lo, hi = (lo * 2, None) if self.peak(lo * 2, log) <= cap else (lo, lo * 2)
         if hi is not None:
-            from .predict import bisect
-
-            lo, hi = bisect(lo, hi, step, lambda mid: self.peak(mid, log) <= cap)
+            lo, hi = bisect(lo, hi, r.real, lambda mid: self.peak(mid, log) <= cap)
         return lo
 
 

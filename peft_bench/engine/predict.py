@@ -321,13 +321,13 @@ def _fake_mesh(cfg, device: str):
     fake tensors; this process is rank 0) and its device mesh, made before fake tensors (the mesh reads values).
     The model is then sharded as the cells shard it, and the step's tracker counts one rank's tensors: its shards,
     the blocks gathered for compute and freed again (`resize_`, which the tracker follows)."""
-    if not getattr(cfg, "nproc", None) or (cfg.parallel or ("ddp",))[0] != "fsdp":
+    world, mode = _layout(cfg)
+    if mode != "fsdp":
         return None
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    world = cfg.nproc[0] * getattr(cfg, "nnodes", 1)
     if not dist.is_initialized():
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     if dist.get_world_size() != world:
@@ -335,13 +335,20 @@ def _fake_mesh(cfg, device: str):
     return init_device_mesh(device, (world,))
 
 
+def _layout(cfg) -> tuple[int, str | None]:
+    """(ranks in all, ddp | fsdp) of a plan with --nproc N; (1, None) without."""
+    if not getattr(cfg, "nproc", None):
+        return 1, None
+    return cfg.nproc[0] * getattr(cfg, "nnodes", 1), (cfg.parallel or ("ddp",))[0]
+
+
 def _comm(model, trainable: dict, cfg) -> dict:
     """With --nproc N: the bytes per step of each collective under --parallel (`plan_comm`), and the world size."""
-    if not getattr(cfg, "nproc", None):
+    world, mode = _layout(cfg)
+    if mode is None:
         return {}
     from .plan_comm import planned_comm
 
-    world, mode = cfg.nproc[0] * getattr(cfg, "nnodes", 1), (cfg.parallel or ("ddp",))[0]
     return {"world_size": world, "parallel": mode, **planned_comm(model, trainable, world, mode, cfg.device,
                                                                    cfg.broadcast_buffers == "on")}
 

@@ -25,7 +25,7 @@ class Published:
     experiment: str  # the results file's stem
     method: str  # ours
     options: dict
-    quoted_gib: float  # issue 27's figure
+    quoted: float | None  # the published figure in its table's unit: GiB as issue 27 quotes peft's, GB litgpt's
     file_bytes: int | None = None  # accelerator_memory_max in the results file, where read
     commit: str = ""  # of that file
     trainable: int | None = None  # num_trainable_params in that file: the settings' witness (tests/test_predict.py)
@@ -33,6 +33,7 @@ class Published:
     batch_size: int = 4
     seq_len: int = 768  # the longest batch's length
     padded: bool = True  # the longest batch carries an attention mask (padding), as peft's runs do
+    out_of_memory_on: int | None = None  # published as out of memory on a device of this many bytes (no figure)
 
 
 PEFT_METAMATHQA = (
@@ -71,7 +72,7 @@ PEFT_METAMATHQA = (
 # mask (padding attended, its loss ignored), on one 24 GB NVIDIA A10G. "Peak memory" is printed by `finetune/lora.py`
 # as torch.cuda.max_memory_allocated() / 1e9 over the whole run: *allocated*, not reserved, in GB (10⁹). Our model is
 # transformers' Llama/Mistral, not litgpt's own GPT (fused qkv, logits in 128-token chunks, bf16 cross-entropy).
-GB = 10**9
+A10G_BYTES = 24 * 10**9  # the A10G's 24 GB
 LITGPT_LORA = {"r": 32, "alpha": 16.0, "dropout": 0.05, "targets": LLAMA_QV}
 LITGPT_ALPACA2K = (
     Published("llama-3.1-8b/lora.yaml", "hf-lora", LITGPT_LORA, 19.73, model="llama-3.1-8b", batch_size=1,
@@ -81,8 +82,8 @@ LITGPT_ALPACA2K = (
               seq_len=512, padded=False),
     Published("mistral-7b/lora.yaml", "hf-lora", LITGPT_LORA, 20.66, model="mistral-7b", batch_size=2, seq_len=512,
               padded=False),
-    Published("llama-3.1-8b/full.yaml", "full", {}, float("inf"), model="llama-3.1-8b", batch_size=4, seq_len=512,
-              padded=False),  # published: out of memory on the 24 GB A10G
+    Published("llama-3.1-8b/full.yaml", "full", {}, None, model="llama-3.1-8b", batch_size=4, seq_len=512,
+              padded=False, out_of_memory_on=A10G_BYTES),
     # the same LoRA rows without dropout: what peft's dropout (on q and on v, each on a float32 copy of the input,
     # its mask kept) adds to the plan — litgpt drops out once, on the fused bfloat16 input
     Published("llama-3.1-8b/lora.yaml, planned without dropout", "hf-lora", {**LITGPT_LORA, "dropout": 0.0}, 19.73,
@@ -90,7 +91,6 @@ LITGPT_ALPACA2K = (
     Published("mistral-7b/lora.yaml, planned without dropout", "hf-lora", {**LITGPT_LORA, "dropout": 0.0}, 20.66,
               model="mistral-7b", batch_size=2, seq_len=512, padded=False),
 )
-A10G_BYTES = 24 * GB
 
 
 def plan_published(table: tuple[Published, ...] = PEFT_METAMATHQA) -> list[dict]:
@@ -105,7 +105,7 @@ def plan_published(table: tuple[Published, ...] = PEFT_METAMATHQA) -> list[dict]
         print(f"[{i}/{len(table)}] planning {p.experiment}", file=sys.stderr, flush=True)
         asked = _Asked(batch_size=p.batch_size, max_length=p.seq_len, dtype="bfloat16", device="cuda", padded=p.padded)
         row = isolated(p.method, p.model, asked, p.options)
-        row.update(experiment=p.experiment, published_quoted=p.quoted_gib, published_file_bytes=p.file_bytes,
-                   published_commit=p.commit, options=p.options)
+        row.update(experiment=p.experiment, published_quoted=p.quoted, published_file_bytes=p.file_bytes,
+                   published_commit=p.commit, published_out_of_memory_on=p.out_of_memory_on, options=p.options)
         out.append(row)
     return out

@@ -265,14 +265,10 @@ def _contains(outer, inner) -> bool:
     return any(x is inner for x in outer.modules())
 
 
-def _local(t):
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _bytes(tensors) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+    from ..measure.memory import local_shard
+
+    return sum(local_shard(t).numel() * local_shard(t).element_size() for t in tensors)
 
 
 def held(model, opt) -> dict:
@@ -390,6 +386,8 @@ def _agreement(s) -> None:
     import torch
     import torch.distributed as dist
 
+    from ..measure.memory import local_shard
+
     got, model = s.scores, s.scores["wrapped"]
     got["held"] = held(model, got["opt"])
     if s.spec.parallel == "ddp":  # the replicas stayed identical
@@ -401,7 +399,7 @@ def _agreement(s) -> None:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         got["replicas"], got["covered"] = float(diff), True
         return
-    n = torch.tensor([sum(_local(p).numel() for p in model.parameters())], device=s.spec.device)
+    n = torch.tensor([sum(local_shard(p).numel() for p in model.parameters())], device=s.spec.device)
     dist.all_reduce(n)
     got["replicas"], got["covered"] = math.nan, int(n) == got["total_elements"]
 

@@ -72,20 +72,26 @@ class StepMemoryTracker(TorchDispatchMode):
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _add(self, t: torch.Tensor, category: str) -> int:
-        st = _local(t).untyped_storage()
+        st = local_shard(t).untyped_storage()
         k = st._cdata
         if k in self.size:
             return k
-        n = -(-st.nbytes() // self.granule) * self.granule
-        self.size[k], self.category[k] = n, category
-        self.totals[category] += n
+        self.size[k], self.category[k] = 0, category
         weakref.finalize(st, self._free, k)
+        self._grown(k, st)
+        return k
+
+    def _grown(self, k: int, st) -> None:
+        """Storage `k` now holds `st.nbytes()` (rounded to the granule): its category's total, the peak."""
+        n = -(-st.nbytes() // self.granule) * self.granule
+        category = self.category[k]
+        self.totals[category] += n - self.size[k]
+        self.size[k] = n
         self._update(category)
         total = sum(self.totals.values())
         if total > self.peak_bytes:
             self.peak_bytes = total
             self.peak_parts = dict(self.totals)
-        return k
 
     def _update(self, category: str) -> None:
         if self.totals[category] > self.max_parts[category]:
@@ -94,16 +100,8 @@ class StepMemoryTracker(TorchDispatchMode):
     def _resized(self, st) -> None:
         """A storage resized in place (FSDP2 frees a block's unsharded parameters with `resize_(0)` after its
         forward and regrows them for its backward): its new size counts, in its category."""
-        k = st._cdata
-        if k in self.size:
-            n = -(-st.nbytes() // self.granule) * self.granule
-            cat = self.category[k]
-            self.totals[cat] += n - self.size[k]
-            self.size[k] = n
-            self._update(cat)
-            total = sum(self.totals.values())
-            if total > self.peak_bytes:
-                self.peak_bytes, self.peak_parts = total, dict(self.totals)
+        if st._cdata in self.size:
+            self._grown(st._cdata, st)
 
     def _free(self, k: int) -> None:
         n, cat = self.size.pop(k, None), self.category.pop(k, None)
@@ -178,7 +176,7 @@ def _resizes_seen(seen) -> Iterator[None]:
         torch.UntypedStorage.resize_ = original
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (FSDP2's parameters, gradients and optimizer state): its own storage; the
     DTensor is a wrapper with none of its own, and the operators on the shard run below this mode, unseen."""
     local = getattr(t, "_local_tensor", None)
